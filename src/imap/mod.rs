@@ -1,0 +1,11 @@
+//! The protocol core: IMAP on byte slices, in both directions.
+//!
+//! - [`framing`] finds message boundaries (lines and the literals they announce) and enforces limits.
+//! - [`syntax`] turns a framed message into a lenient token tree (nom).
+//! - [`command`] and [`response`] give typed views over that tree.
+//! - [`encode`] writes changed messages back from values.
+//! - [`mutf7`] is modified UTF-7 (RFC 3501 5.1.3), strict both ways.
+//! - [`capability`] parses and filters capability lists.
+
+pub mod capability;
+pub mod mutf7;

@@ -1,0 +1,15 @@
+//! imapgate: a transparent IMAP proxy that parses every command and response.
+//!
+//! The modules, in the order a message flows through them:
+//!
+//! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`net`]: listeners, TLS (server and client side) and the upstream connection.
+//! - [`imap`]: the protocol core. Framing, parsing and encoding of IMAP on byte slices; no sockets.
+//! - [`session`]: one client connection: the state machine and the relay between both legs.
+//!
+//! Layers call downward only: `session` uses `imap`, `net` and `config`; `imap` uses nothing of ours.
+
+pub mod config;
+pub mod imap;
+pub mod net;
+pub mod session;

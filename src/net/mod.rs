@@ -1,0 +1,1 @@
+//! Networking: listeners, TLS and the upstream connection.

@@ -1,0 +1,1 @@
+//! One client connection: state machine and relay.
