@@ -8,4 +8,9 @@
 //! - [`capability`] parses and filters capability lists.
 
 pub mod capability;
+pub mod command;
+pub mod encode;
+pub mod framing;
 pub mod mutf7;
+pub mod response;
+pub mod syntax;

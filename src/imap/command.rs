@@ -1,0 +1,484 @@
+//! Typed views of client commands: the tag, the command name (with its `UID` prefix), the
+//! argument tree, and which arguments are mailbox names.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+
+use super::syntax::{Cx, Span, SyntaxError, SyntaxErrorKind, Token};
+
+macro_rules! command_kinds {
+    ($($variant:ident => $name:literal,)*) => {
+        /// The commands imapgate knows by name. Anything else is [`CommandKind::Other`] and still
+        /// relayed; the fixed set keeps metric label values bounded.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum CommandKind {
+            $($variant,)*
+            Other,
+        }
+
+        impl CommandKind {
+            /// Every known kind, for tables and tests.
+            pub const ALL: &'static [CommandKind] = &[$(CommandKind::$variant,)*];
+
+            /// The upper-case name as written on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(CommandKind::$variant => $name,)*
+                    CommandKind::Other => "OTHER",
+                }
+            }
+
+            /// Looks a command name up, ignoring ASCII case.
+            pub fn from_name(name: &[u8]) -> CommandKind {
+                $(if name.eq_ignore_ascii_case($name.as_bytes()) {
+                    return CommandKind::$variant;
+                })*
+                CommandKind::Other
+            }
+        }
+    };
+}
+
+command_kinds! {
+    Capability => "CAPABILITY",
+    Noop => "NOOP",
+    Logout => "LOGOUT",
+    Starttls => "STARTTLS",
+    Authenticate => "AUTHENTICATE",
+    Login => "LOGIN",
+    Enable => "ENABLE",
+    Select => "SELECT",
+    Examine => "EXAMINE",
+    Create => "CREATE",
+    Delete => "DELETE",
+    Rename => "RENAME",
+    Subscribe => "SUBSCRIBE",
+    Unsubscribe => "UNSUBSCRIBE",
+    List => "LIST",
+    Lsub => "LSUB",
+    Namespace => "NAMESPACE",
+    Status => "STATUS",
+    Append => "APPEND",
+    Idle => "IDLE",
+    Check => "CHECK",
+    Close => "CLOSE",
+    Unselect => "UNSELECT",
+    Expunge => "EXPUNGE",
+    Search => "SEARCH",
+    Fetch => "FETCH",
+    Store => "STORE",
+    Copy => "COPY",
+    Move => "MOVE",
+    Sort => "SORT",
+    Thread => "THREAD",
+    Id => "ID",
+    Compress => "COMPRESS",
+    GetQuotaRoot => "GETQUOTAROOT",
+    GetQuota => "GETQUOTA",
+    SetQuota => "SETQUOTA",
+    GetAcl => "GETACL",
+    SetAcl => "SETACL",
+    DeleteAcl => "DELETEACL",
+    ListRights => "LISTRIGHTS",
+    MyRights => "MYRIGHTS",
+    GetMetadata => "GETMETADATA",
+    SetMetadata => "SETMETADATA",
+}
+
+impl CommandKind {
+    /// The commands that may follow `UID`.
+    pub fn takes_uid(self) -> bool {
+        matches!(
+            self,
+            CommandKind::Fetch
+                | CommandKind::Search
+                | CommandKind::Store
+                | CommandKind::Copy
+                | CommandKind::Move
+                | CommandKind::Expunge
+                | CommandKind::Sort
+                | CommandKind::Thread
+        )
+    }
+}
+
+/// A command name with its `UID` prefix: the label used in logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CommandName {
+    pub kind: CommandKind,
+    pub uid: bool,
+}
+
+impl CommandName {
+    /// `"UID FETCH"`, `"LIST"`, `"OTHER"`: always from a fixed set.
+    pub fn label(self) -> &'static str {
+        if !self.uid {
+            return self.kind.as_str();
+        }
+        match self.kind {
+            CommandKind::Fetch => "UID FETCH",
+            CommandKind::Search => "UID SEARCH",
+            CommandKind::Store => "UID STORE",
+            CommandKind::Copy => "UID COPY",
+            CommandKind::Move => "UID MOVE",
+            CommandKind::Expunge => "UID EXPUNGE",
+            CommandKind::Sort => "UID SORT",
+            CommandKind::Thread => "UID THREAD",
+            _ => "OTHER",
+        }
+    }
+}
+
+/// What a mailbox-bearing argument means to the command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MailboxRole {
+    /// A mailbox name.
+    Mailbox,
+    /// The reference name of LIST or LSUB.
+    Reference,
+    /// A LIST or LSUB pattern (may hold `*` and `%`).
+    Pattern,
+}
+
+/// A mailbox-bearing argument: where it is and what it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MailboxArg<'t> {
+    pub role: MailboxRole,
+    pub token: &'t Token,
+}
+
+/// A parsed command. The tokens' spans index into `raw`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub raw: Bytes,
+    pub tag: Span,
+    pub name: CommandName,
+    /// The command name as sent (without the `UID` prefix).
+    pub name_span: Span,
+    pub args: Vec<Token>,
+}
+
+/// A command that did not parse; the tag is kept when it was readable, so the proxy can answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct CommandError {
+    pub tag: Option<Bytes>,
+    pub error: SyntaxError,
+}
+
+impl Command {
+    pub fn tag(&self) -> &[u8] {
+        self.tag.of(&self.raw)
+    }
+
+    /// The name for display: the fixed label, or the upper-cased name of an unknown command.
+    pub fn display_name(&self) -> Cow<'static, str> {
+        if self.name.kind != CommandKind::Other {
+            return Cow::Borrowed(self.name.label());
+        }
+        let name = String::from_utf8_lossy(self.name_span.of(&self.raw)).to_ascii_uppercase();
+        Cow::Owned(if self.name.uid {
+            format!("UID {name}")
+        } else {
+            name
+        })
+    }
+
+    /// The string value of argument `i`, if it is one.
+    pub fn arg_string(&self, i: usize) -> Option<Cow<'_, [u8]>> {
+        self.args.get(i)?.string(&self.raw)
+    }
+
+    /// True when the command ends with a literal whose data is not in this message.
+    pub fn is_cut(&self) -> bool {
+        fn cut(t: &Token) -> bool {
+            match t {
+                Token::Literal { data: None, .. } => true,
+                Token::List { items, .. } => items.last().is_some_and(cut),
+                _ => false,
+            }
+        }
+        self.args.last().is_some_and(cut)
+    }
+
+    /// The mailbox-bearing arguments, in order.
+    pub fn mailbox_args(&self) -> Vec<MailboxArg<'_>> {
+        let mut out = Vec::new();
+        let string_like = |t: &Token| {
+            matches!(
+                t,
+                Token::Atom(_) | Token::Quoted { .. } | Token::Literal { .. }
+            )
+        };
+        let mut push = |role, index: usize| {
+            if let Some(token) = self.args.get(index).filter(|t| string_like(t)) {
+                out.push(MailboxArg { role, token });
+            }
+        };
+        use CommandKind as K;
+        match self.name.kind {
+            K::Select
+            | K::Examine
+            | K::Create
+            | K::Delete
+            | K::Subscribe
+            | K::Unsubscribe
+            | K::Status
+            | K::Append
+            | K::GetQuotaRoot
+            | K::GetAcl
+            | K::SetAcl
+            | K::DeleteAcl
+            | K::ListRights
+            | K::MyRights
+            | K::SetMetadata => push(MailboxRole::Mailbox, 0),
+            K::Rename => {
+                push(MailboxRole::Mailbox, 0);
+                push(MailboxRole::Mailbox, 1);
+            }
+            K::Copy | K::Move => push(MailboxRole::Mailbox, 1),
+            K::GetMetadata => {
+                let options = self.args.len() >= 3 && self.args[0].items().is_some();
+                push(MailboxRole::Mailbox, usize::from(options));
+            }
+            K::List | K::Lsub => {
+                // RFC 5258: LIST [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
+                let first = usize::from(self.args.first().and_then(Token::items).is_some());
+                push(MailboxRole::Reference, first);
+                match self.args.get(first + 1) {
+                    Some(Token::List { items, .. }) => {
+                        out.extend(items.iter().filter(|t| string_like(t)).map(|token| {
+                            MailboxArg {
+                                role: MailboxRole::Pattern,
+                                token,
+                            }
+                        }))
+                    }
+                    _ => push(MailboxRole::Pattern, first + 1),
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// ```abnf
+/// command = tag SP (command-any / command-auth / command-nonauth / command-select) CRLF
+/// uid     = "UID" SP (copy / move / fetch / search / store / uid-expunge)
+/// ```
+/// Arguments are parsed as a lenient token tree; an unknown command name is not an error.
+pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
+    let cx = Cx::new(&raw);
+    let (rest, tag) = cx.tag(&raw).map_err(|e| CommandError {
+        tag: None,
+        error: cx.error(e),
+    })?;
+    let fail = |e| CommandError {
+        tag: Some(raw.slice(tag.start..tag.end)),
+        error: cx.error(e),
+    };
+    let (rest, ()) = cx.sp(rest).map_err(fail)?;
+    let (mut rest, mut name_span) = cx.word(rest).map_err(fail)?;
+    let mut uid = false;
+    if name_span.of(&raw).eq_ignore_ascii_case(b"UID") && rest.first() == Some(&b' ') {
+        let (r, span) = cx.word(&rest[1..]).map_err(fail)?;
+        rest = r;
+        name_span = span;
+        uid = true;
+    }
+    let (rest, args) = cx.arguments(rest).map_err(fail)?;
+    if !rest.is_empty() {
+        return Err(CommandError {
+            tag: Some(raw.slice(tag.start..tag.end)),
+            error: SyntaxError {
+                kind: SyntaxErrorKind::Expected("end of command"),
+                offset: cx.pos(rest),
+            },
+        });
+    }
+    let mut kind = CommandKind::from_name(name_span.of(&raw));
+    if uid && !kind.takes_uid() {
+        kind = CommandKind::Other;
+    }
+    Ok(Command {
+        tag,
+        name: CommandName { kind, uid },
+        name_span,
+        args,
+        raw,
+    })
+}
+
+/// A client line that is not a command: a SASL response during AUTHENTICATE, or IDLE's DONE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientLine {
+    /// `base64 CRLF`; `cancel` for `"*" CRLF`. The payload is a secret and is never kept here.
+    Sasl {
+        cancel: bool,
+    },
+    Done,
+}
+
+/// ```abnf
+/// authenticate-continuation = (base64 / "*") CRLF    ; RFC 9051 section 6.2.2
+/// base64 = *(4base64-char) [base64-terminal]
+/// ```
+pub fn parse_sasl_line(raw: &[u8]) -> Result<ClientLine, SyntaxError> {
+    let line = raw.strip_suffix(b"\r\n").unwrap_or(raw);
+    if line == b"*" {
+        return Ok(ClientLine::Sasl { cancel: true });
+    }
+    let is_b64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+    match line.iter().position(|b| !is_b64(b)) {
+        None => Ok(ClientLine::Sasl { cancel: false }),
+        Some(offset) => Err(SyntaxError {
+            kind: SyntaxErrorKind::Expected("base64"),
+            offset,
+        }),
+    }
+}
+
+/// ```abnf
+/// idle = "IDLE" CRLF "DONE"   ; RFC 2177; DONE is case-insensitive
+/// ```
+pub fn parse_done(raw: &[u8]) -> Result<ClientLine, SyntaxError> {
+    let line = raw.strip_suffix(b"\r\n").unwrap_or(raw);
+    if line.eq_ignore_ascii_case(b"DONE") {
+        Ok(ClientLine::Done)
+    } else {
+        Err(SyntaxError {
+            kind: SyntaxErrorKind::Expected("DONE"),
+            offset: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(raw: &str) -> Command {
+        parse_command(Bytes::copy_from_slice(raw.as_bytes())).expect("parses")
+    }
+
+    fn mailboxes(raw: &str) -> Vec<(MailboxRole, String)> {
+        let c = cmd(raw);
+        c.mailbox_args()
+            .iter()
+            .map(|m| {
+                let s = m.token.string(&c.raw).expect("string");
+                (m.role, String::from_utf8_lossy(&s).into_owned())
+            })
+            .collect()
+    }
+
+    use MailboxRole::{Mailbox as M, Pattern as P, Reference as R};
+
+    fn m(role: MailboxRole, s: &str) -> (MailboxRole, String) {
+        (role, s.to_string())
+    }
+
+    #[test]
+    fn tag_name_and_uid_prefix() {
+        let c = cmd("A001 uid fetch 1:* (FLAGS)\r\n");
+        assert_eq!(c.tag(), b"A001");
+        assert_eq!(c.name.label(), "UID FETCH");
+        assert_eq!(c.args.len(), 2);
+        let c = cmd("a2 XYZZY foo\r\n");
+        assert_eq!(c.name.kind, CommandKind::Other);
+        assert_eq!(c.display_name(), "XYZZY");
+        assert_eq!(c.name.label(), "OTHER");
+    }
+
+    #[test]
+    fn mailbox_arguments_of_every_mailbox_command() {
+        let table: &[(&str, Vec<(MailboxRole, String)>)] = &[
+            ("a SELECT INBOX\r\n", vec![m(M, "INBOX")]),
+            ("a SELECT \"Sent\" (CONDSTORE)\r\n", vec![m(M, "Sent")]),
+            ("a EXAMINE {4+}\r\nSent\r\n", vec![m(M, "Sent")]),
+            ("a CREATE a/b\r\n", vec![m(M, "a/b")]),
+            ("a DELETE a/b\r\n", vec![m(M, "a/b")]),
+            (
+                "a RENAME old \"new one\"\r\n",
+                vec![m(M, "old"), m(M, "new one")],
+            ),
+            ("a SUBSCRIBE x\r\n", vec![m(M, "x")]),
+            ("a UNSUBSCRIBE x\r\n", vec![m(M, "x")]),
+            ("a LIST \"\" *\r\n", vec![m(R, ""), m(P, "*")]),
+            ("a LSUB ref %\r\n", vec![m(R, "ref"), m(P, "%")]),
+            (
+                "a LIST (SUBSCRIBED) \"\" (\"a*\" b%) RETURN (CHILDREN)\r\n",
+                vec![m(R, ""), m(P, "a*"), m(P, "b%")],
+            ),
+            (
+                "a STATUS Drafts (MESSAGES UNSEEN)\r\n",
+                vec![m(M, "Drafts")],
+            ),
+            (
+                "a APPEND Drafts (\\Seen) {3+}\r\nabc\r\n",
+                vec![m(M, "Drafts")],
+            ),
+            ("a COPY 1:3 Trash\r\n", vec![m(M, "Trash")]),
+            ("a MOVE 1 Trash\r\n", vec![m(M, "Trash")]),
+            ("a UID COPY 7 Trash\r\n", vec![m(M, "Trash")]),
+            ("a UID MOVE 7 Trash\r\n", vec![m(M, "Trash")]),
+            ("a GETQUOTAROOT INBOX\r\n", vec![m(M, "INBOX")]),
+            ("a GETACL x\r\n", vec![m(M, "x")]),
+            ("a SETACL x bob lrs\r\n", vec![m(M, "x")]),
+            ("a DELETEACL x bob\r\n", vec![m(M, "x")]),
+            ("a LISTRIGHTS x bob\r\n", vec![m(M, "x")]),
+            ("a MYRIGHTS x\r\n", vec![m(M, "x")]),
+            ("a GETMETADATA x /private/comment\r\n", vec![m(M, "x")]),
+            (
+                "a GETMETADATA (MAXSIZE 1024) x (/a /b)\r\n",
+                vec![m(M, "x")],
+            ),
+            (
+                "a SETMETADATA x (/private/comment \"hi\")\r\n",
+                vec![m(M, "x")],
+            ),
+            ("a FETCH 1 (FLAGS)\r\n", vec![]),
+            ("a GETQUOTA \"\"\r\n", vec![]),
+        ];
+        for (raw, want) in table {
+            assert_eq!(&mailboxes(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn cut_command_is_recognised() {
+        let c = cmd("a APPEND INBOX {5000000}\r\n");
+        assert!(c.is_cut());
+        assert_eq!(
+            mailboxes("a APPEND INBOX {5000000}\r\n"),
+            vec![m(M, "INBOX")]
+        );
+    }
+
+    #[test]
+    fn bad_commands_keep_their_tag() {
+        let err = parse_command(Bytes::from_static(b"a7 LOGIN \"unterminated\r\n"))
+            .expect_err("bad quoted");
+        assert_eq!(err.tag.as_deref(), Some(&b"a7"[..]));
+        let err = parse_command(Bytes::from_static(b"\r\n")).expect_err("empty");
+        assert_eq!(err.tag, None);
+        assert!(parse_command(Bytes::from_static(b"a8\r\n")).is_err());
+    }
+
+    #[test]
+    fn sasl_and_done_lines() {
+        assert_eq!(
+            parse_sasl_line(b"AGFsaWNlAHB3\r\n"),
+            Ok(ClientLine::Sasl { cancel: false })
+        );
+        assert_eq!(
+            parse_sasl_line(b"*\r\n"),
+            Ok(ClientLine::Sasl { cancel: true })
+        );
+        assert!(parse_sasl_line(b"a1 NOOP\r\n").is_err());
+        assert_eq!(parse_done(b"done\r\n"), Ok(ClientLine::Done));
+        assert!(parse_done(b"a1 DONE\r\n").is_err());
+    }
+}
