@@ -1,1 +1,794 @@
 //! Configuration: the TOML file, defaults and validation.
+//!
+//! Loading happens in three steps so that every mistake is reported with a place to fix it:
+//! serde parses the shape (unknown keys are errors, since a misspelt key silently ignored is
+//! a security setting silently lost), [`Config::resolve`] fills derived defaults and anchors
+//! relative paths at the config file's directory, and [`Config::validate`] checks the
+//! semantics. Errors name the file, the line and column, and the field.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[[listener]]` tables: where clients connect.
+    #[serde(rename = "listener", default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// `[upstream]`: the one IMAP server every session is relayed to.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// `[limits]`: sizes and timeouts that bound what one client can cost.
+    #[serde(default)]
+    pub limits: Limits,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[[policy]]` tables, in the order the policies run. Kept as data until policies exist.
+    #[serde(rename = "policy", default)]
+    pub policies: Vec<PolicyConfig>,
+    /// `[metrics]`: present means enabled.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// One address imapgate accepts clients on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Used in logs and metrics. Empty in the file means "derive from `bind`", which
+    /// [`Config::resolve`] does, so after loading it is never empty.
+    #[serde(default)]
+    pub name: String,
+    /// An IP address and port; host names are refused because a listener that binds
+    /// whatever a name resolves to today is a surprise waiting to happen.
+    pub bind: SocketAddr,
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// PEM certificate chain, leaf first.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl ListenerConfig {
+    /// A listener with defaults, for code and tests that build a config without a file.
+    pub fn new(bind: SocketAddr, tls: ListenerTls) -> Self {
+        ListenerConfig {
+            name: String::new(),
+            bind,
+            tls,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// How a client reaches TLS on a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    /// TLS from the first byte (port 993). The default, being the safe one.
+    #[default]
+    Implicit,
+    /// Plaintext until the client sends STARTTLS (port 143).
+    Starttls,
+    /// Plaintext only: for loopback tests and for a TLS terminator in front.
+    None,
+}
+
+/// How imapgate reaches TLS with the upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plaintext: the usual case for a server on the same host or a private network.
+    #[default]
+    None,
+    Implicit,
+    Starttls,
+}
+
+/// The upstream IMAP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `host:port`; the host may be a name, resolved at each connection.
+    pub address: String,
+    pub tls: UpstreamTls,
+    /// The name sent as SNI and checked against the certificate. `None` in the file means
+    /// the host part of `address`, which [`Config::resolve`] fills in.
+    pub server_name: Option<String>,
+    /// An extra trust anchor (PEM, may hold several certificates), added to the system roots.
+    pub ca: Option<PathBuf>,
+    /// `false` accepts any certificate: only for tests.
+    pub verify: bool,
+    /// Bounds the whole setup: TCP connect, TLS handshake, greeting and STARTTLS.
+    pub connect_timeout_s: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            address: "127.0.0.1:143".to_owned(),
+            tls: UpstreamTls::None,
+            server_name: None,
+            ca: None,
+            verify: true,
+            connect_timeout_s: 10,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_s)
+    }
+
+    /// The name to verify: `server_name`, or the host part of `address` for configs built
+    /// in code that never went through [`Config::resolve`].
+    pub fn tls_server_name(&self) -> &str {
+        match &self.server_name {
+            Some(name) => name,
+            None => split_host_port(&self.address)
+                .map(|(host, _)| host)
+                .unwrap_or(&self.address),
+        }
+    }
+}
+
+/// Limits on what one connection may cost. Sizes are in bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Longest command line before authentication: small, since anyone can send it.
+    pub preauth_line: usize,
+    /// Longest line after authentication (a UID set of a large mailbox can be long).
+    pub line: usize,
+    /// Largest literal; IMAP literal lengths are 32-bit numbers.
+    pub literal: u64,
+    pub preauth_timeout_s: u64,
+    pub idle_timeout_s: u64,
+    /// How long sessions may go on after SIGTERM before they get `* BYE`.
+    pub drain_timeout_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            preauth_line: 8192,
+            line: 65_536,
+            literal: 64 * 1024 * 1024,
+            preauth_timeout_s: 60,
+            idle_timeout_s: 1800,
+            drain_timeout_s: 30,
+        }
+    }
+}
+
+impl Limits {
+    pub fn preauth_timeout(&self) -> Duration {
+        Duration::from_secs(self.preauth_timeout_s)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A level (`info`) or a `tracing` directive list (`info,imapgate::net=debug`).
+    pub level: LogLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A newtype so that the default is `info` without a serde default function per field.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct LogLevel(pub String);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel("info".to_owned())
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One `[[policy]]` entry; interpreted by the policy layer, not here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub script: PathBuf,
+    /// Given to the script as `imap.options`; any table.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub bind: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 9143)),
+        }
+    }
+}
+
+/// A position in the config file, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML, or does not have the expected shape or types.
+    #[error("{}", describe(path, location, field.as_deref(), message))]
+    Parse {
+        path: PathBuf,
+        location: Option<Location>,
+        field: Option<String>,
+        message: String,
+    },
+    /// Well-formed, but the values do not make sense together.
+    #[error("{}", describe(path, location, Some(field), message))]
+    Invalid {
+        path: PathBuf,
+        location: Option<Location>,
+        /// Dotted path such as `listener[1].cert`.
+        field: String,
+        message: String,
+    },
+}
+
+fn describe(
+    path: &Path,
+    location: &Option<Location>,
+    field: Option<&str>,
+    message: &str,
+) -> String {
+    let mut out = path.display().to_string();
+    if let Some(loc) = location {
+        out.push_str(&format!(":{}:{}", loc.line, loc.column));
+    }
+    if let Some(field) = field.filter(|f| !f.is_empty()) {
+        out.push_str(&format!(": `{field}`"));
+    }
+    out.push_str(": ");
+    out.push_str(message);
+    out
+}
+
+impl Config {
+    /// Reads, parses, resolves and validates the file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_str_named(&text, path)
+    }
+
+    /// Like [`Config::load`] for text already in memory; `path` is used in messages and as
+    /// the base for relative paths, and need not exist.
+    pub fn from_str_named(text: &str, path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let mut config: Config = toml::from_str(text).map_err(|err| {
+            let found = err.span().map(|span| locate::by_span(text, span));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                location: found.as_ref().map(|f| f.location),
+                field: found.and_then(|f| f.field),
+                message: err.message().trim_end().to_owned(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        config.resolve(base);
+        config.validate().map_err(|invalid| ConfigError::Invalid {
+            path: path.to_owned(),
+            location: locate::by_field(text, &invalid.field),
+            field: locate::display_field(&invalid.field),
+            message: invalid.message,
+        })?;
+        Ok(config)
+    }
+
+    /// Fills derived defaults (listener names, upstream `server_name`) and makes relative
+    /// paths relative to `base`, the config file's directory, so that the proxy behaves the
+    /// same whatever directory it is started from.
+    pub fn resolve(&mut self, base: &Path) {
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() && !base.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        for listener in &mut self.listeners {
+            if listener.name.is_empty() {
+                listener.name = listener.bind.to_string();
+            }
+            listener.cert.as_mut().map(anchor);
+            listener.key.as_mut().map(anchor);
+        }
+        if self.upstream.server_name.is_none()
+            && let Some((host, _)) = split_host_port(&self.upstream.address)
+        {
+            self.upstream.server_name = Some(host.to_owned());
+        }
+        self.upstream.ca.as_mut().map(anchor);
+        for policy in &mut self.policies {
+            anchor(&mut policy.script);
+        }
+    }
+
+    /// Checks what serde cannot: values that must agree with each other, and ranges.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.listeners.is_empty() {
+            return Err(Invalid::new(
+                vec![],
+                "at least one [[listener]] is required",
+            ));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |key: &str| vec![Seg::key("listener"), Seg::Index(i), Seg::key(key)];
+            if l.cert.is_some() != l.key.is_some() {
+                let missing = if l.cert.is_some() { "key" } else { "cert" };
+                let given = if l.cert.is_some() { "cert" } else { "key" };
+                return Err(Invalid::new(
+                    at(given),
+                    format!(
+                        "`{given}` is set but `{missing}` is not: give both, or neither \
+                         for a generated self-signed certificate"
+                    ),
+                ));
+            }
+            for (j, other) in self.listeners[..i].iter().enumerate() {
+                if other.bind == l.bind {
+                    return Err(Invalid::new(
+                        at("bind"),
+                        format!("{} is also bound by listener[{j}]", l.bind),
+                    ));
+                }
+                if !l.name.is_empty() && other.name == l.name {
+                    return Err(Invalid::new(
+                        at("name"),
+                        format!("name {:?} is also used by listener[{j}]", l.name),
+                    ));
+                }
+            }
+        }
+        self.validate_upstream()?;
+        self.validate_limits()?;
+        self.validate_log()
+    }
+
+    fn validate_upstream(&self) -> Result<(), Invalid> {
+        let up = &self.upstream;
+        let at = |key: &str| vec![Seg::key("upstream"), Seg::key(key)];
+        if split_host_port(&up.address).is_none() {
+            return Err(Invalid::new(
+                at("address"),
+                format!(
+                    "{:?} is not host:port (IPv6 addresses go in brackets: [::1]:143)",
+                    up.address
+                ),
+            ));
+        }
+        if up.tls != UpstreamTls::None {
+            let name = up.tls_server_name();
+            if rustls_pki_types::ServerName::try_from(name).is_err() {
+                return Err(Invalid::new(
+                    at("server_name"),
+                    format!("{name:?} is not a DNS name or IP address usable to verify TLS"),
+                ));
+            }
+        }
+        if up.connect_timeout_s == 0 {
+            return Err(Invalid::new(at("connect_timeout_s"), "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), Invalid> {
+        let lim = &self.limits;
+        let at = |key: &str| vec![Seg::key("limits"), Seg::key(key)];
+        if lim.max_connections == 0 {
+            return Err(Invalid::new(at("max_connections"), "must be at least 1"));
+        }
+        if lim.line < 1024 {
+            return Err(Invalid::new(
+                at("line"),
+                format!("{} is too small: at least 1024", lim.line),
+            ));
+        }
+        if lim.preauth_line < 1024 {
+            return Err(Invalid::new(
+                at("preauth_line"),
+                format!("{} is too small: at least 1024", lim.preauth_line),
+            ));
+        }
+        if lim.preauth_line > lim.line {
+            return Err(Invalid::new(
+                at("preauth_line"),
+                format!(
+                    "{} is larger than `line` ({}): the limit before login must not be looser",
+                    lim.preauth_line, lim.line
+                ),
+            ));
+        }
+        if lim.literal > u64::from(u32::MAX) {
+            return Err(Invalid::new(
+                at("literal"),
+                format!(
+                    "{} is larger than {} (IMAP literal sizes are 32-bit)",
+                    lim.literal,
+                    u32::MAX
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("preauth_timeout_s", lim.preauth_timeout_s),
+            ("idle_timeout_s", lim.idle_timeout_s),
+            ("drain_timeout_s", lim.drain_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(at(key), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_log(&self) -> Result<(), Invalid> {
+        let level = self.log.level.0.trim();
+        let plain = ["trace", "debug", "info", "warn", "error", "off"];
+        // A bare word that is not a level would parse as a target directive and silently
+        // log nothing useful, so only directive lists (with '=' or ',') go to EnvFilter.
+        let ok = if plain.contains(&level.to_ascii_lowercase().as_str()) {
+            true
+        } else if level.contains('=') || level.contains(',') {
+            tracing_subscriber::EnvFilter::builder()
+                .parse(level)
+                .is_ok()
+        } else {
+            false
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Invalid::new(
+                vec![Seg::key("log"), Seg::key("level")],
+                format!(
+                    "{level:?} is not a level (trace, debug, info, warn, error, off) \
+                     nor a directive list such as \"info,imapgate=debug\""
+                ),
+            ))
+        }
+    }
+}
+
+/// A semantic error before it is given a file name and position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: Vec<Seg>,
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(field: Vec<Seg>, message: impl Into<String>) -> Self {
+        Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}`: {}",
+            locate::display_field(&self.field),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// One step of a field path: a table key or an array index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl Seg {
+    fn key(k: &str) -> Seg {
+        Seg::Key(k.to_owned())
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`; `None` when the port is missing or not a number.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = if let Some(rest) = address.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']')?;
+        (host, rest.strip_prefix(':')?)
+    } else {
+        let (host, port) = address.rsplit_once(':')?;
+        if host.contains(':') {
+            return None;
+        }
+        (host, port)
+    };
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Finds fields in the TOML text, for messages that point at the right line.
+mod locate {
+    use std::ops::Range;
+
+    use toml::Spanned;
+    use toml::de::{DeTable, DeValue};
+
+    use super::{Location, Seg};
+
+    pub struct Found {
+        pub location: Location,
+        pub field: Option<String>,
+    }
+
+    /// The location of a serde error and the field it is about: the entry with the
+    /// smallest span around the error. Spans of tables cover only their `[header]`, so
+    /// containment alone would not do.
+    pub fn by_span(text: &str, span: Range<usize>) -> Found {
+        let mut best = Best::default();
+        if let Ok(root) = DeTable::parse(text) {
+            walk_table(root.get_ref(), span.start, &mut Vec::new(), &mut best);
+        }
+        Found {
+            location: location(text, span.start),
+            field: best.path.map(|p| display_field(&p)),
+        }
+    }
+
+    #[derive(Default)]
+    struct Best {
+        width: usize,
+        path: Option<Vec<Seg>>,
+    }
+
+    impl Best {
+        fn offer(&mut self, range: Range<usize>, at: usize, path: &[Seg]) {
+            let width = range.len();
+            // `<=` so that a deeper entry with the same span (a table and its header) wins.
+            if range.contains(&at) && (self.path.is_none() || width <= self.width) {
+                self.width = width;
+                self.path = Some(path.to_vec());
+            }
+        }
+    }
+
+    fn walk_table(table: &DeTable<'_>, at: usize, path: &mut Vec<Seg>, best: &mut Best) {
+        for (key, value) in table.iter() {
+            path.push(Seg::Key(key.get_ref().to_string()));
+            let (k, v) = (key.span(), value.span());
+            best.offer(k.clone(), at, path);
+            if k.start < v.start {
+                best.offer(k.start..v.end, at, path);
+            }
+            walk_value(value, at, path, best);
+            path.pop();
+        }
+    }
+
+    fn walk_value(value: &Spanned<DeValue<'_>>, at: usize, path: &mut Vec<Seg>, best: &mut Best) {
+        best.offer(value.span(), at, path);
+        match value.get_ref() {
+            DeValue::Table(t) => walk_table(t, at, path, best),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Seg::Index(i));
+                    walk_value(item, at, path, best);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The location of `field`'s value, or of the nearest enclosing table that exists.
+    pub fn by_field(text: &str, field: &[Seg]) -> Option<Location> {
+        let root = DeTable::parse(text).ok()?;
+        let mut best: Option<usize> = None;
+        let mut current: Option<&Spanned<DeValue<'_>>> = None;
+        for seg in field {
+            let next = match (seg, current.map(|c| c.get_ref())) {
+                (Seg::Key(k), None) => root.get_ref().iter().find(|(key, _)| key.get_ref() == k),
+                (Seg::Key(k), Some(DeValue::Table(t))) => {
+                    t.iter().find(|(key, _)| key.get_ref() == k)
+                }
+                (Seg::Index(i), Some(DeValue::Array(items))) => {
+                    current = items.get(*i);
+                    if let Some(item) = current {
+                        best = Some(item.span().start);
+                    }
+                    continue;
+                }
+                _ => None,
+            };
+            match next {
+                Some((key, value)) => {
+                    best = Some(match value.get_ref() {
+                        DeValue::Table(_) | DeValue::Array(_) => key.span().start,
+                        _ => value.span().start,
+                    });
+                    current = Some(value);
+                }
+                None => break,
+            }
+        }
+        best.map(|offset| location(text, offset))
+    }
+
+    pub fn display_field(field: &[Seg]) -> String {
+        let mut out = String::new();
+        for seg in field {
+            match seg {
+                Seg::Key(k) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(k);
+                }
+                Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
+    fn location(text: &str, offset: usize) -> Location {
+        let before = &text[..floor_char_boundary(text, offset)];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        Location {
+            line,
+            column: before[line_start..].chars().count() + 1,
+        }
+    }
+
+    fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
+        offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/imapgate.toml");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_named(text, "/etc/imapgate/test.toml")
+    }
+
+    const MINIMAL: &str = "[[listener]]\nbind = \"127.0.0.1:1993\"\n";
+
+    #[test]
+    fn example_file_parses_with_the_documented_values() {
+        let c = Config::from_str_named(EXAMPLE, "examples/imapgate.toml").unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].bind, "127.0.0.1:1993".parse().unwrap());
+        assert_eq!(c.listeners[0].tls, ListenerTls::Implicit);
+        assert_eq!(c.listeners[1].bind, "127.0.0.1:1143".parse().unwrap());
+        assert_eq!(c.listeners[1].tls, ListenerTls::Starttls);
+        assert_eq!(c.upstream.address, "127.0.0.1:10143");
+        assert_eq!(c.upstream.tls, UpstreamTls::None);
+        let d = Limits::default();
+        let l = &c.limits;
+        assert_eq!(
+            (l.max_connections, l.preauth_line, l.line, l.literal),
+            (d.max_connections, d.preauth_line, d.line, d.literal)
+        );
+        assert_eq!(
+            (l.preauth_timeout_s, l.idle_timeout_s, l.drain_timeout_s),
+            (d.preauth_timeout_s, d.idle_timeout_s, d.drain_timeout_s)
+        );
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn example_file_loads_from_disk() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/imapgate.toml");
+        Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners[0].name, "127.0.0.1:1993");
+        assert_eq!(c.listeners[0].tls, ListenerTls::Implicit);
+        assert_eq!(c.upstream.address, "127.0.0.1:143");
+        assert_eq!(c.upstream.server_name.as_deref(), Some("127.0.0.1"));
+        assert!(c.upstream.verify);
+        assert_eq!(c.upstream.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(c.limits.literal, 67_108_864);
+        assert_eq!(c.log.level.0, "info");
+        assert!(c.metrics.is_none());
+        assert!(c.policies.is_empty());
+    }
+
+    #[test]
+    fn a_config_built_in_code_validates_without_resolve() {
+        let bind = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut config = Config {
+            listeners: vec![
+                ListenerConfig::new(bind(1993), ListenerTls::Implicit),
+                ListenerConfig::new(bind(1143), ListenerTls::Starttls),
+            ],
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        config.listeners[1].bind = bind(1993);
+        let err = config.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`listener[1].bind`: 127.0.0.1:1993 is also bound by listener[0]"
+        );
+    }
+
+    #[test]
+    fn split_host_port_cases() {
+        assert_eq!(split_host_port("a:1"), Some(("a", 1)));
+        assert_eq!(split_host_port("[::1]:143"), Some(("::1", 143)));
+        assert_eq!(split_host_port("::1:143"), None);
+        assert_eq!(split_host_port("a"), None);
+        assert_eq!(split_host_port(":143"), None);
+        assert_eq!(split_host_port("a:0"), None);
+        assert_eq!(split_host_port("a:99999"), None);
+    }
+}

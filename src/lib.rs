@@ -10,6 +10,8 @@
 //! Layers call downward only: `session` uses `imap`, `net` and `config`; `imap` uses nothing of ours.
 
 pub mod config;
+pub mod dissect;
 pub mod imap;
 pub mod net;
+pub mod server;
 pub mod session;

@@ -1,1 +1,103 @@
-fn main() {}
+//! The imapgate command line: `run`, `check`, `dissect`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "imapgate",
+    version,
+    about = "A transparent IMAP proxy with Lua policies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print one JSON object per IMAP message of a raw byte stream (one direction).
+    Dissect {
+        #[arg(long, value_enum, default_value = "client")]
+        direction: DirectionArg,
+        /// The capture to read; standard input when absent.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Client,
+    Server,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Dissect { direction, file } => dissect(direction, file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("imapgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = imapgate::config::Config::load(path)?;
+    imapgate::server::tls_setup(&config)?;
+    println!("{}: ok", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = imapgate::config::Config::load(path)?;
+    imapgate::server::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dissect(direction: DirectionArg, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use std::io::Read;
+    let direction = match direction {
+        DirectionArg::Client => imapgate::imap::framing::Direction::Client,
+        DirectionArg::Server => imapgate::imap::framing::Direction::Server,
+    };
+    let mut input = Vec::new();
+    match file {
+        Some(path) => input = std::fs::read(path)?,
+        None => {
+            std::io::stdin().read_to_end(&mut input)?;
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match imapgate::dissect::dissect(direction, &input, &mut out) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(imapgate::dissect::DissectError::Frame(e)) => {
+            use std::io::Write;
+            out.flush()?;
+            eprintln!(
+                "imapgate dissect: framing error at byte offset {}: {}",
+                e.offset, e.kind
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -221,6 +221,14 @@ impl Framer {
         }
     }
 
+    /// Forgets the literal whose head was just yielded: its command was refused before the
+    /// client got a `+`, so the client will not send the octets (RFC 9051 section 7.5).
+    /// Call it right after the [`Frame::Text`] that announced the literal.
+    pub fn refuse_literal(&mut self) {
+        self.state = LINE_START;
+        self.at_message_start = true;
+    }
+
     /// Removes and returns everything buffered and not yet framed; used after STARTTLS, where
     /// any byte behind the command is an injection attempt.
     pub fn take_unframed(&mut self) -> Bytes {

@@ -166,10 +166,10 @@ pub fn encode_into(name: &str, out: &mut String) {
 /// Decodes canonical modified UTF-7, borrowing the input when it is printable US-ASCII without
 /// `&` (its own decoding). Rejects everything that [`encode`] would not have produced.
 pub fn decode_cow(bytes: &[u8]) -> Result<Cow<'_, str>, Mutf7Error> {
-    if bytes.iter().copied().all(is_direct) {
-        if let Ok(s) = std::str::from_utf8(bytes) {
-            return Ok(Cow::Borrowed(s));
-        }
+    if bytes.iter().copied().all(is_direct)
+        && let Ok(s) = std::str::from_utf8(bytes)
+    {
+        return Ok(Cow::Borrowed(s));
     }
     decode_slow(bytes).map(Cow::Owned)
 }

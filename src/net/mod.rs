@@ -1,1 +1,11 @@
 //! Networking: listeners, TLS and the upstream connection.
+//!
+//! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
+//! written once; [`tls`] builds the rustls configurations from the config file;
+//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included.
+
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+
+pub use stream::{Stream, tune};

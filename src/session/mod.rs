@@ -1,1 +1,9 @@
-//! One client connection: state machine and relay.
+//! One client connection: the IMAP conversation (sans-IO) and the I/O driver around it.
+
+pub mod outbox;
+pub mod relay;
+pub mod state;
+pub mod tags;
+
+pub use relay::{Listener, SessionError, Shared, serve};
+pub use state::{Control, Conversation, Event, ImapState, Settings};

@@ -1,0 +1,151 @@
+//! One type for every socket a session holds, plain or TLS, client or server side.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A connection on either leg. The TLS variants are boxed because a rustls connection is
+/// about a kilobyte and would otherwise make every plain stream as large.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    /// We are the TLS server: the client leg.
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// We are the TLS client: the upstream leg.
+    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Disables Nagle's algorithm. IMAP clients write a literal and its closing CRLF in separate
+/// writes; with Nagle on one side and delayed ACK on the other each such command would
+/// stall about 40 ms at the proxy.
+pub fn tune(tcp: &TcpStream) {
+    if let Err(err) = tcp.set_nodelay(true) {
+        // Only a socket already dead fails here; the next read or write reports it.
+        tracing::debug!(%err, "cannot set TCP_NODELAY");
+    }
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+
+    /// The server name the client asked for (client leg only); policies may route or
+    /// refuse on it.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Stream::ServerTls(tls) => tls.get_ref().1.server_name(),
+            _ => None,
+        }
+    }
+
+    /// The negotiated ALPN protocol, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::ServerTls(tls) => tls.get_ref().1.alpn_protocol(),
+            Stream::ClientTls(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::ServerTls(tls) => tls.get_ref().0,
+            Stream::ClientTls(tls) => tls.get_ref().0,
+        }
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().local_addr()
+    }
+
+    /// The TCP socket of a plain stream, for a STARTTLS upgrade; a TLS stream is given back
+    /// unchanged since upgrading twice is a protocol error the caller must answer.
+    pub fn into_plain(self) -> Result<TcpStream, Stream> {
+        match self {
+            Stream::Plain(tcp) => Ok(tcp),
+            other => Err(other),
+        }
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Self {
+        Stream::Plain(tcp)
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::ClientTls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// For TLS this sends close_notify before the TCP FIN, so the peer can tell a clean
+    /// end from a truncation.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

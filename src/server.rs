@@ -1,0 +1,287 @@
+//! The running proxy: listeners, the connection limit, logging, signals and draining.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
+
+use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
+use crate::net::tls::{self, TlsError};
+use crate::net::{Stream, tune};
+use crate::session::{self, Listener, SessionError, Settings, Shared};
+
+/// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
+const BYE_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {name}: cannot bind {bind}: {source}")]
+    Bind {
+        name: String,
+        bind: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {name}: {source}")]
+    ListenerTls { name: String, source: TlsError },
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(#[source] TlsError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// A started proxy: its listeners accept until [`Server::shutdown`].
+pub struct Server {
+    addrs: Vec<(String, SocketAddr)>,
+    stop_accepting: watch::Sender<bool>,
+    bye: watch::Sender<bool>,
+    connections: Arc<Semaphore>,
+    max_connections: u32,
+    accept_loops: JoinSet<()>,
+    drain: Duration,
+}
+
+/// The TLS configurations the config asks for; used by `check` too, so that unreadable
+/// certificates are reported before the proxy runs.
+pub fn tls_setup(
+    config: &Config,
+) -> Result<(Vec<Option<TlsAcceptor>>, Option<Arc<rustls::ClientConfig>>), ServerError> {
+    let mut acceptors = Vec::new();
+    for l in &config.listeners {
+        let acceptor = match l.tls {
+            ListenerTls::None => None,
+            ListenerTls::Implicit | ListenerTls::Starttls => {
+                let cfg = tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(
+                    |source| ServerError::ListenerTls {
+                        name: l.name.clone(),
+                        source,
+                    },
+                )?;
+                Some(TlsAcceptor::from(cfg))
+            }
+        };
+        acceptors.push(acceptor);
+    }
+    let upstream_tls = match config.upstream.tls {
+        UpstreamTls::None => None,
+        UpstreamTls::Implicit | UpstreamTls::Starttls => Some(
+            tls::client_config(config.upstream.ca.as_deref(), config.upstream.verify)
+                .map_err(ServerError::UpstreamTls)?,
+        ),
+    };
+    Ok((acceptors, upstream_tls))
+}
+
+impl Server {
+    /// Binds every listener and starts accepting.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        let (acceptors, upstream_tls) = tls_setup(&config)?;
+        let limits = config.limits.clone();
+        let settings = Settings {
+            listener_tls: ListenerTls::None,
+            preauth_line: limits.preauth_line,
+            line: limits.line,
+            literal: u32::try_from(limits.literal).unwrap_or(u32::MAX),
+            ..Settings::default()
+        };
+        let max_connections = u32::try_from(limits.max_connections)
+            .unwrap_or(u32::MAX)
+            .min(Semaphore::MAX_PERMITS as u32);
+        let connections = Arc::new(Semaphore::new(max_connections as usize));
+        let (stop_accepting, _) = watch::channel(false);
+        let (bye, _) = watch::channel(false);
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut accept_loops = JoinSet::new();
+        let mut addrs = Vec::new();
+        for (l, acceptor) in config.listeners.iter().zip(acceptors) {
+            let socket = TcpListener::bind(l.bind)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    name: l.name.clone(),
+                    bind: l.bind,
+                    source,
+                })?;
+            let local = socket.local_addr().unwrap_or(l.bind);
+            tracing::info!(listener = %l.name, addr = %local, tls = ?l.tls, "listening");
+            addrs.push((l.name.clone(), local));
+            let shared = Arc::new(Shared {
+                upstream: config.upstream.clone(),
+                upstream_tls: upstream_tls.clone(),
+                settings: Settings {
+                    listener_tls: l.tls,
+                    ..settings.clone()
+                },
+                limits: limits.clone(),
+            });
+            let listener = Arc::new(Listener {
+                name: l.name.clone(),
+                tls: l.tls,
+                acceptor,
+            });
+            accept_loops.spawn(accept_loop(AcceptLoop {
+                socket,
+                listener,
+                shared,
+                connections: connections.clone(),
+                stop: stop_accepting.subscribe(),
+                bye: bye.subscribe(),
+                ids: ids.clone(),
+            }));
+        }
+        Ok(Server {
+            addrs,
+            stop_accepting,
+            bye,
+            connections,
+            max_connections,
+            accept_loops,
+            drain: limits.drain_timeout(),
+        })
+    }
+
+    /// The bound address of each listener, by name (useful with port 0).
+    pub fn addrs(&self) -> &[(String, SocketAddr)] {
+        &self.addrs
+    }
+
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
+        self.max_connections as usize - self.connections.available_permits()
+    }
+
+    /// Stops accepting, lets sessions finish for the drain timeout, then says BYE to the rest.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_accepting.send(true);
+        while self.accept_loops.join_next().await.is_some() {}
+        tracing::info!(active = self.active(), drain = ?self.drain, "draining");
+        let all = self.max_connections;
+        let drained = timeout(self.drain, self.connections.acquire_many(all)).await;
+        if drained.is_err() {
+            tracing::info!(active = self.active(), "drain timeout: closing the remaining sessions");
+            let _ = self.bye.send(true);
+            let _ = timeout(BYE_GRACE, self.connections.acquire_many(all)).await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+struct AcceptLoop {
+    socket: TcpListener,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    bye: watch::Receiver<bool>,
+    ids: Arc<AtomicU64>,
+}
+
+async fn accept_loop(mut a: AcceptLoop) {
+    loop {
+        let accepted = tokio::select! {
+            r = a.socket.accept() => r,
+            _ = a.stop.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %a.listener.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = a.ids.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "conn",
+            id,
+            %peer,
+            listener = %a.listener.name,
+            user = tracing::field::Empty
+        );
+        let Ok(permit) = a.connections.clone().try_acquire_owned() else {
+            tracing::warn!(parent: &span, "connection limit reached: refusing");
+            tokio::spawn(refuse(tcp, a.listener.clone()).instrument(span));
+            continue;
+        };
+        let listener = a.listener.clone();
+        let shared = a.shared.clone();
+        let bye = a.bye.clone();
+        tokio::spawn(
+            async move {
+                tracing::debug!("accepted");
+                match session::serve(tcp, peer, listener, shared, bye).await {
+                    Ok(()) => tracing::debug!("closed"),
+                    Err(e @ SessionError::Upstream(_)) => tracing::warn!(error = %e, "session failed"),
+                    Err(e) => tracing::info!(error = %e, "session ended"),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// `* BYE` for a connection over the limit (after the handshake on an implicit-TLS listener, so
+/// that the client can read it).
+async fn refuse(tcp: TcpStream, listener: Arc<Listener>) {
+    use tokio::io::AsyncWriteExt;
+    tune(&tcp);
+    const BYE: &[u8] = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
+    let _ = timeout(Duration::from_secs(5), async {
+        let mut stream = match (&listener.acceptor, listener.tls) {
+            (Some(acceptor), ListenerTls::Implicit) => tls::accept(acceptor, tcp).await.ok()?,
+            _ => Stream::Plain(tcp),
+        };
+        stream.write_all(BYE).await.ok()?;
+        stream.shutdown().await.ok()
+    })
+    .await;
+}
+
+/// Installs the log subscriber the config asks for; `RUST_LOG` overrides the level.
+pub fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level.0))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+        let server = Server::start(config).await?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        server.shutdown().await;
+        Ok(())
+    })
+}

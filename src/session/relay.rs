@@ -1,0 +1,414 @@
+//! The I/O driver of one session: moves bytes between the sockets and the [`Conversation`].
+//!
+//! One task owns both legs. Reads and writes of both legs are polled together in one `select!`,
+//! with bytes queued in outboxes, so neither leg can block the other: a proxy that writes one
+//! leg while not reading the other deadlocks as soon as both peers write big messages at once
+//! (a large APPEND meeting a large FETCH). Reading a leg pauses while the queue it feeds is full,
+//! which bounds memory per session.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_rustls::TlsAcceptor;
+
+use super::outbox::Outbox;
+use super::state::{Control, Conversation, Event, ImapState, Settings};
+use crate::config::{Limits, ListenerTls, UpstreamConfig};
+use crate::imap::encode::{self, ResponseValue};
+use crate::imap::response::Status;
+use crate::net::tls::{self, TlsError};
+use crate::net::upstream::{self, UpstreamError};
+use crate::net::{Stream, tune};
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Chunks written per vectored write.
+const WRITE_SLICES: usize = 32;
+/// How long a closing session may spend flushing its last words to the client.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
+/// A listener as the sessions it accepts see it.
+pub struct Listener {
+    pub name: String,
+    pub tls: ListenerTls,
+    pub acceptor: Option<TlsAcceptor>,
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub upstream: UpstreamConfig,
+    pub upstream_tls: Option<Arc<ClientConfig>>,
+    pub settings: Settings,
+    pub limits: Limits,
+}
+
+/// Why a session ended early; the variant says which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client TLS: {0}")]
+    ClientTls(#[source] TlsError),
+    #[error("client: TLS handshake timed out")]
+    ClientTlsTimeout,
+    #[error("{0}")]
+    Upstream(#[source] UpstreamError),
+    #[error("client I/O: {0}")]
+    Client(#[source] io::Error),
+    #[error("upstream I/O: {0}")]
+    UpstreamIo(#[source] io::Error),
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
+/// Serves one accepted client connection to its end.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    tune(&tcp);
+    let started = Instant::now();
+    let mut client = match (&listener.acceptor, listener.tls) {
+        (Some(acceptor), ListenerTls::Implicit) => {
+            match timeout(shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(SessionError::ClientTls(e)),
+                Err(_) => return Err(SessionError::ClientTlsTimeout),
+            }
+        }
+        _ => Stream::Plain(tcp),
+    };
+    let up = match upstream::connect(&shared.upstream, shared.upstream_tls.clone()).await {
+        Ok(up) => up,
+        Err(e) => {
+            let bye = bye_line("The mail server is unavailable, try again later");
+            let _ = timeout(CLOSE_FLUSH, async {
+                client.write_all(&bye).await?;
+                client.shutdown().await
+            })
+            .await;
+            return Err(SessionError::Upstream(e));
+        }
+    };
+    tracing::debug!(%peer, tls = client.is_tls(), "upstream connected");
+    let conv = Conversation::new(
+        shared.settings.clone(),
+        client.is_tls(),
+        Bytes::from(up.greeting),
+    );
+    let driver = Driver {
+        conv,
+        listener,
+        shared,
+        shutdown,
+        started,
+        last_client_activity: Instant::now(),
+        logged_user: None,
+    };
+    driver.run(client, up.stream).await
+}
+
+/// The `* BYE` line of imapgate's own, encoded from values.
+fn bye_line(text: &str) -> Vec<u8> {
+    let value = ResponseValue::Status {
+        tag: None,
+        status: Status::Bye,
+        code: Some((b"UNAVAILABLE".to_vec(), Vec::new())),
+        text: text.as_bytes().to_vec(),
+    };
+    encode::response(&value)
+        .map(|e| e.bytes)
+        .unwrap_or_else(|_| b"* BYE\r\n".to_vec())
+}
+
+struct Driver {
+    conv: Conversation,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    started: Instant,
+    last_client_activity: Instant,
+    logged_user: Option<String>,
+}
+
+/// What one round of the select loop produced.
+enum Io {
+    ClientRead(io::Result<usize>),
+    UpstreamRead(io::Result<usize>),
+    ClientWrote(io::Result<usize>),
+    UpstreamWrote(io::Result<usize>),
+    ClientFlushed(io::Result<()>),
+    UpstreamFlushed(io::Result<()>),
+    Timeout,
+    Shutdown,
+}
+
+impl Driver {
+    async fn run(mut self, client: Stream, upstream: Stream) -> Result<(), SessionError> {
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut ur, mut uw) = tokio::io::split(upstream);
+        let mut client_open = true;
+        let mut upstream_open = true;
+        let mut client_needs_flush = false;
+        let mut upstream_needs_flush = false;
+        let mut shutdown_seen = *self.shutdown.borrow();
+        if shutdown_seen {
+            self.conv.bye("Server shutting down");
+        }
+        loop {
+            self.report_events();
+            while let Some(control) = self.conv.take_control() {
+                match control {
+                    Control::StartTls => {
+                        flush_all(&mut cw, &mut self.conv.to_client)
+                            .await
+                            .map_err(SessionError::Client)?;
+                        let stream = cr.unsplit(cw);
+                        let stream = self.start_tls(stream).await?;
+                        (cr, cw) = tokio::io::split(stream);
+                        self.conv.client_tls_established();
+                    }
+                    Control::ShutdownUpstreamWrite => {
+                        client_open = false;
+                        flush_all(&mut uw, &mut self.conv.to_upstream)
+                            .await
+                            .map_err(SessionError::UpstreamIo)?;
+                        let _ = uw.shutdown().await;
+                    }
+                    Control::Close { flush } => {
+                        if flush {
+                            let _ =
+                                timeout(CLOSE_FLUSH, flush_all(&mut cw, &mut self.conv.to_client))
+                                    .await;
+                        }
+                        let _ = timeout(CLOSE_FLUSH, cw.shutdown()).await;
+                        let _ = timeout(CLOSE_FLUSH, uw.shutdown()).await;
+                        self.finish();
+                        return Ok(());
+                    }
+                }
+            }
+            if !client_open && !upstream_open {
+                self.finish();
+                return Ok(());
+            }
+            let deadline = self.deadline();
+            let want_client = client_open && self.conv.wants_client_input();
+            let want_upstream = upstream_open && self.conv.wants_upstream_input();
+            let io = {
+                let conv = &mut self.conv;
+                let parts = conv_parts(conv);
+                let client_pending = !parts.to_client.is_empty();
+                let upstream_pending = !parts.to_upstream.is_empty();
+                tokio::select! {
+                    r = read_into(&mut cr, parts.client_buf), if want_client => Io::ClientRead(r),
+                    r = read_into(&mut ur, parts.upstream_buf), if want_upstream => Io::UpstreamRead(r),
+                    r = write_or_flush(&mut cw, parts.to_client), if client_pending || client_needs_flush => match r {
+                        Written::Wrote(r) => Io::ClientWrote(r),
+                        Written::Flushed(r) => Io::ClientFlushed(r),
+                    },
+                    r = write_or_flush(&mut uw, parts.to_upstream), if upstream_pending || upstream_needs_flush => match r {
+                        Written::Wrote(r) => Io::UpstreamWrote(r),
+                        Written::Flushed(r) => Io::UpstreamFlushed(r),
+                    },
+                    _ = sleep_until(deadline) => Io::Timeout,
+                    _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
+                }
+            };
+            match io {
+                Io::ClientRead(Ok(0)) | Io::ClientRead(Err(_)) => {
+                    client_open = false;
+                    self.conv.client_eof();
+                }
+                Io::ClientRead(Ok(_)) => {
+                    self.last_client_activity = Instant::now();
+                    self.conv.client_input();
+                }
+                Io::UpstreamRead(Ok(0)) | Io::UpstreamRead(Err(_)) => {
+                    upstream_open = false;
+                    self.conv.upstream_eof();
+                }
+                Io::UpstreamRead(Ok(_)) => self.conv.upstream_input(),
+                Io::ClientWrote(Ok(n)) => {
+                    self.conv.to_client.consume(n);
+                    client_needs_flush = true;
+                    // A full queue paused the upstream's input: frame what is buffered.
+                    self.conv.upstream_input();
+                }
+                Io::UpstreamWrote(Ok(n)) => {
+                    self.conv.to_upstream.consume(n);
+                    upstream_needs_flush = true;
+                    self.conv.client_input();
+                }
+                Io::ClientFlushed(Ok(())) => client_needs_flush = false,
+                Io::UpstreamFlushed(Ok(())) => upstream_needs_flush = false,
+                Io::ClientWrote(Err(e)) | Io::ClientFlushed(Err(e)) => {
+                    tracing::debug!(error = %e, "client write failed");
+                    self.finish();
+                    return Ok(());
+                }
+                Io::UpstreamWrote(Err(e)) | Io::UpstreamFlushed(Err(e)) => {
+                    tracing::warn!(error = %e, "upstream write failed");
+                    upstream_open = false;
+                    self.conv.upstream_eof();
+                }
+                Io::Timeout => {
+                    let text = if self.conv.state() == ImapState::NotAuthenticated {
+                        "Login timeout"
+                    } else {
+                        "Autologout; idle for too long"
+                    };
+                    tracing::info!(reason = text, "closing idle session");
+                    self.conv.bye(text);
+                }
+                Io::Shutdown => {
+                    shutdown_seen = true;
+                    if *self.shutdown.borrow() {
+                        self.conv.bye("Server shutting down");
+                    }
+                }
+            }
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        let idle = self.last_client_activity + self.shared.limits.idle_timeout();
+        if self.conv.state() == ImapState::NotAuthenticated {
+            idle.min(self.started + self.shared.limits.preauth_timeout())
+        } else {
+            idle
+        }
+    }
+
+    async fn start_tls(&self, stream: Stream) -> Result<Stream, SessionError> {
+        let Some(acceptor) = &self.listener.acceptor else {
+            return Err(SessionError::Internal("STARTTLS without a TLS acceptor"));
+        };
+        let tcp = stream
+            .into_plain()
+            .map_err(|_| SessionError::Internal("STARTTLS on a TLS stream"))?;
+        match timeout(self.shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(SessionError::ClientTls(e)),
+            Err(_) => Err(SessionError::ClientTlsTimeout),
+        }
+    }
+
+    /// Logs what the conversation reports; never a password or SASL payload, which it never
+    /// reports.
+    fn report_events(&mut self) {
+        for event in self.conv.events.drain(..) {
+            match event {
+                Event::Login { ok, user } => {
+                    if ok {
+                        tracing::info!(user = user.as_deref().unwrap_or("?"), "login succeeded");
+                    } else {
+                        tracing::info!(user = user.as_deref().unwrap_or("?"), "login failed");
+                    }
+                }
+                Event::ParseError { direction, error } => {
+                    tracing::debug!(?direction, %error, "message did not parse");
+                }
+                Event::Violation { direction, what } => {
+                    tracing::warn!(?direction, %what, "protocol violation");
+                }
+                Event::Completed {
+                    name,
+                    status,
+                    by_proxy,
+                    elapsed,
+                } => {
+                    tracing::trace!(command = name.label(), status = status.as_str(), by_proxy, ?elapsed, "command completed");
+                }
+            }
+        }
+        let user = self.conv.user().map(str::to_owned);
+        if user != self.logged_user {
+            if let Some(u) = &user {
+                tracing::Span::current().record("user", u.as_str());
+            }
+            self.logged_user = user;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.report_events();
+        let abandoned = self.conv.abandon_pending();
+        if !abandoned.is_empty() {
+            tracing::debug!(count = abandoned.len(), "commands abandoned at disconnect");
+        }
+    }
+}
+
+/// Disjoint borrows of what the select loop touches.
+struct Parts<'a> {
+    client_buf: &'a mut bytes::BytesMut,
+    upstream_buf: &'a mut bytes::BytesMut,
+    to_client: &'a Outbox,
+    to_upstream: &'a Outbox,
+}
+
+fn conv_parts(conv: &mut Conversation) -> Parts<'_> {
+    let (client_buf, upstream_buf, to_client, to_upstream) = conv.io_parts();
+    Parts {
+        client_buf,
+        upstream_buf,
+        to_client,
+        to_upstream,
+    }
+}
+
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut ReadHalf<R>,
+    buf: &mut bytes::BytesMut,
+) -> io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    r.read_buf(buf).await
+}
+
+async fn write_some<W: AsyncWrite + Unpin>(
+    w: &mut WriteHalf<W>,
+    outbox: &Outbox,
+) -> io::Result<usize> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(WRITE_SLICES);
+    outbox.chunks(&mut slices, WRITE_SLICES);
+    let n = w.write_vectored(&slices).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(n)
+}
+
+enum Written {
+    Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
+}
+
+/// Writes queued bytes, or flushes (TLS keeps a partial record buffered) once the queue is empty.
+async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut WriteHalf<W>, outbox: &Outbox) -> Written {
+    if outbox.is_empty() {
+        Written::Flushed(w.flush().await)
+    } else {
+        Written::Wrote(write_some(w, outbox).await)
+    }
+}
+
+async fn flush_all<W: AsyncWrite + Unpin>(
+    w: &mut WriteHalf<W>,
+    outbox: &mut Outbox,
+) -> io::Result<()> {
+    while !outbox.is_empty() {
+        let n = write_some(w, outbox).await?;
+        outbox.consume(n);
+    }
+    w.flush().await
+}

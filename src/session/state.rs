@@ -1,0 +1,796 @@
+//! The conversation between one client and the upstream, as imapgate sees it: sans-IO.
+//!
+//! Bytes from each peer go into its framer ([`Conversation::client_buffer`],
+//! [`Conversation::upstream_buffer`]); [`Conversation::client_input`] and
+//! [`Conversation::upstream_input`] frame and parse every message, keep the IMAP state, and queue
+//! what each peer must receive in [`Conversation::to_upstream`] and [`Conversation::to_client`].
+//! What needs the sockets themselves (a TLS handshake, closing) is asked for with a
+//! [`Control`]. The I/O driver ([`super::relay`]) does nothing but move bytes and obey; so the
+//! whole protocol behaviour is testable on byte slices, and the tests read like transcripts.
+
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+
+use super::outbox::Outbox;
+use super::tags::{Pending, PendingKind, PendingTags};
+use crate::config::ListenerTls;
+use crate::imap::capability::{self, CapabilitySet};
+use crate::imap::command::{
+    self, ClientLine, Command, CommandKind, CommandName, MailboxRole, parse_command,
+};
+use crate::imap::encode::{self, ResponseValue};
+use crate::imap::framing::{Direction, Frame, FrameError, FrameErrorKind, Framer, Limits, Literal};
+use crate::imap::mutf7;
+use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
+
+/// Longest response line accepted from the upstream. Far above the client limits, because a
+/// SEARCH result for a big mailbox is one long line; an upstream is trusted more than a client.
+const UPSTREAM_MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Session-wide settings taken from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listener_tls: ListenerTls,
+    pub preauth_line: usize,
+    pub line: usize,
+    pub literal: u32,
+    /// Literals up to this size are held whole; larger ones stream.
+    pub inline_literal: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listener_tls: ListenerTls::None,
+            preauth_line: 8192,
+            line: 65536,
+            literal: 64 * 1024 * 1024,
+            inline_literal: 64 * 1024,
+        }
+    }
+}
+
+/// The IMAP connection state (RFC 9051 section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImapState {
+    NotAuthenticated,
+    Authenticated,
+    Selected,
+    Logout,
+}
+
+/// What the client's next line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientMode {
+    Commands,
+    /// Inside AUTHENTICATE: SASL responses until the tagged completion.
+    Sasl,
+    /// Inside IDLE: the next line is DONE.
+    Idle,
+}
+
+/// Where the client leg is on its way to TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum StartTls {
+    No,
+    /// STARTTLS received; the OK is sent once earlier commands have completed, and the client
+    /// is not read meanwhile.
+    Waiting(Bytes),
+    /// OK sent; the driver runs the handshake.
+    Handshake,
+}
+
+/// Something only the I/O driver can do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Flush `to_client`, then run the TLS handshake on the client socket and call
+    /// [`Conversation::client_tls_established`].
+    StartTls,
+    /// Flush `to_upstream`, then shut down the upstream's write side (the client half-closed).
+    ShutdownUpstreamWrite,
+    /// Flush `to_client` (when `flush`), then close both connections.
+    Close { flush: bool },
+}
+
+/// What happened, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A command completed (or was answered by imapgate itself: `by_proxy`).
+    Completed {
+        name: CommandName,
+        status: Status,
+        by_proxy: bool,
+        elapsed: std::time::Duration,
+    },
+    Login {
+        ok: bool,
+        user: Option<String>,
+    },
+    ParseError {
+        direction: Direction,
+        error: String,
+    },
+    /// A limit or protocol violation by one side, and what was done about it.
+    Violation {
+        direction: Direction,
+        what: String,
+    },
+}
+
+/// One client connection's protocol state.
+#[derive(Debug)]
+pub struct Conversation {
+    settings: Settings,
+    client_in: Framer,
+    upstream_in: Framer,
+    pub to_client: Outbox,
+    pub to_upstream: Outbox,
+    state: ImapState,
+    mode: ClientMode,
+    tls: bool,
+    pending: PendingTags,
+    /// Continuation requests from the upstream that imapgate already answered itself.
+    absorb_continuations: usize,
+    /// The rest of the current client message is dropped (its command was refused).
+    discard_client_message: bool,
+    starttls: StartTls,
+    upstream_caps: Option<CapabilitySet>,
+    user: Option<String>,
+    selected: Option<String>,
+    utf8: bool,
+    upstream_said_bye: bool,
+    controls: Vec<Control>,
+    pub events: Vec<Event>,
+}
+
+impl Conversation {
+    /// Starts a conversation with the upstream's greeting, which is relayed (rewritten) at once.
+    pub fn new(settings: Settings, tls: bool, greeting: Bytes) -> Conversation {
+        let client_limits = Limits {
+            max_line: settings.preauth_line,
+            max_literal: settings.literal,
+            inline_literal: settings.inline_literal,
+            nonsync_max: None,
+        };
+        let upstream_limits = Limits {
+            max_line: UPSTREAM_MAX_LINE,
+            max_literal: u32::MAX,
+            inline_literal: settings.inline_literal,
+            nonsync_max: None,
+        };
+        let mut conv = Conversation {
+            client_in: Framer::new(Direction::Client, client_limits),
+            upstream_in: Framer::new(Direction::Server, upstream_limits),
+            settings,
+            to_client: Outbox::default(),
+            to_upstream: Outbox::default(),
+            state: ImapState::NotAuthenticated,
+            mode: ClientMode::Commands,
+            tls,
+            pending: PendingTags::default(),
+            absorb_continuations: 0,
+            discard_client_message: false,
+            starttls: StartTls::No,
+            upstream_caps: None,
+            user: None,
+            selected: None,
+            utf8: false,
+            upstream_said_bye: false,
+            controls: Vec::new(),
+            events: Vec::new(),
+        };
+        conv.greeting(greeting);
+        conv
+    }
+
+    pub fn state(&self) -> ImapState {
+        self.state
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn selected(&self) -> Option<&str> {
+        self.selected.as_deref()
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn client_buffer(&mut self) -> &mut BytesMut {
+        self.client_in.buffer_mut()
+    }
+
+    pub fn upstream_buffer(&mut self) -> &mut BytesMut {
+        self.upstream_in.buffer_mut()
+    }
+
+    /// The receive buffers and the outboxes at once, for the driver's select loop.
+    pub fn io_parts(&mut self) -> (&mut BytesMut, &mut BytesMut, &Outbox, &Outbox) {
+        (
+            self.client_in.buffer_mut(),
+            self.upstream_in.buffer_mut(),
+            &self.to_client,
+            &self.to_upstream,
+        )
+    }
+
+    /// The next thing only the driver can do, in order.
+    pub fn take_control(&mut self) -> Option<Control> {
+        if self.controls.is_empty() {
+            None
+        } else {
+            Some(self.controls.remove(0))
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.controls
+            .iter()
+            .any(|c| matches!(c, Control::Close { .. }))
+    }
+
+    /// Whether the driver should read from the client now: not while a STARTTLS waits for
+    /// earlier commands, not once closing, not while the upstream's queue is full.
+    pub fn wants_client_input(&self) -> bool {
+        self.starttls == StartTls::No && !self.closing() && !self.to_upstream.is_full()
+    }
+
+    pub fn wants_upstream_input(&self) -> bool {
+        !self.closing() && !self.to_client.is_full()
+    }
+
+    /// True when no message is half-relayed in either direction: a BYE written now is read as
+    /// a response by the client.
+    pub fn client_at_boundary(&self) -> bool {
+        !self.upstream_in.is_mid_message()
+    }
+
+    /// Ends the session with `* BYE text` (timeouts, shutdown); if a response is half-relayed the
+    /// BYE cannot be placed and the connection is just closed.
+    pub fn bye(&mut self, text: &str) {
+        if self.closing() {
+            return;
+        }
+        let flush = self.client_at_boundary();
+        if flush {
+            self.reply(None, Status::Bye, None, text);
+        }
+        self.controls.push(Control::Close { flush });
+    }
+
+    // ----- greeting -----
+
+    fn greeting(&mut self, greeting: Bytes) {
+        let response = match parse_response(greeting.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.events.push(Event::ParseError {
+                    direction: Direction::Server,
+                    error: e.to_string(),
+                });
+                self.to_client.push(greeting);
+                return;
+            }
+        };
+        if response.status() == Some(Status::Preauth) {
+            if self.settings.listener_tls == ListenerTls::Starttls && !self.tls {
+                // The client could never reach STARTTLS after PREAUTH.
+                self.reply(
+                    None,
+                    Status::Bye,
+                    Some("UNAVAILABLE"),
+                    "The mail server pre-authenticated this connection, which this listener cannot relay before TLS",
+                );
+                self.controls.push(Control::Close { flush: true });
+                return;
+            }
+            self.state = ImapState::Authenticated;
+            self.authenticated();
+        }
+        let out = self.rewrite_capabilities(&response).unwrap_or(greeting);
+        self.to_client.push(out);
+    }
+
+    // ----- client direction -----
+
+    /// Frames and handles everything buffered from the client.
+    pub fn client_input(&mut self) {
+        while self.wants_client_input() {
+            match self.client_in.next_frame() {
+                Ok(Some(frame)) => self.client_frame(frame),
+                Ok(None) => break,
+                Err(e) => self.client_frame_error(e),
+            }
+        }
+    }
+
+    fn client_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Chunk { bytes, last: _ } => {
+                if !self.discard_client_message {
+                    self.to_upstream.push(bytes);
+                }
+            }
+            Frame::Text {
+                bytes,
+                start: false,
+                literal,
+            } => {
+                if !self.discard_client_message {
+                    self.to_upstream.push(bytes);
+                } else if literal.is_none() {
+                    self.discard_client_message = false;
+                }
+            }
+            Frame::Text {
+                bytes,
+                start: true,
+                literal,
+            } => match self.mode {
+                ClientMode::Sasl => self.sasl_line(bytes),
+                ClientMode::Idle => self.idle_line(bytes),
+                ClientMode::Commands => self.command(bytes, literal),
+            },
+        }
+    }
+
+    fn sasl_line(&mut self, bytes: Bytes) {
+        // The payload is a secret: it is relayed, never kept or logged. A malformed line is
+        // relayed too, so that the upstream ends the exchange with its own BAD.
+        if let Err(e) = command::parse_sasl_line(&bytes) {
+            self.events.push(Event::ParseError {
+                direction: Direction::Client,
+                error: format!("SASL response: {}", e.kind),
+            });
+        }
+        self.to_upstream.push(bytes);
+    }
+
+    fn idle_line(&mut self, bytes: Bytes) {
+        if command::parse_done(&bytes) != Ok(ClientLine::Done) {
+            self.events.push(Event::Violation {
+                direction: Direction::Client,
+                what: "a line other than DONE during IDLE".into(),
+            });
+        }
+        // After DONE the client may send commands before IDLE's tagged completion arrives.
+        self.mode = ClientMode::Commands;
+        self.client_in.set_line_only(false);
+        self.to_upstream.push(bytes);
+    }
+
+    fn command(&mut self, bytes: Bytes, literal: Option<Literal>) {
+        let command = match parse_command(bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                self.events.push(Event::ParseError {
+                    direction: Direction::Client,
+                    error: e.to_string(),
+                });
+                let text = format!("Syntax error: {}", e.error.kind);
+                self.refuse(e.tag.as_deref(), Status::Bad, Some("CLIENTBUG"), &text, literal);
+                return;
+            }
+        };
+        let kind = match command.name.kind {
+            CommandKind::Starttls => return self.starttls(&command),
+            CommandKind::Compress => {
+                self.events.push(Event::Completed {
+                    name: command.name,
+                    status: Status::No,
+                    by_proxy: true,
+                    elapsed: std::time::Duration::ZERO,
+                });
+                return self.refuse(
+                    Some(command.tag()),
+                    Status::No,
+                    Some("CANNOT"),
+                    "COMPRESS is not available through this proxy",
+                    literal,
+                );
+            }
+            CommandKind::Login => PendingKind::Login {
+                user: command
+                    .arg_string(0)
+                    .map(|u| String::from_utf8_lossy(&u).into_owned()),
+            },
+            CommandKind::Authenticate => {
+                self.mode = ClientMode::Sasl;
+                self.client_in.set_line_only(true);
+                PendingKind::Authenticate {
+                    user: sasl_plain_user(&command),
+                }
+            }
+            CommandKind::Idle => {
+                self.mode = ClientMode::Idle;
+                self.client_in.set_line_only(true);
+                PendingKind::Idle
+            }
+            CommandKind::Select | CommandKind::Examine => PendingKind::Select {
+                mailbox: self.first_mailbox(&command).unwrap_or_default(),
+            },
+            CommandKind::Close | CommandKind::Unselect => PendingKind::Unselect,
+            CommandKind::Logout => PendingKind::Logout,
+            _ => PendingKind::Other,
+        };
+        self.pending.push(Pending {
+            tag: command.raw.slice(command.tag.start..command.tag.end),
+            name: command.name,
+            kind,
+            started: Instant::now(),
+        });
+        self.to_upstream.push(command.raw);
+    }
+
+    fn first_mailbox(&self, command: &Command) -> Option<String> {
+        let arg = command
+            .mailbox_args()
+            .into_iter()
+            .find(|m| m.role == MailboxRole::Mailbox)?;
+        let raw = arg.token.string(&command.raw)?;
+        self.decode_mailbox(&raw)
+    }
+
+    fn decode_mailbox(&self, raw: &[u8]) -> Option<String> {
+        if self.utf8 {
+            std::str::from_utf8(raw).ok().map(str::to_owned)
+        } else {
+            mutf7::decode(raw).ok()
+        }
+    }
+
+    /// STARTTLS on the client leg is imapgate's own: never relayed.
+    fn starttls(&mut self, command: &Command) {
+        let tag = command.raw.slice(command.tag.start..command.tag.end);
+        if self.settings.listener_tls != ListenerTls::Starttls || self.tls {
+            let text = if self.tls {
+                "TLS is already active"
+            } else {
+                "STARTTLS is not offered on this listener"
+            };
+            self.reply(Some(&tag), Status::Bad, Some("CLIENTBUG"), text);
+            return;
+        }
+        if self.client_in.buffered() > 0 {
+            // Anything pipelined behind STARTTLS would be read as if it came over TLS.
+            self.events.push(Event::Violation {
+                direction: Direction::Client,
+                what: "bytes after STARTTLS before the TLS handshake".into(),
+            });
+            self.controls.push(Control::Close { flush: false });
+            return;
+        }
+        self.starttls = StartTls::Waiting(tag);
+        self.maybe_start_tls();
+    }
+
+    fn maybe_start_tls(&mut self) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        if let StartTls::Waiting(tag) = &self.starttls {
+            let tag = tag.clone();
+            self.reply(Some(&tag), Status::Ok, None, "Begin TLS negotiation now");
+            self.controls.push(Control::StartTls);
+            self.starttls = StartTls::Handshake;
+        }
+    }
+
+    /// The TLS handshake on the client leg succeeded: nothing of the plaintext session is kept
+    /// (RFC 9051 section 11.1: the client must discard cached capabilities, and so do we).
+    pub fn client_tls_established(&mut self) {
+        self.tls = true;
+        self.starttls = StartTls::No;
+        self.client_in = Framer::new(Direction::Client, self.client_in.limits());
+        self.mode = ClientMode::Commands;
+        self.discard_client_message = false;
+        self.user = None;
+    }
+
+    /// Refuses a command with a tagged answer of imapgate's own. If the command announced a
+    /// literal, its octets are dropped: a synchronizing one is never sent (no `+` came), a
+    /// non-synchronizing one is skipped as it arrives.
+    fn refuse(
+        &mut self,
+        tag: Option<&[u8]>,
+        status: Status,
+        code: Option<&str>,
+        text: &str,
+        literal: Option<Literal>,
+    ) {
+        self.reply(tag, status, code, text);
+        match literal {
+            Some(l) if l.sync => self.client_in.refuse_literal(),
+            Some(_) => self.discard_client_message = true,
+            None => {}
+        }
+    }
+
+    fn client_frame_error(&mut self, e: FrameError) {
+        let tag = e.tag.clone();
+        let tag = tag.as_deref();
+        self.events.push(Event::Violation {
+            direction: Direction::Client,
+            what: e.to_string(),
+        });
+        let mut close = e.mid_message;
+        match e.kind {
+            FrameErrorKind::LineTooLong { limit } => {
+                let text = format!("Command line longer than {limit} octets");
+                self.reply(tag, Status::Bad, Some("LIMIT"), &text);
+                close |= self.state == ImapState::NotAuthenticated;
+            }
+            FrameErrorKind::LiteralTooBig { limit, sync, .. } => {
+                let text = format!("Literal larger than the limit of {limit} octets");
+                self.reply(tag, Status::No, Some("TOOBIG"), &text);
+                close |= !sync;
+            }
+            FrameErrorKind::LiteralOverflow { sync } => {
+                self.reply(tag, Status::No, Some("TOOBIG"), "Literal length out of range");
+                close |= !sync;
+            }
+            FrameErrorKind::NonSyncTooBig { limit, .. } => {
+                let text = format!("Non-synchronizing literal larger than {limit} octets");
+                self.reply(tag, Status::No, Some("TOOBIG"), &text);
+                close = true;
+            }
+            FrameErrorKind::BareLf | FrameErrorKind::Nul => {
+                let text = format!("Invalid command line: {}", e.kind);
+                self.reply(tag, Status::Bad, Some("CLIENTBUG"), &text);
+            }
+        }
+        if close {
+            self.reply(None, Status::Bye, None, "Closing the connection after a protocol error");
+            self.controls.push(Control::Close { flush: true });
+        }
+    }
+
+    /// The client closed its sending side.
+    pub fn client_eof(&mut self) {
+        if self.client_in.is_mid_message() || self.client_in.buffered() > 0 {
+            // Half a command reached (or would reach) the upstream: end both legs.
+            self.controls.push(Control::Close { flush: false });
+        } else {
+            self.controls.push(Control::ShutdownUpstreamWrite);
+        }
+    }
+
+    // ----- upstream direction -----
+
+    /// Frames and handles everything buffered from the upstream.
+    pub fn upstream_input(&mut self) {
+        while self.wants_upstream_input() {
+            match self.upstream_in.next_frame() {
+                Ok(Some(frame)) => self.upstream_frame(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    self.events.push(Event::Violation {
+                        direction: Direction::Server,
+                        what: e.to_string(),
+                    });
+                    let flush = !e.mid_message;
+                    if flush {
+                        self.reply(
+                            None,
+                            Status::Bye,
+                            Some("UNAVAILABLE"),
+                            "The mail server sent an invalid response",
+                        );
+                    }
+                    self.controls.push(Control::Close { flush });
+                }
+            }
+        }
+    }
+
+    fn upstream_frame(&mut self, frame: Frame) {
+        let bytes = match frame {
+            Frame::Text {
+                bytes, start: true, ..
+            } => bytes,
+            Frame::Text { bytes, .. } | Frame::Chunk { bytes, .. } => {
+                self.to_client.push(bytes);
+                return;
+            }
+        };
+        let response = match parse_response(bytes.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Lenient in: what we cannot read, we relay and count.
+                self.events.push(Event::ParseError {
+                    direction: Direction::Server,
+                    error: e.to_string(),
+                });
+                self.to_client.push(bytes);
+                return;
+            }
+        };
+        match &response.kind {
+            ResponseKind::Continuation { .. } if self.absorb_continuations > 0 => {
+                self.absorb_continuations -= 1;
+            }
+            ResponseKind::Status { tag: Some(_), .. } => self.tagged(response),
+            ResponseKind::Status {
+                tag: None,
+                status: Status::Bye,
+                ..
+            } => {
+                self.upstream_said_bye = true;
+                self.to_client.push(bytes);
+            }
+            ResponseKind::Data {
+                kind: DataKind::Enabled,
+                args,
+                ..
+            } => {
+                if args.iter().any(|a| a.is_atom(&response.raw, "UTF8=ACCEPT")) {
+                    self.utf8 = true;
+                }
+                self.to_client.push(bytes);
+            }
+            _ => {
+                let out = self.rewrite_capabilities(&response).unwrap_or(bytes);
+                self.to_client.push(out);
+            }
+        }
+    }
+
+    fn tagged(&mut self, response: Response) {
+        let status = response.status().unwrap_or(Status::Bad);
+        let tag = response.tag().unwrap_or_default();
+        if let Some(pending) = self.pending.take(tag) {
+            self.complete(pending, status);
+        }
+        let out = self
+            .rewrite_capabilities(&response)
+            .unwrap_or_else(|| response.raw.clone());
+        self.to_client.push(out);
+        self.maybe_start_tls();
+    }
+
+    fn complete(&mut self, pending: Pending, status: Status) {
+        let ok = status == Status::Ok;
+        match pending.kind {
+            PendingKind::Login { user } | PendingKind::Authenticate { user } => {
+                if pending.name.kind == CommandKind::Authenticate {
+                    self.mode = ClientMode::Commands;
+                    self.client_in.set_line_only(false);
+                }
+                if ok {
+                    self.state = ImapState::Authenticated;
+                    self.user = user.clone();
+                    self.authenticated();
+                }
+                self.events.push(Event::Login { ok, user });
+            }
+            PendingKind::Select { mailbox } => {
+                if ok {
+                    self.state = ImapState::Selected;
+                    self.selected = Some(mailbox);
+                } else if self.state == ImapState::Selected {
+                    // A failed SELECT leaves no mailbox selected (RFC 9051 6.3.2).
+                    self.state = ImapState::Authenticated;
+                    self.selected = None;
+                }
+            }
+            PendingKind::Unselect if ok => {
+                self.state = ImapState::Authenticated;
+                self.selected = None;
+            }
+            PendingKind::Idle => {
+                if self.mode == ClientMode::Idle {
+                    self.mode = ClientMode::Commands;
+                    self.client_in.set_line_only(false);
+                }
+            }
+            PendingKind::Logout => self.state = ImapState::Logout,
+            _ => {}
+        }
+        self.events.push(Event::Completed {
+            name: pending.name,
+            status,
+            by_proxy: false,
+            elapsed: pending.started.elapsed(),
+        });
+    }
+
+    /// After authentication the longer line limit applies.
+    fn authenticated(&mut self) {
+        let mut limits = self.client_in.limits();
+        limits.max_line = self.settings.line;
+        self.client_in.set_limits(limits);
+    }
+
+    /// The upstream closed its side.
+    pub fn upstream_eof(&mut self) {
+        if self.upstream_said_bye || self.state == ImapState::Logout {
+            self.controls.push(Control::Close { flush: true });
+            return;
+        }
+        let flush = !self.upstream_in.is_mid_message();
+        if flush {
+            self.reply(
+                None,
+                Status::Bye,
+                Some("UNAVAILABLE"),
+                "The connection to the mail server was lost",
+            );
+        }
+        self.controls.push(Control::Close { flush });
+    }
+
+    /// The commands that will never complete because the connection ends.
+    pub fn abandon_pending(&mut self) -> Vec<Pending> {
+        self.pending.drain().collect()
+    }
+
+    // ----- capabilities -----
+
+    /// The response with its capability list filtered, if it has one.
+    fn rewrite_capabilities(&mut self, response: &Response) -> Option<Bytes> {
+        let mut caps = CapabilitySet::from_response(response)?;
+        let upstream = caps.clone();
+        caps.strip_unrelayable();
+        if self.settings.listener_tls == ListenerTls::Starttls && !self.tls {
+            caps.add("STARTTLS");
+        }
+        let literal_minus_only = upstream.has("LITERAL-") && !upstream.has("LITERAL+");
+        let mut limits = self.client_in.limits();
+        limits.nonsync_max = literal_minus_only.then_some(4096);
+        self.client_in.set_limits(limits);
+        self.upstream_caps = Some(upstream);
+        capability::rewrite(response, &caps)?.ok().map(Bytes::from)
+    }
+
+    // ----- replies of imapgate's own -----
+
+    /// Queues a status response of imapgate's own for the client, encoded from values.
+    fn reply(&mut self, tag: Option<&[u8]>, status: Status, code: Option<&str>, text: &str) {
+        let tag = tag.filter(|t| *t != b"*" && *t != b"+");
+        let value = ResponseValue::Status {
+            tag: tag.map(<[u8]>::to_vec),
+            status,
+            code: code.map(|c| (c.as_bytes().to_vec(), Vec::new())),
+            text: text.as_bytes().to_vec(),
+        };
+        match encode::response(&value) {
+            Ok(encoded) => self.to_client.push(Bytes::from(encoded.bytes)),
+            Err(_) => {
+                // Only a tag could be invalid here (text and codes are ours): answer untagged.
+                let untagged = ResponseValue::Status {
+                    tag: None,
+                    status,
+                    code: None,
+                    text: text.as_bytes().to_vec(),
+                };
+                if let Ok(encoded) = encode::response(&untagged) {
+                    self.to_client.push(Bytes::from(encoded.bytes));
+                }
+            }
+        }
+    }
+}
+
+/// The authentication identity of `AUTHENTICATE PLAIN <initial response>` (RFC 4616:
+/// `[authzid] NUL authcid NUL passwd`), read without keeping the password.
+fn sasl_plain_user(command: &Command) -> Option<String> {
+    let mechanism = command.arg_string(0)?;
+    if !mechanism.eq_ignore_ascii_case(b"PLAIN") {
+        return None;
+    }
+    let ir = command.arg_string(1)?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(&*ir).ok()?;
+    let mut fields = decoded.split(|&b| b == 0);
+    let _authzid = fields.next()?;
+    let authcid = fields.next()?;
+    std::str::from_utf8(authcid).ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -1,0 +1,305 @@
+//! The config file's error messages, checked from the outside: each mistake an admin can
+//! make must come back with the file, the line and column, and the field to fix.
+
+use std::path::Path;
+
+use imapgate::config::{Config, ConfigError, Location, LogFormat};
+
+const MINIMAL: &str = "[[listener]]\nbind = \"127.0.0.1:1993\"\n";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str_named(text, "/etc/imapgate/test.toml")
+}
+
+/// Returns the field and full message of an `Invalid` error, failing otherwise.
+fn invalid(text: &str) -> (String, Option<Location>, String) {
+    match parse(text) {
+        Err(err @ ConfigError::Invalid { .. }) => {
+            let message = err.to_string();
+            match err {
+                ConfigError::Invalid {
+                    field, location, ..
+                } => (field, location, message),
+                _ => unreachable!(),
+            }
+        }
+        other => panic!("expected an Invalid error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_full_documented_shape_parses() {
+    let text = r#"
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:1993"
+tls = "implicit"
+cert = "cert.pem"
+key = "/abs/key.pem"
+[upstream]
+address = "imap.example.com:993"
+tls = "implicit"
+ca = "ca.pem"
+verify = false
+connect_timeout_s = 5
+[log]
+format = "json"
+level = "info,imapgate=debug"
+[[policy]]
+script = "policies/require_tls.lua"
+options = { allow = ["127.0.0.1"], nested = { n = 1 } }
+[[policy]]
+script = "/opt/p.lua"
+[metrics]
+"#;
+    let c = parse(text).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "imaps");
+    assert_eq!(l.cert.as_deref(), Some(Path::new("/etc/imapgate/cert.pem")));
+    assert_eq!(l.key.as_deref(), Some(Path::new("/abs/key.pem")));
+    assert_eq!(c.upstream.server_name.as_deref(), Some("imap.example.com"));
+    assert_eq!(
+        c.upstream.ca.as_deref(),
+        Some(Path::new("/etc/imapgate/ca.pem"))
+    );
+    assert!(!c.upstream.verify);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(
+        c.policies[0].script,
+        Path::new("/etc/imapgate/policies/require_tls.lua")
+    );
+    assert!(c.policies[0].options["nested"].is_table());
+    assert!(c.policies[1].options.is_empty());
+    assert_eq!(c.metrics.unwrap().bind, "127.0.0.1:9143".parse().unwrap());
+}
+
+#[test]
+fn a_relative_config_path_keeps_relative_paths() {
+    let text = format!("{MINIMAL}cert = \"c.pem\"\nkey = \"k.pem\"\n");
+    let c = Config::from_str_named(&text, "imapgate.toml").unwrap();
+    assert_eq!(c.listeners[0].cert.as_deref(), Some(Path::new("c.pem")));
+}
+
+#[test]
+fn unknown_key_names_file_line_column_and_key() {
+    let text = format!("{MINIMAL}\n[limits]\nline = 9000\nlitteral = 5\n");
+    let err = parse(&text).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("/etc/imapgate/test.toml:6:1: `limits.litteral`: "),
+        "{msg}"
+    );
+    assert!(msg.contains("unknown field `litteral`"), "{msg}");
+}
+
+#[test]
+fn unknown_key_in_second_listener_names_its_index() {
+    let text = format!("{MINIMAL}[[listener]]\nbind = \"127.0.0.1:1143\"\ntsl = \"none\"\n");
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(
+        msg.contains(":5:1: `listener[1].tsl`: unknown field `tsl`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    let text = format!("{MINIMAL}[limits]\nline = \"big\"\n");
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(msg.contains(":4:8: `limits.line`: invalid type"), "{msg}");
+}
+
+#[test]
+fn bad_enum_value_names_the_field() {
+    let text = "[[listener]]\nbind = \"127.0.0.1:1993\"\ntls = \"yes\"\n";
+    let msg = parse(text).unwrap_err().to_string();
+    assert!(
+        msg.contains(":3:7: `listener[0].tls`: unknown variant `yes`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn host_name_bind_is_refused() {
+    let msg = parse("[[listener]]\nbind = \"localhost:1993\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(":2:8: `listener[0].bind`: invalid socket address"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_bind_is_reported() {
+    let msg = parse("[[listener]]\ntls = \"none\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("missing field `bind`"), "{msg}");
+}
+
+#[test]
+fn toml_syntax_error_has_a_location() {
+    let msg = parse("[[listener]\n").unwrap_err().to_string();
+    assert!(msg.starts_with("/etc/imapgate/test.toml:1:"), "{msg}");
+}
+
+#[test]
+fn missing_file_names_it() {
+    let msg = Config::load("/nonexistent/imapgate.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("/nonexistent/imapgate.toml: cannot read"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn no_listener() {
+    let (field, _, msg) = invalid("[upstream]\naddress = \"127.0.0.1:143\"\n");
+    assert_eq!(field, "");
+    assert!(msg.contains("at least one [[listener]]"), "{msg}");
+}
+
+#[test]
+fn cert_without_key() {
+    let (field, loc, msg) = invalid(&format!("{MINIMAL}cert = \"c.pem\"\n"));
+    assert_eq!(field, "listener[0].cert");
+    assert_eq!(loc, Some(Location { line: 3, column: 8 }));
+    assert!(msg.contains("`key` is not"), "{msg}");
+}
+
+#[test]
+fn key_without_cert() {
+    let (field, _, _) = invalid(&format!("{MINIMAL}key = \"k.pem\"\n"));
+    assert_eq!(field, "listener[0].key");
+}
+
+#[test]
+fn duplicate_bind() {
+    let (field, loc, msg) = invalid(&format!("{MINIMAL}name = \"a\"\n{MINIMAL}"));
+    assert_eq!(field, "listener[1].bind");
+    assert_eq!(loc, Some(Location { line: 5, column: 8 }));
+    assert!(msg.contains("also bound by listener[0]"), "{msg}");
+}
+
+#[test]
+fn duplicate_name() {
+    let text = "[[listener]]\nbind = \"127.0.0.1:1\"\nname = \"x\"\n\
+                [[listener]]\nbind = \"127.0.0.1:2\"\nname = \"x\"\n";
+    let (field, loc, _) = invalid(text);
+    assert_eq!(field, "listener[1].name");
+    assert_eq!(loc, Some(Location { line: 6, column: 8 }));
+}
+
+#[test]
+fn literal_over_u32() {
+    let (field, loc, msg) = invalid(&format!("{MINIMAL}[limits]\nliteral = 4294967296\n"));
+    assert_eq!(field, "limits.literal");
+    assert_eq!(
+        loc,
+        Some(Location {
+            line: 4,
+            column: 11
+        })
+    );
+    assert!(msg.contains("32-bit"), "{msg}");
+    parse(&format!("{MINIMAL}[limits]\nliteral = 4294967295\n")).unwrap();
+}
+
+#[test]
+fn preauth_line_over_line() {
+    let (field, _, _) = invalid(&format!(
+        "{MINIMAL}[limits]\nline = 4096\npreauth_line = 8192\n"
+    ));
+    assert_eq!(field, "limits.preauth_line");
+}
+
+#[test]
+fn preauth_line_over_default_line_is_found_even_if_line_is_implicit() {
+    let (field, loc, _) = invalid(&format!("{MINIMAL}[limits]\npreauth_line = 70000\n"));
+    assert_eq!(field, "limits.preauth_line");
+    assert_eq!(
+        loc,
+        Some(Location {
+            line: 4,
+            column: 16
+        })
+    );
+}
+
+#[test]
+fn line_too_small() {
+    let (field, _, _) = invalid(&format!(
+        "{MINIMAL}[limits]\nline = 1023\npreauth_line = 1000\n"
+    ));
+    assert_eq!(field, "limits.line");
+    let (field, _, _) = invalid(&format!("{MINIMAL}[limits]\npreauth_line = 100\n"));
+    assert_eq!(field, "limits.preauth_line");
+}
+
+#[test]
+fn zero_timeouts_and_limits() {
+    for key in [
+        "preauth_timeout_s",
+        "idle_timeout_s",
+        "drain_timeout_s",
+        "max_connections",
+    ] {
+        let (field, _, _) = invalid(&format!("{MINIMAL}[limits]\n{key} = 0\n"));
+        assert_eq!(field, format!("limits.{key}"));
+    }
+    let (field, _, _) = invalid(&format!("{MINIMAL}[upstream]\nconnect_timeout_s = 0\n"));
+    assert_eq!(field, "upstream.connect_timeout_s");
+}
+
+#[test]
+fn negative_number_is_a_parse_error() {
+    let msg = parse(&format!("{MINIMAL}[limits]\nline = -1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("`limits.line`"), "{msg}");
+}
+
+#[test]
+fn upstream_address_without_port() {
+    let (field, loc, _) = invalid(&format!(
+        "{MINIMAL}[upstream]\naddress = \"imap.example.com\"\n"
+    ));
+    assert_eq!(field, "upstream.address");
+    assert_eq!(
+        loc,
+        Some(Location {
+            line: 4,
+            column: 11
+        })
+    );
+}
+
+#[test]
+fn upstream_tls_server_name_defaults_to_host_and_must_be_valid() {
+    let c = parse(&format!(
+        "{MINIMAL}[upstream]\naddress = \"[::1]:993\"\ntls = \"implicit\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.upstream.tls_server_name(), "::1");
+    let (field, _, _) = invalid(&format!(
+        "{MINIMAL}[upstream]\naddress = \"127.0.0.1:143\"\ntls = \"starttls\"\nserver_name = \"bad name!\"\n"
+    ));
+    assert_eq!(field, "upstream.server_name");
+    // Without TLS the name is never used, so it is not checked.
+    parse(&format!(
+        "{MINIMAL}[upstream]\nserver_name = \"bad name!\"\n"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn bad_log_level() {
+    let (field, _, _) = invalid(&format!("{MINIMAL}[log]\nlevel = \"inof\"\n"));
+    assert_eq!(field, "log.level");
+    let (field, _, _) = invalid(&format!("{MINIMAL}[log]\nlevel = \"info,x=loud\"\n"));
+    assert_eq!(field, "log.level");
+    parse(&format!("{MINIMAL}[log]\nlevel = \"WARN\"\n")).unwrap();
+}
