@@ -123,6 +123,16 @@ impl Token {
         std::str::from_utf8(digits).ok()?.parse().ok()
     }
 
+    /// True for a literal whose data is not in the message (a streamed literal the message was
+    /// cut at), or a list left open by one.
+    pub fn is_cut(&self) -> bool {
+        match self {
+            Token::Literal { data: None, .. } => true,
+            Token::List { items, .. } => items.last().is_some_and(Token::is_cut),
+            _ => false,
+        }
+    }
+
     pub fn items(&self) -> Option<&[Token]> {
         match self {
             Token::List { items, .. } => Some(items),
@@ -427,6 +437,11 @@ impl Cx {
                     return Ok((rest, Token::List { span, items }));
                 }
                 Some(b' ') => rest = &rest[1..],
+                // A message cut at a streamed literal inside a list ends with the list open.
+                None if items.last().is_some_and(Token::is_cut) => {
+                    let span = self.span(i, rest);
+                    return Ok((rest, Token::List { span, items }));
+                }
                 Some(b'\r' | b'\n') | None => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => {
                     let (r, token) = self.token(rest, depth + 1, in_code)?;
@@ -449,7 +464,7 @@ impl Cx {
                 Some(b' ') => rest = &rest[1..],
                 Some(b'\r') if rest == b"\r\n" => return Ok((&rest[2..], items)),
                 // A message cut at a streamed literal ends right after the literal's CRLF.
-                None if matches!(items.last(), Some(Token::Literal { data: None, .. })) => {
+                None if items.last().is_some_and(Token::is_cut) => {
                     return Ok((rest, items));
                 }
                 None | Some(b'\r' | b'\n') => return fail(rest, SyntaxErrorKind::Expected("CRLF")),
@@ -574,6 +589,22 @@ mod tests {
         let raw = b" INBOX (\\Seen) {5000000}\r\n";
         let tokens = args(raw);
         assert!(matches!(tokens[2], Token::Literal { data: None, .. }));
+    }
+
+    #[test]
+    fn streamed_literal_inside_a_list_ends_the_message() {
+        // A FETCH response cut at its BODY[] literal: the lists stay open.
+        let raw = b" (UID 7 BODY[] {5000000}\r\n";
+        let tokens = args(raw);
+        assert_eq!(tokens.len(), 1);
+        assert!(tokens[0].is_cut());
+        assert!(matches!(
+            tokens[0].items().and_then(<[Token]>::last),
+            Some(Token::Literal { data: None, .. })
+        ));
+        assert!(parse_arguments(b" ((a {5}\r\n").is_ok_and(|t| t[0].is_cut()));
+        // Without a cut literal an open list is still an error.
+        assert!(parse_arguments(b" (a {5}\r\nhello").is_err());
     }
 
     #[test]
