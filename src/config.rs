@@ -29,9 +29,12 @@ pub struct Config {
     /// `[log]`.
     #[serde(default)]
     pub log: LogConfig,
-    /// `[[policy]]` tables, in the order the policies run. Kept as data until policies exist.
+    /// `[[policy]]` tables, in the order the policies run.
     #[serde(rename = "policy", default)]
     pub policies: Vec<PolicyConfig>,
+    /// `[lua]`: sandbox limits for the policies.
+    #[serde(default)]
+    pub lua: LuaConfig,
     /// `[metrics]`: present means enabled.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
@@ -194,6 +197,10 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A level (`info`) or a `tracing` directive list (`info,imapgate::net=debug`).
     pub level: LogLevel,
+    /// The audit log (one JSON object per line for logins and policy verdicts): a file path,
+    /// or `"-"`/`"stdout"` for standard output. Absent means no audit log. Kept apart from
+    /// `level` because operators ship audit records to a different place than debug logs.
+    pub audit: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -229,6 +236,44 @@ pub struct PolicyConfig {
     /// Given to the script as `imap.options`; any table.
     #[serde(default)]
     pub options: toml::Table,
+    /// What a command gets when this policy's hook fails (error, budget, memory): `closed`
+    /// answers `NO [UNAVAILABLE]`, `open` lets the command through as if the hook passed.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// Fail closed or open when a policy hook fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Closed,
+    Open,
+}
+
+/// `[lua]`: the sandbox every policy runs in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LuaConfig {
+    /// Memory limit of each Lua VM, in MiB.
+    pub memory_mb: usize,
+    /// Lua VM instructions one hook call may run before it is stopped.
+    pub instructions: u64,
+    /// Wall-clock bound of one hook call, in milliseconds (a backstop for slow C functions).
+    pub time_ms: u64,
+    /// Number of VMs; connections are spread over them. 0: one per CPU.
+    pub vms: usize,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            memory_mb: 32,
+            instructions: 1_000_000,
+            time_ms: 100,
+            vms: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,7 +11,6 @@
 //! parse sees the message cut right after the literal's announcement, and the rest is only counted.
 //! Memory therefore stays bounded by the framing limits whatever the capture holds.
 
-
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 
@@ -155,6 +154,45 @@ pub fn dissect_with(
     Ok(())
 }
 
+/// Checks two invariants of [`dissect_with`] on one input, for fuzzing and tests: the records and
+/// the error do not depend on how the input is fed to the framer (at once, in pieces whose size
+/// the first octet of `data` chooses, one octet at a time), and without an error the records
+/// account for every octet. `data[1..]` is the stream. Returns what went wrong, if anything.
+pub fn self_check(direction: Direction, data: &[u8]) -> Result<(), String> {
+    let Some((&first, input)) = data.split_first() else {
+        return Ok(());
+    };
+    let run = |feed: usize| {
+        let mut records = Vec::new();
+        let result = dissect_with(direction, input, feed, |r| records.push(r.clone()));
+        (records, result)
+    };
+    let whole = run(input.len());
+    let mut feeds = vec![usize::from(first) + 1];
+    if input.len() <= 1 << 16 {
+        feeds.push(1);
+    }
+    for feed in feeds {
+        let split = run(feed);
+        if split != whole {
+            return Err(format!(
+                "fed {feed} octets at a time: {split:?}\nfed at once: {whole:?}"
+            ));
+        }
+    }
+    if whole.1.is_ok() {
+        let total: u64 = whole.0.iter().map(|r| r.bytes).sum();
+        if total != input.len() as u64 {
+            return Err(format!(
+                "records account for {total} octets of {}: {:?}",
+                input.len(),
+                whole.0
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How the next client line is to be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ClientMode {
@@ -211,9 +249,11 @@ impl Dissector {
         if self.direction != Direction::Client {
             return;
         }
-        let line = match memchr::memchr(b'\n', rest) {
-            Some(lf) => &rest[..lf],
-            None => rest,
+        // A line longer than the limit is refused by the framer anyway: look no further.
+        let window = &rest[..rest.len().min(self.framer.limits().max_line + 2)];
+        let line = match memchr::memchr(b'\n', window) {
+            Some(lf) => &window[..lf],
+            None => window,
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         self.line_mode = match self.mode {
@@ -398,7 +438,9 @@ impl Record {
         for name in names {
             match mutf7::decode(&name) {
                 Ok(decoded) => self.mailboxes.push(decoded),
-                Err(e) => self.invalid_mailboxes.push(format!("{}: {e}", lossy(&name))),
+                Err(e) => self
+                    .invalid_mailboxes
+                    .push(format!("{}: {e}", lossy(&name))),
             }
         }
     }
@@ -444,10 +486,7 @@ fn response_record(raw: Bytes) -> Record {
     }
 }
 
-fn line_record(
-    kind: Kind,
-    parsed: Result<ClientLine, crate::imap::syntax::SyntaxError>,
-) -> Record {
+fn line_record(kind: Kind, parsed: Result<ClientLine, crate::imap::syntax::SyntaxError>) -> Record {
     match parsed {
         Ok(_) => Record::new(kind),
         Err(e) => {

@@ -9,9 +9,12 @@
 //!
 //! Layers call downward only: `session` uses `imap`, `net` and `config`; `imap` uses nothing of ours.
 
+pub mod audit;
 pub mod config;
 pub mod dissect;
 pub mod imap;
+pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod server;
 pub mod session;

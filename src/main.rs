@@ -62,13 +62,19 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
     imapgate::server::tls_setup(&config)?;
-    println!("{}: ok", path.display());
+    let names = imapgate::policy::check(&config.policies, &config.lua)?;
+    println!(
+        "{}: ok ({} policies: {})",
+        path.display(),
+        names.len(),
+        names.join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
-    imapgate::server::run(config)?;
+    imapgate::server::run(config, path.to_path_buf())?;
     Ok(ExitCode::SUCCESS)
 }
 

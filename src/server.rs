@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
 use crate::net::tls::{self, TlsError};
 use crate::net::{Stream, tune};
+use crate::policy::{Policies, PolicyError};
 use crate::session::{self, Listener, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
@@ -36,11 +37,14 @@ pub enum ServerError {
     Runtime(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("policy: {0}")]
+    Policy(#[source] PolicyError),
 }
 
 /// A started proxy: its listeners accept until [`Server::shutdown`].
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
+    policies: Policies,
     stop_accepting: watch::Sender<bool>,
     bye: watch::Sender<bool>,
     connections: Arc<Semaphore>,
@@ -59,12 +63,13 @@ pub fn tls_setup(
         let acceptor = match l.tls {
             ListenerTls::None => None,
             ListenerTls::Implicit | ListenerTls::Starttls => {
-                let cfg = tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(
-                    |source| ServerError::ListenerTls {
-                        name: l.name.clone(),
-                        source,
-                    },
-                )?;
+                let cfg =
+                    tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(|source| {
+                        ServerError::ListenerTls {
+                            name: l.name.clone(),
+                            source,
+                        }
+                    })?;
                 Some(TlsAcceptor::from(cfg))
             }
         };
@@ -84,6 +89,11 @@ impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstream_tls) = tls_setup(&config)?;
+        let policies =
+            Policies::load(&config.policies, &config.lua).map_err(ServerError::Policy)?;
+        if !config.policies.is_empty() {
+            tracing::info!(policies = ?policies.current().names(), "policies loaded");
+        }
         let limits = config.limits.clone();
         let settings = Settings {
             listener_tls: ListenerTls::None,
@@ -113,6 +123,7 @@ impl Server {
             tracing::info!(listener = %l.name, addr = %local, tls = ?l.tls, "listening");
             addrs.push((l.name.clone(), local));
             let shared = Arc::new(Shared {
+                policies: policies.clone(),
                 upstream: config.upstream.clone(),
                 upstream_tls: upstream_tls.clone(),
                 settings: Settings {
@@ -138,6 +149,7 @@ impl Server {
         }
         Ok(Server {
             addrs,
+            policies,
             stop_accepting,
             bye,
             connections,
@@ -156,6 +168,13 @@ impl Server {
         self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
+    /// Loads the policies of `config` and, if they all load, makes them the live set for every
+    /// connection; otherwise the old set stays and the error says why.
+    pub fn reload_policies(&self, config: &Config) -> Result<Vec<String>, PolicyError> {
+        self.policies.reload(&config.policies, &config.lua)?;
+        Ok(self.policies.current().names())
+    }
+
     /// Connections being served now.
     pub fn active(&self) -> usize {
         self.max_connections as usize - self.connections.available_permits()
@@ -169,7 +188,10 @@ impl Server {
         let all = self.max_connections;
         let drained = timeout(self.drain, self.connections.acquire_many(all)).await;
         if drained.is_err() {
-            tracing::info!(active = self.active(), "drain timeout: closing the remaining sessions");
+            tracing::info!(
+                active = self.active(),
+                "drain timeout: closing the remaining sessions"
+            );
             let _ = self.bye.send(true);
             let _ = timeout(BYE_GRACE, self.connections.acquire_many(all)).await;
         }
@@ -221,9 +243,11 @@ async fn accept_loop(mut a: AcceptLoop) {
         tokio::spawn(
             async move {
                 tracing::debug!("accepted");
-                match session::serve(tcp, peer, listener, shared, bye).await {
+                match session::serve(id, tcp, peer, listener, shared, bye).await {
                     Ok(()) => tracing::debug!("closed"),
-                    Err(e @ SessionError::Upstream(_)) => tracing::warn!(error = %e, "session failed"),
+                    Err(e @ SessionError::Upstream(_)) => {
+                        tracing::warn!(error = %e, "session failed")
+                    }
                     Err(e) => tracing::info!(error = %e, "session ended"),
                 }
                 drop(permit);
@@ -265,8 +289,9 @@ pub fn init_logging(config: &Config) {
     };
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
-pub fn run(config: Config) -> Result<(), ServerError> {
+/// Runs the proxy until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the
+/// policies from `config_path`.
+pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), ServerError> {
     init_logging(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -276,12 +301,33 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
         let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
         let server = Server::start(config).await?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                _ = hup.recv() => reload(&server, &config_path),
+            }
         }
         server.shutdown().await;
         Ok(())
     })
+}
+
+/// SIGHUP: re-reads the config file and swaps in its policies, or keeps the old ones.
+fn reload(server: &Server, path: &std::path::Path) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the current policies");
+            return;
+        }
+    };
+    match server.reload_policies(&config) {
+        Ok(names) => tracing::info!(policies = ?names, "SIGHUP: policies reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: a policy does not load; keeping the current policies")
+        }
+    }
 }

@@ -23,6 +23,9 @@ pub enum Value {
     AString(Vec<u8>),
     List(Vec<Value>),
     Nil,
+    /// Always a literal, in the form the options allow (used to re-announce a literal that
+    /// imapgate already took from the client).
+    Literal(Vec<u8>),
 }
 
 impl Value {
@@ -136,6 +139,7 @@ impl Encoded {
                 }
             }
             Value::String(s) => self.string(s, opts)?,
+            Value::Literal(s) => self.literal(s, opts)?,
             Value::Nil => self.bytes.extend_from_slice(b"NIL"),
             Value::List(items) => {
                 self.bytes.push(b'(');
@@ -172,6 +176,16 @@ impl Encoded {
             }
             self.bytes.push(b'"');
             return Ok(());
+        }
+        self.literal(s, opts)
+    }
+
+    /// ```abnf
+    /// literal = "{" number64 ["+"] "}" CRLF *CHAR8
+    /// ```
+    pub fn literal(&mut self, s: &[u8], opts: EncodeOptions) -> Result<(), EncodeError> {
+        if s.contains(&0) {
+            return Err(EncodeError::Nul);
         }
         let plus = if opts.literal == LiteralForm::NonSync {
             "+"

@@ -1,5 +1,6 @@
 //! One client connection: the IMAP conversation (sans-IO) and the I/O driver around it.
 
+mod judge;
 pub mod outbox;
 pub mod relay;
 pub mod state;

@@ -27,6 +27,7 @@ use crate::imap::response::Status;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamError};
 use crate::net::{Stream, tune};
+use crate::policy::{ConnInfo, Policies};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -44,6 +45,7 @@ pub struct Listener {
 
 /// What every session shares.
 pub struct Shared {
+    pub policies: Policies,
     pub upstream: UpstreamConfig,
     pub upstream_tls: Option<Arc<ClientConfig>>,
     pub settings: Settings,
@@ -69,6 +71,7 @@ pub enum SessionError {
 
 /// Serves one accepted client connection to its end.
 pub async fn serve(
+    id: u64,
     tcp: TcpStream,
     peer: SocketAddr,
     listener: Arc<Listener>,
@@ -100,10 +103,20 @@ pub async fn serve(
         }
     };
     tracing::debug!(%peer, tls = client.is_tls(), "upstream connected");
+    let info = ConnInfo {
+        id,
+        peer: peer.to_string(),
+        listener: listener.name.clone(),
+        tls: client.is_tls(),
+        sni: client.sni().map(str::to_owned),
+        ..ConnInfo::default()
+    };
     let conv = Conversation::new(
         shared.settings.clone(),
         client.is_tls(),
         Bytes::from(up.greeting),
+        shared.policies.clone(),
+        info,
     );
     let driver = Driver {
         conv,
@@ -150,6 +163,7 @@ enum Io {
     UpstreamFlushed(io::Result<()>),
     Timeout,
     Shutdown,
+    HoldDue,
 }
 
 impl Driver {
@@ -202,6 +216,7 @@ impl Driver {
                 return Ok(());
             }
             let deadline = self.deadline();
+            let hold = self.conv.hold_deadline().map(Instant::from_std);
             let want_client = client_open && self.conv.wants_client_input();
             let want_upstream = upstream_open && self.conv.wants_upstream_input();
             let io = {
@@ -221,6 +236,7 @@ impl Driver {
                         Written::Flushed(r) => Io::UpstreamFlushed(r),
                     },
                     _ = sleep_until(deadline) => Io::Timeout,
+                    _ = sleep_until(hold.unwrap_or(deadline)), if hold.is_some() => Io::HoldDue,
                     _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
                 }
             };
@@ -270,6 +286,10 @@ impl Driver {
                     tracing::info!(reason = text, "closing idle session");
                     self.conv.bye(text);
                 }
+                Io::HoldDue => {
+                    self.conv.release_held();
+                    self.conv.client_input();
+                }
                 Io::Shutdown => {
                     shutdown_seen = true;
                     if *self.shutdown.borrow() {
@@ -296,7 +316,12 @@ impl Driver {
         let tcp = stream
             .into_plain()
             .map_err(|_| SessionError::Internal("STARTTLS on a TLS stream"))?;
-        match timeout(self.shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
+        match timeout(
+            self.shared.limits.preauth_timeout(),
+            tls::accept(acceptor, tcp),
+        )
+        .await
+        {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => Err(SessionError::ClientTls(e)),
             Err(_) => Err(SessionError::ClientTlsTimeout),
@@ -324,10 +349,22 @@ impl Driver {
                 Event::Completed {
                     name,
                     status,
-                    by_proxy,
                     elapsed,
                 } => {
-                    tracing::trace!(command = name.label(), status = status.as_str(), by_proxy, ?elapsed, "command completed");
+                    tracing::trace!(
+                        command = name.label(),
+                        status = status.as_str(),
+                        ?elapsed,
+                        "command completed"
+                    );
+                }
+                Event::Rejected { name } => {
+                    tracing::debug!(command = name.label(), "command answered by imapgate");
+                }
+                Event::Policy(d) => {
+                    if d.action != "pass" {
+                        tracing::info!(policy = %d.policy, hook = d.hook.as_str(), action = d.action, code = d.code.as_deref().unwrap_or(""), "policy verdict");
+                    }
                 }
             }
         }
@@ -341,6 +378,7 @@ impl Driver {
     }
 
     fn finish(&mut self) {
+        self.conv.disconnect();
         self.report_events();
         let abandoned = self.conv.abandon_pending();
         if !abandoned.is_empty() {

@@ -24,6 +24,8 @@ use crate::imap::encode::{self, ResponseValue};
 use crate::imap::framing::{Direction, Frame, FrameError, FrameErrorKind, Framer, Limits, Literal};
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
+use crate::policy::{ConnCtx, ConnInfo, Decision, Hook, Policies};
+use std::collections::VecDeque;
 
 /// Longest response line accepted from the upstream. Far above the client limits, because a
 /// SEARCH result for a big mailbox is one long line; an upstream is trusted more than a client.
@@ -97,11 +99,10 @@ pub enum Control {
 /// What happened, for logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A command completed (or was answered by imapgate itself: `by_proxy`).
+    /// A command relayed upstream completed.
     Completed {
         name: CommandName,
         status: Status,
-        by_proxy: bool,
         elapsed: std::time::Duration,
     },
     Login {
@@ -117,6 +118,36 @@ pub enum Event {
         direction: Direction,
         what: String,
     },
+    /// A command answered by imapgate (a policy or the proxy itself) instead of the upstream.
+    Rejected {
+        name: CommandName,
+    },
+    /// A policy hook ran.
+    Policy(Decision),
+}
+
+/// A command on its way upstream: the first segment is sent at once; each further one only
+/// after the upstream's `+` for the synchronizing literal that ends the segment before it
+/// (imapgate answered the client's `+` itself while collecting the command).
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub segments: Vec<Bytes>,
+}
+
+impl Outgoing {
+    pub fn whole(bytes: Bytes) -> Outgoing {
+        Outgoing {
+            segments: vec![bytes],
+        }
+    }
+}
+
+/// A command a policy asked to delay, and when to let it go.
+#[derive(Debug)]
+pub(super) struct Held {
+    pub until: Instant,
+    pub command: Command,
+    pub out: Outgoing,
 }
 
 /// One client connection's protocol state.
@@ -131,8 +162,6 @@ pub struct Conversation {
     mode: ClientMode,
     tls: bool,
     pending: PendingTags,
-    /// Continuation requests from the upstream that imapgate already answered itself.
-    absorb_continuations: usize,
     /// The rest of the current client message is dropped (its command was refused).
     discard_client_message: bool,
     starttls: StartTls,
@@ -143,11 +172,24 @@ pub struct Conversation {
     upstream_said_bye: bool,
     controls: Vec<Control>,
     pub events: Vec<Event>,
+    pub(super) policies: Policies,
+    pub(super) ctx: ConnCtx,
+    /// A hooked command whose mailbox argument is a literal, being collected whole.
+    pub(super) collecting: Option<BytesMut>,
+    /// Segments waiting for the upstream's `+` (see [`Outgoing`]).
+    pub(super) gate: VecDeque<Bytes>,
+    pub(super) held: Option<Held>,
 }
 
 impl Conversation {
     /// Starts a conversation with the upstream's greeting, which is relayed (rewritten) at once.
-    pub fn new(settings: Settings, tls: bool, greeting: Bytes) -> Conversation {
+    pub fn new(
+        settings: Settings,
+        tls: bool,
+        greeting: Bytes,
+        policies: Policies,
+        info: ConnInfo,
+    ) -> Conversation {
         let client_limits = Limits {
             max_line: settings.preauth_line,
             max_literal: settings.literal,
@@ -170,7 +212,6 @@ impl Conversation {
             mode: ClientMode::Commands,
             tls,
             pending: PendingTags::default(),
-            absorb_continuations: 0,
             discard_client_message: false,
             starttls: StartTls::No,
             upstream_caps: None,
@@ -180,9 +221,69 @@ impl Conversation {
             upstream_said_bye: false,
             controls: Vec::new(),
             events: Vec::new(),
+            policies,
+            ctx: ConnCtx {
+                info,
+                ..ConnCtx::default()
+            },
+            collecting: None,
+            gate: VecDeque::new(),
+            held: None,
         };
+        conv.sync_ctx();
+        let set = conv.policies.current();
+        if set.has_hook(Hook::Connect) {
+            set.on_connect(&mut conv.ctx);
+            conv.take_decisions();
+        }
         conv.greeting(greeting);
         conv
+    }
+
+    /// Brings `ctx` (what policies see) up to date.
+    pub(super) fn sync_ctx(&mut self) {
+        let info = &mut self.ctx.info;
+        info.tls = self.tls;
+        info.state = match self.state {
+            ImapState::NotAuthenticated => "not_authenticated",
+            ImapState::Authenticated => "authenticated",
+            ImapState::Selected => "selected",
+            ImapState::Logout => "logout",
+        };
+        if info.user != self.user {
+            info.user.clone_from(&self.user);
+        }
+        if info.selected != self.selected {
+            info.selected.clone_from(&self.selected);
+        }
+    }
+
+    /// Moves what policies decided into the event stream.
+    pub(super) fn take_decisions(&mut self) {
+        self.events
+            .extend(self.ctx.decisions.drain(..).map(Event::Policy));
+    }
+
+    /// The connection ends: policies hear of it.
+    pub fn disconnect(&mut self) {
+        let set = self.policies.current();
+        if set.has_hook(Hook::Disconnect) {
+            self.sync_ctx();
+            set.on_disconnect(&mut self.ctx);
+            self.take_decisions();
+        }
+    }
+
+    /// When a delayed command is due, if one is held.
+    pub fn hold_deadline(&self) -> Option<std::time::Instant> {
+        self.held.as_ref().map(|h| h.until)
+    }
+
+    /// Relays the delayed command (the driver calls this at its deadline).
+    pub fn release_held(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.forward(&held.command, held.out);
+        }
     }
 
     pub fn state(&self) -> ImapState {
@@ -237,7 +338,11 @@ impl Conversation {
     /// Whether the driver should read from the client now: not while a STARTTLS waits for
     /// earlier commands, not once closing, not while the upstream's queue is full.
     pub fn wants_client_input(&self) -> bool {
-        self.starttls == StartTls::No && !self.closing() && !self.to_upstream.is_full()
+        self.starttls == StartTls::No
+            && !self.closing()
+            && !self.to_upstream.is_full()
+            && self.gate.is_empty()
+            && self.held.is_none()
     }
 
     pub fn wants_upstream_input(&self) -> bool {
@@ -310,6 +415,9 @@ impl Conversation {
     }
 
     fn client_frame(&mut self, frame: Frame) {
+        if self.collecting.is_some() {
+            return self.collect(frame);
+        }
         match frame {
             Frame::Chunk { bytes, last: _ } => {
                 if !self.discard_client_message {
@@ -373,19 +481,20 @@ impl Conversation {
                     error: e.to_string(),
                 });
                 let text = format!("Syntax error: {}", e.error.kind);
-                self.refuse(e.tag.as_deref(), Status::Bad, Some("CLIENTBUG"), &text, literal);
+                self.refuse(
+                    e.tag.as_deref(),
+                    Status::Bad,
+                    Some("CLIENTBUG"),
+                    &text,
+                    literal,
+                );
                 return;
             }
         };
-        let kind = match command.name.kind {
+        match command.name.kind {
             CommandKind::Starttls => return self.starttls(&command),
             CommandKind::Compress => {
-                self.events.push(Event::Completed {
-                    name: command.name,
-                    status: Status::No,
-                    by_proxy: true,
-                    elapsed: std::time::Duration::ZERO,
-                });
+                self.events.push(Event::Rejected { name: command.name });
                 return self.refuse(
                     Some(command.tag()),
                     Status::No,
@@ -394,6 +503,20 @@ impl Conversation {
                     literal,
                 );
             }
+            _ => {}
+        }
+        let set = self.policies.current();
+        if set.hooks_command(command.name) {
+            return self.judge_command(&set, command, literal, false);
+        }
+        let raw = command.raw.clone();
+        self.forward(&command, Outgoing::whole(raw));
+    }
+
+    /// Relays a command (as `out`, which may differ from `command` when a policy rewrote it),
+    /// after noting what its completion will mean.
+    pub(super) fn forward(&mut self, command: &Command, out: Outgoing) {
+        let kind = match command.name.kind {
             CommandKind::Login => PendingKind::Login {
                 user: command
                     .arg_string(0)
@@ -403,7 +526,7 @@ impl Conversation {
                 self.mode = ClientMode::Sasl;
                 self.client_in.set_line_only(true);
                 PendingKind::Authenticate {
-                    user: sasl_plain_user(&command),
+                    user: sasl_plain_user(command),
                 }
             }
             CommandKind::Idle => {
@@ -412,7 +535,7 @@ impl Conversation {
                 PendingKind::Idle
             }
             CommandKind::Select | CommandKind::Examine => PendingKind::Select {
-                mailbox: self.first_mailbox(&command).unwrap_or_default(),
+                mailbox: self.first_mailbox(command).unwrap_or_default(),
             },
             CommandKind::Close | CommandKind::Unselect => PendingKind::Unselect,
             CommandKind::Logout => PendingKind::Logout,
@@ -424,7 +547,11 @@ impl Conversation {
             kind,
             started: Instant::now(),
         });
-        self.to_upstream.push(command.raw);
+        let mut segments = out.segments.into_iter();
+        if let Some(first) = segments.next() {
+            self.to_upstream.push(first);
+        }
+        self.gate.extend(segments);
     }
 
     fn first_mailbox(&self, command: &Command) -> Option<String> {
@@ -436,7 +563,7 @@ impl Conversation {
         self.decode_mailbox(&raw)
     }
 
-    fn decode_mailbox(&self, raw: &[u8]) -> Option<String> {
+    pub(super) fn decode_mailbox(&self, raw: &[u8]) -> Option<String> {
         if self.utf8 {
             std::str::from_utf8(raw).ok().map(str::to_owned)
         } else {
@@ -492,6 +619,51 @@ impl Conversation {
         self.user = None;
     }
 
+    pub(super) fn refuse_command(
+        &mut self,
+        tag: &[u8],
+        status: Status,
+        code: Option<&str>,
+        text: &str,
+        literal: Option<Literal>,
+    ) {
+        let tag = (!tag.is_empty()).then_some(tag);
+        self.refuse(tag, status, code, text, literal);
+    }
+
+    pub(super) fn reply_untagged_bye(&mut self, text: &str) {
+        self.reply(None, Status::Bye, None, text);
+    }
+
+    /// `+ text`: imapgate itself asks the client for a literal it collects.
+    pub(super) fn reply_continuation(&mut self, text: &str) {
+        let value = ResponseValue::Continuation {
+            text: text.as_bytes().to_vec(),
+        };
+        if let Ok(encoded) = encode::response(&value) {
+            self.to_client.push(Bytes::from(encoded.bytes));
+        }
+    }
+
+    pub(super) fn push_control(&mut self, control: Control) {
+        self.controls.push(control);
+    }
+
+    pub(super) fn client_line_limit(&self) -> usize {
+        self.client_in.limits().max_line
+    }
+
+    pub(super) fn utf8(&self) -> bool {
+        self.utf8
+    }
+
+    /// Whether the upstream takes non-synchronizing literals of any size.
+    pub(super) fn upstream_literal_plus(&self) -> bool {
+        self.upstream_caps
+            .as_ref()
+            .is_some_and(CapabilitySet::literal_plus)
+    }
+
     /// Refuses a command with a tagged answer of imapgate's own. If the command announced a
     /// literal, its octets are dropped: a synchronizing one is never sent (no `+` came), a
     /// non-synchronizing one is skipped as it arrives.
@@ -531,7 +703,12 @@ impl Conversation {
                 close |= !sync;
             }
             FrameErrorKind::LiteralOverflow { sync } => {
-                self.reply(tag, Status::No, Some("TOOBIG"), "Literal length out of range");
+                self.reply(
+                    tag,
+                    Status::No,
+                    Some("TOOBIG"),
+                    "Literal length out of range",
+                );
                 close |= !sync;
             }
             FrameErrorKind::NonSyncTooBig { limit, .. } => {
@@ -545,7 +722,12 @@ impl Conversation {
             }
         }
         if close {
-            self.reply(None, Status::Bye, None, "Closing the connection after a protocol error");
+            self.reply(
+                None,
+                Status::Bye,
+                None,
+                "Closing the connection after a protocol error",
+            );
             self.controls.push(Control::Close { flush: true });
         }
     }
@@ -611,8 +793,15 @@ impl Conversation {
             }
         };
         match &response.kind {
-            ResponseKind::Continuation { .. } if self.absorb_continuations > 0 => {
-                self.absorb_continuations -= 1;
+            ResponseKind::Continuation { .. } if !self.gate.is_empty() => {
+                // The client already had its "+" from imapgate: send the next segment instead.
+                if let Some(next) = self.gate.pop_front() {
+                    self.to_upstream.push(next);
+                }
+            }
+            ResponseKind::Data { kind, .. } if self.policies.current().hooks_response(*kind) => {
+                let set = self.policies.current();
+                self.judge_response(&set, response);
             }
             ResponseKind::Status { tag: Some(_), .. } => self.tagged(response),
             ResponseKind::Status {
@@ -644,7 +833,15 @@ impl Conversation {
         let status = response.status().unwrap_or(Status::Bad);
         let tag = response.tag().unwrap_or_default();
         if let Some(pending) = self.pending.take(tag) {
+            let name = pending.name;
             self.complete(pending, status);
+            let set = self.policies.current();
+            if set.has_hook(Hook::Complete) {
+                self.sync_ctx();
+                let tag = String::from_utf8_lossy(tag).into_owned();
+                set.on_complete(&mut self.ctx, &tag, name.label(), status);
+                self.take_decisions();
+            }
         }
         let out = self
             .rewrite_capabilities(&response)
@@ -694,7 +891,6 @@ impl Conversation {
         self.events.push(Event::Completed {
             name: pending.name,
             status,
-            by_proxy: false,
             elapsed: pending.started.elapsed(),
         });
     }
@@ -738,6 +934,12 @@ impl Conversation {
         caps.strip_unrelayable();
         if self.settings.listener_tls == ListenerTls::Starttls && !self.tls {
             caps.add("STARTTLS");
+        }
+        let set = self.policies.current();
+        if set.has_hook(Hook::Capability) {
+            self.sync_ctx();
+            set.on_capability(&mut self.ctx, &mut caps);
+            self.take_decisions();
         }
         let literal_minus_only = upstream.has("LITERAL-") && !upstream.has("LITERAL+");
         let mut limits = self.client_in.limits();
@@ -784,7 +986,9 @@ fn sasl_plain_user(command: &Command) -> Option<String> {
         return None;
     }
     let ir = command.arg_string(1)?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(&*ir).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(&*ir)
+        .ok()?;
     let mut fields = decoded.split(|&b| b == 0);
     let _authzid = fields.next()?;
     let authcid = fields.next()?;

@@ -10,7 +10,13 @@ fn conv(listener_tls: ListenerTls, tls: bool) -> Conversation {
         listener_tls,
         ..Settings::default()
     };
-    Conversation::new(settings, tls, Bytes::from_static(GREETING.as_bytes()))
+    Conversation::new(
+        settings,
+        tls,
+        Bytes::from_static(GREETING.as_bytes()),
+        Policies::none(),
+        ConnInfo::default(),
+    )
 }
 
 /// The client sends `c`; returns (what reached the upstream, what the client got back).
@@ -137,7 +143,10 @@ fn starttls_is_handled_by_imapgate() {
     assert!(conv.is_tls());
     c(&mut conv, "a2 CAPABILITY\r\n");
     assert_eq!(
-        client(s(&mut conv, "* CAPABILITY IMAP4rev1 STARTTLS\r\na2 OK done\r\n")),
+        client(s(
+            &mut conv,
+            "* CAPABILITY IMAP4rev1 STARTTLS\r\na2 OK done\r\n"
+        )),
         "* CAPABILITY IMAP4rev1\r\na2 OK done\r\n"
     );
 }
@@ -147,7 +156,10 @@ fn starttls_waits_for_earlier_commands() {
     let mut conv = conv(ListenerTls::Starttls, false);
     drain(&mut conv);
     assert_eq!(upstream(c(&mut conv, "a1 NOOP\r\n")), "a1 NOOP\r\n");
-    assert_eq!(c(&mut conv, "a2 STARTTLS\r\n"), (String::new(), String::new()));
+    assert_eq!(
+        c(&mut conv, "a2 STARTTLS\r\n"),
+        (String::new(), String::new())
+    );
     assert_eq!(conv.take_control(), None);
     assert_eq!(
         client(s(&mut conv, "a1 OK done\r\n")),
@@ -177,6 +189,8 @@ fn preauth_on_a_starttls_listener_is_refused() {
         settings,
         false,
         Bytes::from_static(b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in as alice\r\n"),
+        Policies::none(),
+        ConnInfo::default(),
     );
     let out = client(drain(&mut conv));
     assert!(out.starts_with("* BYE [UNAVAILABLE] "), "{out}");
@@ -199,11 +213,20 @@ fn authenticate_with_and_without_sasl_ir() {
     c(&mut conv, "a1 AUTHENTICATE PLAIN\r\n");
     assert_eq!(client(s(&mut conv, "+ \r\n")), "+ \r\n");
     // A SASL line that looks like a literal announcement is not one.
-    assert_eq!(upstream(c(&mut conv, "AGJvYgBib2Jwdw{5}\r\n")), "AGJvYgBib2Jwdw{5}\r\n");
-    s(&mut conv, "a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    assert_eq!(
+        upstream(c(&mut conv, "AGJvYgBib2Jwdw{5}\r\n")),
+        "AGJvYgBib2Jwdw{5}\r\n"
+    );
+    s(
+        &mut conv,
+        "a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+    );
     assert_eq!(conv.state(), ImapState::NotAuthenticated);
     // Commands again after the exchange.
-    assert_eq!(upstream(c(&mut conv, "a2 LOGIN {3}\r\n")), "a2 LOGIN {3}\r\n");
+    assert_eq!(
+        upstream(c(&mut conv, "a2 LOGIN {3}\r\n")),
+        "a2 LOGIN {3}\r\n"
+    );
 }
 
 #[test]
@@ -260,7 +283,10 @@ fn over_long_line_after_login_gets_bad_and_the_session_goes_on() {
     let long = format!("a2 SEARCH TEXT {}\r\na3 NOOP\r\n", "x".repeat(70000));
     let out = c(&mut conv, &long);
     assert_eq!(out.0, "a3 NOOP\r\n");
-    assert_eq!(out.1, "a2 BAD [LIMIT] Command line longer than 65536 octets\r\n");
+    assert_eq!(
+        out.1,
+        "a2 BAD [LIMIT] Command line longer than 65536 octets\r\n"
+    );
     assert_eq!(conv.take_control(), None);
 }
 
@@ -315,7 +341,10 @@ fn upstream_bye_then_eof_closes_after_flush() {
     drain(&mut conv);
     c(&mut conv, "a1 LOGOUT\r\n");
     assert_eq!(
-        client(s(&mut conv, "* BYE Logging out\r\na1 OK Logout completed.\r\n")),
+        client(s(
+            &mut conv,
+            "* BYE Logging out\r\na1 OK Logout completed.\r\n"
+        )),
         "* BYE Logging out\r\na1 OK Logout completed.\r\n"
     );
     conv.upstream_eof();

@@ -12,10 +12,16 @@ use crate::imap::command::CommandName;
 pub enum PendingKind {
     Other,
     /// LOGIN or AUTHENTICATE; `user` when it could be read without keeping any secret.
-    Login { user: Option<String> },
-    Authenticate { user: Option<String> },
+    Login {
+        user: Option<String>,
+    },
+    Authenticate {
+        user: Option<String>,
+    },
     /// SELECT or EXAMINE of this mailbox (decoded).
-    Select { mailbox: String },
+    Select {
+        mailbox: String,
+    },
     /// CLOSE or UNSELECT.
     Unselect,
     Idle,

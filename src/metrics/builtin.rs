@@ -1,0 +1,287 @@
+//! The built-in metrics: their names, help texts and buckets, and the handles the session
+//! updates.
+//!
+//! Handles are resolved once (per listener, per direction, per command) so that the hot path is
+//! an atomic add, not a label lookup: `imapgate_bytes_total` is incremented on every read.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use super::labels::{Direction, LoginResult};
+
+pub const CONNECTIONS_TOTAL: &str = "imapgate_connections_total";
+pub const CONNECTIONS_ACTIVE: &str = "imapgate_connections_active";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "imapgate_tls_handshake_failures_total";
+pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "imapgate_upstream_connect_failures_total";
+pub const COMMANDS_TOTAL: &str = "imapgate_commands_total";
+pub const COMMAND_DURATION_SECONDS: &str = "imapgate_command_duration_seconds";
+pub const LOGINS_TOTAL: &str = "imapgate_logins_total";
+pub const POLICY_DECISIONS_TOTAL: &str = "imapgate_policy_decisions_total";
+pub const POLICY_ERRORS_TOTAL: &str = "imapgate_policy_errors_total";
+pub const POLICY_DURATION_SECONDS: &str = "imapgate_policy_duration_seconds";
+pub const BYTES_TOTAL: &str = "imapgate_bytes_total";
+pub const PARSE_ERRORS_TOTAL: &str = "imapgate_parse_errors_total";
+pub const AUDIT_DROPPED_TOTAL: &str = "imapgate_audit_dropped_total";
+pub const SERIES_OVERFLOW_TOTAL: &str = "imapgate_policy_metric_overflow_total";
+
+/// Every built-in family name and whether it is a histogram (whose `_bucket`, `_sum` and
+/// `_count` series also take names), for the clash check of policy-defined metrics.
+pub const BUILTIN_NAMES: &[(&str, bool)] = &[
+    (CONNECTIONS_TOTAL, false),
+    (CONNECTIONS_ACTIVE, false),
+    (TLS_HANDSHAKE_FAILURES_TOTAL, false),
+    (UPSTREAM_CONNECT_FAILURES_TOTAL, false),
+    (COMMANDS_TOTAL, false),
+    (COMMAND_DURATION_SECONDS, true),
+    (LOGINS_TOTAL, false),
+    (POLICY_DECISIONS_TOTAL, false),
+    (POLICY_ERRORS_TOTAL, false),
+    (POLICY_DURATION_SECONDS, true),
+    (BYTES_TOTAL, false),
+    (PARSE_ERRORS_TOTAL, false),
+    (AUDIT_DROPPED_TOTAL, false),
+    (SERIES_OVERFLOW_TOTAL, false),
+];
+
+/// From forwarding a command to its tagged response. A NOOP answers in about a millisecond on a
+/// local server; a SEARCH over a large mailbox or a big APPEND can take tens of seconds. Anything
+/// above 60 s lands in `+Inf`.
+pub const COMMAND_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// One Lua hook call: a few microseconds when it returns at once, milliseconds at worst (the
+/// instruction budget stops it well before a second).
+pub const POLICY_BUCKETS: &[f64] = &[
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+];
+
+/// The metric families, registered in a [`Registry`].
+pub(crate) struct Builtin {
+    pub connections_total: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub upstream_connect_failures: IntCounter,
+    pub commands_total: IntCounterVec,
+    pub command_duration: HistogramVec,
+    pub logins: [IntCounter; 3],
+    pub policy_decisions: IntCounterVec,
+    pub policy_errors: IntCounterVec,
+    pub policy_duration: HistogramVec,
+    pub bytes: [IntCounter; 2],
+    pub parse_errors: [IntCounter; 2],
+    pub audit_dropped: IntCounter,
+    pub series_overflow: IntCounterVec,
+}
+
+impl Builtin {
+    pub fn register(registry: &Registry) -> prometheus::Result<Builtin> {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let vec = HistogramVec::new(opts, labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+
+        let connections_total = counter_vec(
+            CONNECTIONS_TOTAL,
+            "Client connections accepted, by listener.",
+            &["listener"],
+        )?;
+        let connections_active = IntGaugeVec::new(
+            Opts::new(
+                CONNECTIONS_ACTIVE,
+                "Client connections open now, by listener.",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(connections_active.clone()))?;
+        let tls_handshake_failures = counter_vec(
+            TLS_HANDSHAKE_FAILURES_TOTAL,
+            "Client TLS handshakes (implicit or STARTTLS) that failed or timed out, by listener.",
+            &["listener"],
+        )?;
+        let upstream_connect_failures = IntCounter::new(
+            UPSTREAM_CONNECT_FAILURES_TOTAL,
+            "Sessions that could not reach the upstream server (connect, TLS, greeting).",
+        )?;
+        registry.register(Box::new(upstream_connect_failures.clone()))?;
+        let commands_total = counter_vec(
+            COMMANDS_TOTAL,
+            "Client commands by name and outcome (ok, no, bad, rejected by a policy, aborted).",
+            &["command", "result"],
+        )?;
+        let command_duration = histogram_vec(
+            COMMAND_DURATION_SECONDS,
+            "Time from forwarding a command to the upstream to its tagged response.",
+            &["command"],
+            COMMAND_BUCKETS,
+        )?;
+        let logins_vec = counter_vec(
+            LOGINS_TOTAL,
+            "LOGIN and AUTHENTICATE attempts by outcome (ok, failed upstream, refused by imapgate).",
+            &["result"],
+        )?;
+        let policy_decisions = counter_vec(
+            POLICY_DECISIONS_TOTAL,
+            "Verdicts returned by policy hooks, by policy, hook and action.",
+            &["policy", "hook", "action"],
+        )?;
+        let policy_errors = counter_vec(
+            POLICY_ERRORS_TOTAL,
+            "Policy hook calls that failed (Lua error, budget or memory exceeded).",
+            &["policy", "hook"],
+        )?;
+        let policy_duration = histogram_vec(
+            POLICY_DURATION_SECONDS,
+            "Time spent in one policy hook call.",
+            &["policy", "hook"],
+            POLICY_BUCKETS,
+        )?;
+        let bytes_vec = counter_vec(BYTES_TOTAL, "Bytes relayed, by direction.", &["direction"])?;
+        let parse_errors_vec = counter_vec(
+            PARSE_ERRORS_TOTAL,
+            "Messages that did not parse and were relayed raw, by direction.",
+            &["direction"],
+        )?;
+        let audit_dropped = IntCounter::new(
+            AUDIT_DROPPED_TOTAL,
+            "Audit records dropped because the audit writer fell behind or could not write.",
+        )?;
+        registry.register(Box::new(audit_dropped.clone()))?;
+        let series_overflow = counter_vec(
+            SERIES_OVERFLOW_TOTAL,
+            "Updates of a policy-defined metric that went to its __overflow__ series because \
+             it had reached its cap of distinct label values.",
+            &["metric"],
+        )?;
+
+        // Resolved now, so that these series exist (at 0) from the first scrape: `rate()` over
+        // a series that appears at its first increment misses that increment.
+        let logins = LoginResult::ALL.map(|r| logins_vec.with_label_values(&[r.as_str()]));
+        let bytes = Direction::ALL.map(|d| bytes_vec.with_label_values(&[d.as_str()]));
+        let parse_errors =
+            Direction::ALL.map(|d| parse_errors_vec.with_label_values(&[d.as_str()]));
+
+        Ok(Builtin {
+            connections_total,
+            connections_active,
+            tls_handshake_failures,
+            upstream_connect_failures,
+            commands_total,
+            command_duration,
+            logins,
+            policy_decisions,
+            policy_errors,
+            policy_duration,
+            bytes,
+            parse_errors,
+            audit_dropped,
+            series_overflow,
+        })
+    }
+
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections_total: self.connections_total.with_label_values(&[name]),
+            connections_active: self.connections_active.with_label_values(&[name]),
+            tls_handshake_failures: self.tls_handshake_failures.with_label_values(&[name]),
+        }
+    }
+
+    pub fn policy_hook(&self, policy: &str, hook: &str) -> PolicyHookMetrics {
+        PolicyHookMetrics {
+            policy: policy.into(),
+            hook: hook.into(),
+            decisions: self.policy_decisions.clone(),
+            errors: self.policy_errors.with_label_values(&[policy, hook]),
+            duration: self.policy_duration.with_label_values(&[policy, hook]),
+        }
+    }
+}
+
+/// The metrics of one listener, resolved once. The accept loop can hold one and skip the label
+/// lookup per connection.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    connections_total: IntCounter,
+    connections_active: IntGauge,
+    tls_handshake_failures: IntCounter,
+}
+
+impl ListenerMetrics {
+    /// Counts an accepted connection; it stays in `imapgate_connections_active` until the guard
+    /// is dropped, so that no exit path of a session can forget the decrement.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections_total.inc();
+        self.connections_active.inc();
+        ConnectionGuard {
+            active: self.connections_active.clone(),
+        }
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+}
+
+/// Keeps one connection counted in `imapgate_connections_active{listener}` while it lives.
+#[derive(Debug)]
+#[must_use = "the connection stops being counted as active when the guard is dropped"]
+pub struct ConnectionGuard {
+    active: IntGauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// The metrics of one (policy, hook) pair, resolved once; the policy engine can keep one per
+/// loaded hook.
+#[derive(Clone, Debug)]
+pub struct PolicyHookMetrics {
+    policy: Box<str>,
+    hook: Box<str>,
+    decisions: IntCounterVec,
+    errors: IntCounter,
+    duration: Histogram,
+}
+
+impl PolicyHookMetrics {
+    /// `action` is one of a fixed set chosen by the policy engine (`pass`, `reject`, `close`,
+    /// `delay`, `rewrite`), never a value taken from a client or a script.
+    pub fn decision(&self, action: &str) {
+        self.decisions
+            .with_label_values(&[&*self.policy, &*self.hook, action])
+            .inc();
+    }
+
+    pub fn error(&self) {
+        self.errors.inc();
+    }
+
+    pub fn duration(&self, elapsed: std::time::Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}

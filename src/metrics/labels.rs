@@ -1,0 +1,116 @@
+//! The closed sets of label values the built-in metrics use.
+//!
+//! Each is an enum rather than a string so that no caller, and so no client, can invent a new
+//! label value: Prometheus keeps one time series per distinct label set, forever.
+
+use crate::imap::framing;
+use crate::imap::response::Status;
+
+/// How a command ended, for `imapgate_commands_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandResult {
+    /// Tagged `OK` from the upstream.
+    Ok,
+    /// Tagged `NO` from the upstream.
+    No,
+    /// Tagged `BAD` (from the upstream, or from imapgate for a command it could not parse).
+    Bad,
+    /// Refused by a policy: never reached the upstream.
+    Rejected,
+    /// The connection ended before the command had its tagged response.
+    Aborted,
+}
+
+impl CommandResult {
+    pub const ALL: [CommandResult; 5] = [
+        CommandResult::Ok,
+        CommandResult::No,
+        CommandResult::Bad,
+        CommandResult::Rejected,
+        CommandResult::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandResult::Ok => "ok",
+            CommandResult::No => "no",
+            CommandResult::Bad => "bad",
+            CommandResult::Rejected => "rejected",
+            CommandResult::Aborted => "aborted",
+        }
+    }
+
+    /// Index into per-command handle arrays, in [`CommandResult::ALL`] order.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<Status> for CommandResult {
+    /// A tagged status is only ever OK, NO or BAD. `BYE` (never tagged in a valid stream) counts
+    /// as aborted, since the command did not complete; `PREAUTH` (never tagged either) as ok.
+    fn from(status: Status) -> Self {
+        match status {
+            Status::Ok | Status::Preauth => CommandResult::Ok,
+            Status::No => CommandResult::No,
+            Status::Bad => CommandResult::Bad,
+            Status::Bye => CommandResult::Aborted,
+        }
+    }
+}
+
+/// How a login attempt ended, for `imapgate_logins_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginResult {
+    /// The upstream accepted the credentials.
+    Ok,
+    /// The upstream refused the credentials.
+    Failed,
+    /// imapgate refused the attempt itself (a policy, or LOGIN on plaintext) before the upstream
+    /// saw any credential.
+    Refused,
+}
+
+impl LoginResult {
+    pub const ALL: [LoginResult; 3] = [LoginResult::Ok, LoginResult::Failed, LoginResult::Refused];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginResult::Ok => "ok",
+            LoginResult::Failed => "failed",
+            LoginResult::Refused => "refused",
+        }
+    }
+}
+
+/// Which way bytes or messages went, for `imapgate_bytes_total{direction}` and
+/// `imapgate_parse_errors_total{direction}`.
+///
+/// Named after both ends rather than "in/out", which would be ambiguous for a proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::ClientToUpstream, Direction::UpstreamToClient];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+impl From<framing::Direction> for Direction {
+    /// The framer names the writer of a stream: the client writes towards the upstream.
+    fn from(d: framing::Direction) -> Self {
+        match d {
+            framing::Direction::Client => Direction::ClientToUpstream,
+            framing::Direction::Server => Direction::UpstreamToClient,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The `imap` table every policy gets: verdicts, rate limits, shared counters, logging,
+//! modified UTF-7 and the policy's options.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mlua::{Lua, Table, Value};
+
+use super::Verdict;
+use super::ratelimit::{Limiters, SharedCounters};
+use crate::imap::encode::is_valid_atom;
+use crate::imap::mutf7;
+use crate::imap::response::{DataKind, Status};
+
+/// The untagged kinds a policy's `responses` filter may name.
+/// CAPABILITY has its own hook (`on_capability`); ENABLED is the proxy's to track.
+pub const RESPONSE_KINDS: &[DataKind] = &[
+    DataKind::List,
+    DataKind::Lsub,
+    DataKind::Status,
+    DataKind::Namespace,
+    DataKind::Flags,
+    DataKind::Exists,
+    DataKind::Recent,
+    DataKind::Expunge,
+    DataKind::Fetch,
+    DataKind::Search,
+    DataKind::Esearch,
+    DataKind::Sort,
+    DataKind::Thread,
+    DataKind::Id,
+    DataKind::Quota,
+    DataKind::QuotaRoot,
+    DataKind::Acl,
+    DataKind::MyRights,
+    DataKind::ListRights,
+    DataKind::Metadata,
+    DataKind::Vanished,
+];
+
+/// Longest delay a policy may ask for.
+const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Longest text a policy may put in a response.
+const MAX_TEXT: usize = 512;
+
+/// Host state shared by every policy and connection.
+#[derive(Debug, Default)]
+pub struct HostShared {
+    pub limiters: Limiters,
+    pub counters: SharedCounters,
+}
+
+/// The policy's name as used in logs; settled once its table has been read.
+#[derive(Clone, Debug)]
+pub struct PolicyName(Arc<Mutex<String>>);
+
+impl PolicyName {
+    pub fn new(name: &str) -> PolicyName {
+        PolicyName(Arc::new(Mutex::new(name.to_string())))
+    }
+
+    pub fn set(&self, name: &str) {
+        if let Ok(mut n) = self.0.lock() {
+            *n = name.to_string();
+        }
+    }
+
+    fn get(&self) -> String {
+        self.0.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+}
+
+/// Builds the `imap` table for one policy in one VM.
+pub fn imap_table(
+    lua: &Lua,
+    options: &toml::Table,
+    shared: Arc<HostShared>,
+    name: PolicyName,
+) -> mlua::Result<Table> {
+    let imap = lua.create_table()?;
+    imap.set(
+        "reject",
+        lua.create_function(|lua, t: Option<Table>| {
+            let v = lua.create_table()?;
+            v.set("verdict", "reject")?;
+            if let Some(t) = t {
+                v.set("status", t.get::<Value>("status")?)?;
+                v.set("code", t.get::<Value>("code")?)?;
+                v.set("text", t.get::<Value>("text")?)?;
+            }
+            Ok(v)
+        })?,
+    )?;
+    imap.set(
+        "close",
+        lua.create_function(|lua, text: Option<String>| {
+            let v = lua.create_table()?;
+            v.set("verdict", "close")?;
+            v.set("text", text)?;
+            Ok(v)
+        })?,
+    )?;
+    imap.set(
+        "delay",
+        lua.create_function(|lua, ms: f64| {
+            let v = lua.create_table()?;
+            v.set("verdict", "delay")?;
+            v.set("ms", ms)?;
+            Ok(v)
+        })?,
+    )?;
+    imap.set(
+        "drop",
+        lua.create_function(|lua, ()| {
+            let v = lua.create_table()?;
+            v.set("verdict", "drop")?;
+            Ok(v)
+        })?,
+    )?;
+    imap.set("pass", lua.create_function(|_, ()| Ok(Value::Nil))?)?;
+
+    let log_name = name.clone();
+    imap.set(
+        "log",
+        lua.create_function(move |_, (level, msg): (String, Option<String>)| {
+            let policy = log_name.get();
+            let (level, msg) = match msg {
+                Some(m) => (level, m),
+                None => ("info".to_string(), level),
+            };
+            match level.as_str() {
+                "error" => tracing::error!(%policy, "{msg}"),
+                "warn" => tracing::warn!(%policy, "{msg}"),
+                "debug" => tracing::debug!(%policy, "{msg}"),
+                "trace" => tracing::trace!(%policy, "{msg}"),
+                _ => tracing::info!(%policy, "{msg}"),
+            }
+            Ok(())
+        })?,
+    )?;
+
+    let limiter_host = shared.clone();
+    imap.set(
+        "rate_limit",
+        lua.create_function(move |_, (key, per_second, burst): (String, f64, u32)| {
+            let d = limiter_host
+                .limiters
+                .check(&key, per_second, burst)
+                .ok_or_else(|| {
+                    mlua::Error::RuntimeError(
+                        "rate_limit needs per_second > 0 and burst >= 1".into(),
+                    )
+                })?;
+            Ok((d.allowed, d.wait.as_secs_f64()))
+        })?,
+    )?;
+
+    let shared_table = lua.create_table()?;
+    let host = shared.clone();
+    shared_table.set(
+        "get",
+        lua.create_function(move |_, key: String| Ok(host.counters.get(&key)))?,
+    )?;
+    let host = shared.clone();
+    shared_table.set(
+        "set",
+        lua.create_function(move |_, (key, value, ttl): (String, f64, Option<f64>)| {
+            Ok(host.counters.set(&key, value, ttl_of(ttl)?))
+        })?,
+    )?;
+    let host = shared;
+    shared_table.set(
+        "incr",
+        lua.create_function(
+            move |_, (key, by, ttl): (String, Option<f64>, Option<f64>)| {
+                Ok(host.counters.incr(&key, by.unwrap_or(1.0), ttl_of(ttl)?))
+            },
+        )?,
+    )?;
+    imap.set("shared", shared_table)?;
+
+    let m = lua.create_table()?;
+    m.set(
+        "encode",
+        lua.create_function(|_, s: String| Ok(mutf7::encode(&s)))?,
+    )?;
+    m.set(
+        "decode",
+        lua.create_function(|_, s: mlua::LuaString| {
+            Ok(match mutf7::decode(&s.as_bytes()) {
+                Ok(d) => (Some(d), None),
+                Err(e) => (None, Some(e.to_string())),
+            })
+        })?,
+    )?;
+    imap.set("mutf7", m)?;
+    imap.set(
+        "options",
+        toml_to_lua(lua, &toml::Value::Table(options.clone()))?,
+    )?;
+    Ok(imap)
+}
+
+fn ttl_of(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {
+    match ttl {
+        None => Ok(None),
+        Some(t) => Duration::try_from_secs_f64(t)
+            .map(Some)
+            .map_err(|_| mlua::Error::RuntimeError("ttl must be a number of seconds >= 0".into())),
+    }
+}
+
+fn toml_to_lua(lua: &Lua, value: &toml::Value) -> mlua::Result<Value> {
+    Ok(match value {
+        toml::Value::String(s) => Value::String(lua.create_string(s)?),
+        toml::Value::Integer(i) => Value::Integer(*i),
+        toml::Value::Float(f) => Value::Number(*f),
+        toml::Value::Boolean(b) => Value::Boolean(*b),
+        toml::Value::Datetime(d) => Value::String(lua.create_string(d.to_string())?),
+        toml::Value::Array(items) => {
+            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.iter().enumerate() {
+                t.raw_set(i + 1, toml_to_lua(lua, item)?)?;
+            }
+            Value::Table(t)
+        }
+        toml::Value::Table(map) => {
+            let t = lua.create_table()?;
+            for (k, v) in map {
+                t.set(k.as_str(), toml_to_lua(lua, v)?)?;
+            }
+            Value::Table(t)
+        }
+    })
+}
+
+/// A verdict table from `imap.reject` and friends, checked: what goes on the wire must be
+/// encodable (codes are atoms, texts have no CR, LF or NUL).
+pub fn verdict_from_table(t: &Table) -> mlua::Result<Verdict> {
+    let kind: Option<String> = t.get("verdict")?;
+    let err = |m: String| mlua::Error::RuntimeError(m);
+    match kind.as_deref() {
+        Some("reject") => {
+            let status = match t.get::<Option<String>>("status")?.as_deref() {
+                None | Some("NO") | Some("no") => Status::No,
+                Some("BAD") | Some("bad") => Status::Bad,
+                Some(other) => {
+                    return Err(err(format!(
+                        "reject status must be NO or BAD, not {other:?}"
+                    )));
+                }
+            };
+            let code = t.get::<Option<String>>("code")?;
+            if let Some(c) = &code {
+                if !is_valid_atom(c.as_bytes()) || c.contains(['[', ']']) {
+                    return Err(err(format!("{c:?} is not a valid response code")));
+                }
+            }
+            let text = checked_text(t.get::<Option<String>>("text")?, "Refused by policy")?;
+            Ok(Verdict::Reject { status, code, text })
+        }
+        Some("close") => Ok(Verdict::Close {
+            text: checked_text(t.get::<Option<String>>("text")?, "Closing the connection")?,
+        }),
+        Some("delay") => {
+            let ms: f64 = t.get("ms")?;
+            let d = Duration::try_from_secs_f64(ms / 1000.0)
+                .map_err(|_| err("delay must be a number of milliseconds >= 0".into()))?;
+            Ok(Verdict::Delay(d.min(MAX_DELAY)))
+        }
+        Some("drop") => Ok(Verdict::Drop),
+        _ => Err(err(
+            "a hook returns nothing or a verdict made by imap.reject/close/delay/drop".into(),
+        )),
+    }
+}
+
+fn checked_text(text: Option<String>, default: &str) -> mlua::Result<String> {
+    let text = text.unwrap_or_else(|| default.to_string());
+    if text.len() > MAX_TEXT || text.contains(['\r', '\n', '\0']) || text.starts_with('[') {
+        return Err(mlua::Error::RuntimeError(
+            "verdict text must be at most 512 bytes without CR, LF, NUL or a leading '['".into(),
+        ));
+    }
+    Ok(text)
+}

@@ -1,0 +1,905 @@
+//! The Lua host: a small pool of sandboxed Lua 5.4 VMs, the policies loaded into each, and the
+//! calls into their hooks under an instruction budget and a memory limit.
+//!
+//! Every VM holds every policy, each in an environment of its own (so one policy cannot see or
+//! change another's globals). A connection always uses the same VM (`id % vms`), so the VMs'
+//! locks are rarely contended. The budget is checked by a count hook every 1,000 instructions;
+//! once exceeded it stays exceeded for the rest of the call, so `pcall` cannot swallow it: the
+//! next check outside the `pcall` fails again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mlua::chunk::ChunkMode;
+use mlua::{
+    Function, HookTriggers, Lua, LuaOptions, MetaMethod, StdLib, Table, UserData, UserDataMethods,
+    Value, VmState,
+};
+
+use super::api::{self, HostShared};
+use super::views::{CommandView, Namespace, NamespaceEntry, ResponseView};
+use super::{ConnCtx, Decision, Hook, PolicyError, Var, Verdict, path_name};
+use crate::config::{LuaConfig, OnError, PolicyConfig};
+use crate::imap::capability::CapabilitySet;
+use crate::imap::command::{CommandKind, CommandName};
+use crate::imap::response::{DataKind, Status};
+
+/// Instructions between two budget checks.
+const CHECK_EVERY: u32 = 1000;
+const HOOKS: [Hook; 6] = [
+    Hook::Connect,
+    Hook::Capability,
+    Hook::Command,
+    Hook::Response,
+    Hook::Complete,
+    Hook::Disconnect,
+];
+
+fn hook_index(hook: Hook) -> usize {
+    match hook {
+        Hook::Connect => 0,
+        Hook::Capability => 1,
+        Hook::Command => 2,
+        Hook::Response => 3,
+        Hook::Complete => 4,
+        Hook::Disconnect => 5,
+    }
+}
+
+/// What is known of a policy independently of the VM it is loaded in.
+#[derive(Debug)]
+struct PolicyMeta {
+    name: Arc<str>,
+    commands: Option<HashSet<String>>,
+    responses: Option<HashSet<String>>,
+    has: [bool; 6],
+    on_error: OnError,
+}
+
+struct VmPolicy {
+    hooks: [Option<Function>; 6],
+}
+
+/// The per-call budget, shared with the VM's count hook.
+struct Budget {
+    remaining: AtomicI64,
+    deadline_ns: AtomicU64,
+    base: Instant,
+}
+
+impl Budget {
+    fn reset(&self, instructions: u64, time: Duration) {
+        self.remaining.store(
+            i64::try_from(instructions).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        let deadline = self.base.elapsed() + time;
+        self.deadline_ns.store(
+            u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn exceeded(&self) -> bool {
+        let left = self
+            .remaining
+            .fetch_sub(i64::from(CHECK_EVERY), Ordering::Relaxed)
+            - i64::from(CHECK_EVERY);
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        left < 0 || now > self.deadline_ns.load(Ordering::Relaxed)
+    }
+}
+
+struct Vm {
+    lua: Lua,
+    budget: Arc<Budget>,
+    policies: Vec<VmPolicy>,
+}
+
+/// A loaded set of policies.
+pub struct PolicySet {
+    meta: Vec<PolicyMeta>,
+    vms: Vec<Vm>,
+    /// Command labels some `on_command` hook wants, with `*` for "all".
+    command_hooked: HashSet<&'static str>,
+    response_hooked: HashSet<&'static str>,
+    any: [bool; 6],
+    instructions: u64,
+    time: Duration,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("policies", &self.names())
+            .field("vms", &self.vms.len())
+            .finish()
+    }
+}
+
+/// Every command label a filter can name.
+fn all_command_labels() -> Vec<&'static str> {
+    let mut labels = Vec::new();
+    for &kind in CommandKind::ALL.iter().chain([CommandKind::Other].iter()) {
+        for uid in [false, true] {
+            let label = CommandName { kind, uid }.label();
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
+    }
+    labels
+}
+
+impl PolicySet {
+    pub fn empty() -> PolicySet {
+        PolicySet {
+            meta: Vec::new(),
+            vms: Vec::new(),
+            command_hooked: HashSet::new(),
+            response_hooked: HashSet::new(),
+            any: [false; 6],
+            instructions: 0,
+            time: Duration::ZERO,
+        }
+    }
+
+    pub fn load(
+        configs: &[PolicyConfig],
+        cfg: &LuaConfig,
+        shared: Arc<HostShared>,
+    ) -> Result<PolicySet, PolicyError> {
+        if configs.is_empty() {
+            return Ok(PolicySet::empty());
+        }
+        let mut sources = Vec::new();
+        for c in configs {
+            let text = std::fs::read_to_string(&c.script).map_err(|source| PolicyError::Read {
+                path: path_name(&c.script),
+                source,
+            })?;
+            sources.push(text);
+        }
+        let n = if cfg.vms == 0 {
+            std::thread::available_parallelism().map_or(2, usize::from)
+        } else {
+            cfg.vms
+        };
+        let mut vms = Vec::with_capacity(n);
+        let mut meta = Vec::new();
+        for i in 0..n {
+            let (vm, m) = load_vm(configs, &sources, cfg, &shared)?;
+            if i == 0 {
+                meta = m;
+            }
+            vms.push(vm);
+        }
+        let mut command_hooked = HashSet::new();
+        let mut response_hooked = HashSet::new();
+        let mut any = [false; 6];
+        for m in &meta {
+            for (slot, has) in any.iter_mut().zip(m.has) {
+                *slot |= has;
+            }
+            if m.has[hook_index(Hook::Command)] {
+                for label in all_command_labels() {
+                    if m.commands.as_ref().is_none_or(|c| c.contains(label)) {
+                        command_hooked.insert(label);
+                    }
+                }
+            }
+            if m.has[hook_index(Hook::Response)] {
+                for kind in api::RESPONSE_KINDS {
+                    let label = kind.as_str();
+                    if m.responses.as_ref().is_none_or(|r| r.contains(label)) {
+                        response_hooked.insert(label);
+                    }
+                }
+            }
+        }
+        Ok(PolicySet {
+            meta,
+            vms,
+            command_hooked,
+            response_hooked,
+            any,
+            instructions: cfg.instructions,
+            time: Duration::from_millis(cfg.time_ms),
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.meta.iter().map(|m| m.name.to_string()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Whether any policy's `on_command` wants this command. False means: do not enter Lua.
+    pub fn hooks_command(&self, name: CommandName) -> bool {
+        !self.command_hooked.is_empty() && self.command_hooked.contains(name.label())
+    }
+
+    /// Whether any policy's `on_response` wants this untagged kind.
+    pub fn hooks_response(&self, kind: DataKind) -> bool {
+        !self.response_hooked.is_empty() && self.response_hooked.contains(kind.as_str())
+    }
+
+    pub fn has_hook(&self, hook: Hook) -> bool {
+        self.any[hook_index(hook)]
+    }
+
+    fn vm(&self, ctx: &ConnCtx) -> Option<&Vm> {
+        let n = self.vms.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        self.vms.get((ctx.info.id % n) as usize)
+    }
+
+    /// Runs one hook of one policy and records the decision; `Err` carries the hook's error.
+    fn call(
+        &self,
+        ctx: &mut ConnCtx,
+        policy: usize,
+        hook: Hook,
+        command: Option<&'static str>,
+        run: impl FnOnce(&Lua, &Function, &ConnCtx) -> mlua::Result<Verdict>,
+    ) -> Option<Result<Verdict, String>> {
+        let vm = self.vm(ctx)?;
+        let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
+        let started = Instant::now();
+        vm.budget.reset(self.instructions, self.time);
+        let result = run(&vm.lua, f, ctx).map_err(|e| flatten_error(&e));
+        let elapsed = started.elapsed();
+        let meta = &self.meta[policy];
+        let (action, code, error) = match &result {
+            Ok(v) => (
+                v.action(),
+                match v {
+                    Verdict::Reject { code, .. } => code.clone(),
+                    _ => None,
+                },
+                None,
+            ),
+            Err(e) => ("error", None, Some(e.clone())),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(policy = %meta.name, hook = hook.as_str(), error = %e, "policy hook failed");
+        }
+        ctx.decisions.push(Decision {
+            policy: meta.name.clone(),
+            hook,
+            action,
+            code,
+            command,
+            elapsed,
+            error,
+        });
+        Some(result)
+    }
+
+    pub fn on_connect(&self, ctx: &mut ConnCtx) {
+        self.simple(ctx, Hook::Connect, None);
+    }
+
+    pub fn on_disconnect(&self, ctx: &mut ConnCtx) {
+        self.simple(ctx, Hook::Disconnect, None);
+    }
+
+    fn simple(&self, ctx: &mut ConnCtx, hook: Hook, command: Option<&'static str>) {
+        if !self.has_hook(hook) {
+            return;
+        }
+        for i in 0..self.meta.len() {
+            self.call(ctx, i, hook, command, |lua, f, ctx| {
+                lua.scope(|scope| {
+                    let c = scope.create_userdata_ref(ctx)?;
+                    f.call::<Value>(c)?;
+                    Ok(Verdict::Pass)
+                })
+            });
+        }
+    }
+
+    pub fn on_capability(&self, ctx: &mut ConnCtx, caps: &mut CapabilitySet) {
+        if !self.has_hook(Hook::Capability) {
+            return;
+        }
+        for i in 0..self.meta.len() {
+            self.call(ctx, i, Hook::Capability, None, |lua, f, ctx| {
+                lua.scope(|scope| {
+                    let c = scope.create_userdata_ref(ctx)?;
+                    let caps = scope.create_userdata_ref_mut(&mut *caps)?;
+                    f.call::<Value>((c, caps))?;
+                    Ok(Verdict::Pass)
+                })
+            });
+        }
+    }
+
+    /// Runs `on_command` of every interested policy in order: rewrites compose, the first
+    /// verdict other than pass wins.
+    pub fn on_command(&self, ctx: &mut ConnCtx, cmd: &mut CommandView) -> Verdict {
+        for i in 0..self.meta.len() {
+            if !self.meta[i]
+                .commands
+                .as_ref()
+                .is_none_or(|c| c.contains(cmd.name))
+            {
+                continue;
+            }
+            let name = cmd.name;
+            let result = self.call(ctx, i, Hook::Command, Some(name), |lua, f, ctx| {
+                let table = command_table(lua, cmd)?;
+                let ret = lua.scope(|scope| {
+                    let c = scope.create_userdata_ref(ctx)?;
+                    f.call::<Value>((c, table.clone()))
+                })?;
+                read_back_mailboxes(&table, &mut cmd.mailboxes)?;
+                verdict_of(ret)
+            });
+            match result {
+                None | Some(Ok(Verdict::Pass)) => {}
+                Some(Ok(v)) => return v,
+                Some(Err(_)) => match self.meta[i].on_error {
+                    OnError::Open => {}
+                    OnError::Closed => {
+                        return Verdict::Reject {
+                            status: Status::No,
+                            code: Some("UNAVAILABLE".into()),
+                            text: "Policy check failed, try again later".into(),
+                        };
+                    }
+                },
+            }
+        }
+        Verdict::Pass
+    }
+
+    /// Runs `on_response` of every interested policy; `Drop` and `Close` win.
+    pub fn on_response(&self, ctx: &mut ConnCtx, resp: &mut ResponseView) -> Verdict {
+        for i in 0..self.meta.len() {
+            if !self.meta[i]
+                .responses
+                .as_ref()
+                .is_none_or(|r| r.contains(resp.kind))
+            {
+                continue;
+            }
+            let result = self.call(ctx, i, Hook::Response, None, |lua, f, ctx| {
+                let table = response_table(lua, resp)?;
+                let ret = lua.scope(|scope| {
+                    let c = scope.create_userdata_ref(ctx)?;
+                    f.call::<Value>((c, table.clone()))
+                })?;
+                read_back_response(&table, resp)?;
+                verdict_of(ret)
+            });
+            match result {
+                Some(Ok(v @ (Verdict::Drop | Verdict::Close { .. }))) => return v,
+                _ => {}
+            }
+        }
+        Verdict::Pass
+    }
+
+    pub fn on_complete(&self, ctx: &mut ConnCtx, tag: &str, name: &'static str, status: Status) {
+        if !self.has_hook(Hook::Complete) {
+            return;
+        }
+        for i in 0..self.meta.len() {
+            if !self.meta[i]
+                .commands
+                .as_ref()
+                .is_none_or(|c| c.contains(name))
+            {
+                continue;
+            }
+            self.call(ctx, i, Hook::Complete, Some(name), |lua, f, ctx| {
+                let cmd = lua.create_table()?;
+                cmd.set("tag", tag)?;
+                cmd.set("name", name)?;
+                lua.scope(|scope| {
+                    let c = scope.create_userdata_ref(ctx)?;
+                    f.call::<Value>((c, cmd, status.as_str()))?;
+                    Ok(Verdict::Pass)
+                })
+            });
+        }
+    }
+}
+
+/// The message of a Lua error without mlua's wrapping and traceback noise.
+fn flatten_error(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, .. } => flatten_error(cause),
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::MemoryError(m) => format!("out of memory: {m}"),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+fn load_vm(
+    configs: &[PolicyConfig],
+    sources: &[String],
+    cfg: &LuaConfig,
+    shared: &Arc<HostShared>,
+) -> Result<(Vm, Vec<PolicyMeta>), PolicyError> {
+    let lua = Lua::new_with(
+        StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+        LuaOptions::default(),
+    )
+    .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let safe = sandbox(&lua).map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let budget = Arc::new(Budget {
+        remaining: AtomicI64::new(i64::MAX),
+        deadline_ns: AtomicU64::new(u64::MAX),
+        base: Instant::now(),
+    });
+    let hook_budget = budget.clone();
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+        move |_, _| {
+            if hook_budget.exceeded() {
+                Err(mlua::Error::RuntimeError(
+                    "instruction budget exceeded".into(),
+                ))
+            } else {
+                Ok(VmState::Continue)
+            }
+        },
+    )
+    .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let mut metas = Vec::new();
+    let mut policies = Vec::new();
+    for (c, source) in configs.iter().zip(sources) {
+        let path = path_name(&c.script);
+        let load_err = |e: mlua::Error| PolicyError::Load {
+            path: path.clone(),
+            message: flatten_error(&e),
+        };
+        let env = lua.create_table().map_err(load_err)?;
+        let mt = lua.create_table().map_err(load_err)?;
+        mt.set("__index", safe.clone()).map_err(load_err)?;
+        env.set_metatable(Some(mt)).map_err(load_err)?;
+        let default_name = c
+            .script
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.clone());
+        let name_cell = api::PolicyName::new(&default_name);
+        let imap = api::imap_table(&lua, &c.options, shared.clone(), name_cell.clone())
+            .map_err(load_err)?;
+        env.set("imap", imap).map_err(load_err)?;
+        // The load itself runs under the budget too: a script's top level may loop.
+        budget.reset(
+            cfg.instructions,
+            Duration::from_millis(cfg.time_ms.max(1000)),
+        );
+        let value: Value = lua
+            .load(source.as_str())
+            .set_name(format!("@{path}"))
+            .set_mode(ChunkMode::Text)
+            .set_environment(env)
+            .eval()
+            .map_err(load_err)?;
+        let (meta, vm_policy) = contract(&path, &default_name, value, c.on_error)?;
+        name_cell.set(&meta.name);
+        metas.push(meta);
+        policies.push(vm_policy);
+    }
+    lua.set_memory_limit(cfg.memory_mb.saturating_mul(1024 * 1024))
+        .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    Ok((
+        Vm {
+            lua,
+            budget,
+            policies,
+        },
+        metas,
+    ))
+}
+
+/// Builds the table of globals policies may use, and removes what could escape the sandbox
+/// from the shared libraries (string.dump is reachable through every string's metatable).
+fn sandbox(lua: &Lua) -> mlua::Result<Table> {
+    let globals = lua.globals();
+    if let Ok(string) = globals.get::<Table>("string") {
+        string.set("dump", Value::Nil)?;
+    }
+    let safe = lua.create_table()?;
+    for name in [
+        "assert",
+        "error",
+        "ipairs",
+        "next",
+        "pairs",
+        "pcall",
+        "select",
+        "tonumber",
+        "tostring",
+        "type",
+        "xpcall",
+        "rawequal",
+        "rawget",
+        "rawset",
+        "rawlen",
+        "setmetatable",
+        "getmetatable",
+        "string",
+        "table",
+        "math",
+        "utf8",
+        "_VERSION",
+    ] {
+        safe.set(name, globals.get::<Value>(name)?)?;
+    }
+    Ok(safe)
+}
+
+/// Checks the table a policy file returned against the hook contract.
+fn contract(
+    path: &str,
+    default_name: &str,
+    value: Value,
+    on_error: OnError,
+) -> Result<(PolicyMeta, VmPolicy), PolicyError> {
+    let bad = |message: String| PolicyError::Contract {
+        path: path.to_string(),
+        message,
+    };
+    let Value::Table(t) = value else {
+        return Err(bad(format!(
+            "a policy must return a table, this one returns a {}",
+            value.type_name()
+        )));
+    };
+    let known = [
+        "name",
+        "commands",
+        "responses",
+        "on_connect",
+        "on_capability",
+        "on_command",
+        "on_response",
+        "on_complete",
+        "on_disconnect",
+    ];
+    for pair in t.pairs::<Value, Value>() {
+        let (k, _) = pair.map_err(|e| bad(flatten_error(&e)))?;
+        let key = match &k {
+            Value::String(s) => s.to_string_lossy(),
+            other => {
+                return Err(bad(format!(
+                    "unexpected {} key in the policy table",
+                    other.type_name()
+                )));
+            }
+        };
+        if !known.contains(&key.as_str()) {
+            return Err(bad(format!(
+                "unknown field `{key}` in the policy table (known: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    let name = match t.get::<Value>("name").map_err(|e| bad(flatten_error(&e)))? {
+        Value::Nil => default_name.to_string(),
+        Value::String(s) => s.to_string_lossy(),
+        other => {
+            return Err(bad(format!(
+                "`name` must be a string, not {}",
+                other.type_name()
+            )));
+        }
+    };
+    let list = |field: &str,
+                valid: &dyn Fn(&str) -> bool|
+     -> Result<Option<HashSet<String>>, PolicyError> {
+        match t.get::<Value>(field).map_err(|e| bad(flatten_error(&e)))? {
+            Value::Nil => Ok(None),
+            Value::Table(items) => {
+                let mut set = HashSet::new();
+                for item in items.sequence_values::<String>() {
+                    let item =
+                        item.map_err(|_| bad(format!("`{field}` must be a list of strings")))?;
+                    let upper = item.to_ascii_uppercase();
+                    if !valid(&upper) {
+                        return Err(bad(format!(
+                            "`{field}` names `{item}`, which is not a known name"
+                        )));
+                    }
+                    set.insert(upper);
+                }
+                Ok(Some(set))
+            }
+            other => Err(bad(format!(
+                "`{field}` must be a list, not {}",
+                other.type_name()
+            ))),
+        }
+    };
+    let labels = all_command_labels();
+    let commands = list("commands", &|s| labels.contains(&s))?;
+    let responses = list("responses", &|s| {
+        api::RESPONSE_KINDS.iter().any(|k| k.as_str() == s)
+    })?;
+    let mut hooks: [Option<Function>; 6] = Default::default();
+    let mut has = [false; 6];
+    for hook in HOOKS {
+        match t
+            .get::<Value>(hook.as_str())
+            .map_err(|e| bad(flatten_error(&e)))?
+        {
+            Value::Nil => {}
+            Value::Function(f) => {
+                hooks[hook_index(hook)] = Some(f);
+                has[hook_index(hook)] = true;
+            }
+            other => {
+                return Err(bad(format!(
+                    "`{}` must be a function, not {}",
+                    hook.as_str(),
+                    other.type_name()
+                )));
+            }
+        }
+    }
+    Ok((
+        PolicyMeta {
+            name: Arc::from(name.as_str()),
+            commands,
+            responses,
+            has,
+            on_error,
+        },
+        VmPolicy { hooks },
+    ))
+}
+
+// ----- views as Lua values -----
+
+fn command_table(lua: &Lua, cmd: &CommandView) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("tag", cmd.tag.as_str())?;
+    t.set("name", cmd.name)?;
+    let (names, roles) = slots_tables(lua, &cmd.mailboxes)?;
+    t.set("mailboxes", names)?;
+    t.set("roles", roles)?;
+    Ok(t)
+}
+
+fn slots_tables(lua: &Lua, slots: &[super::MailboxSlot]) -> mlua::Result<(Table, Table)> {
+    let names = lua.create_table_with_capacity(slots.len(), 0)?;
+    let roles = lua.create_table_with_capacity(slots.len(), 0)?;
+    for (i, slot) in slots.iter().enumerate() {
+        names.raw_set(i + 1, slot.name.as_str())?;
+        roles.raw_set(i + 1, slot.role_str())?;
+    }
+    Ok((names, roles))
+}
+
+fn read_back_mailboxes(t: &Table, slots: &mut [super::MailboxSlot]) -> mlua::Result<()> {
+    let names: Table = t.get("mailboxes")?;
+    for (i, slot) in slots.iter_mut().enumerate() {
+        match names.raw_get::<Value>(i + 1)? {
+            Value::String(s) => {
+                let s = s.to_str()?.to_string();
+                if s != slot.name {
+                    slot.name = s;
+                }
+            }
+            other => {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "mailboxes[{}] must stay a string, not {}",
+                    i + 1,
+                    other.type_name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn response_table(lua: &Lua, resp: &ResponseView) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("kind", resp.kind)?;
+    let (names, roles) = slots_tables(lua, &resp.mailboxes)?;
+    t.set("mailboxes", names)?;
+    t.set("roles", roles)?;
+    if let Some(d) = &resp.delimiter {
+        t.set("delimiter", d.as_str())?;
+    }
+    if let Some(ns) = &resp.namespace {
+        let n = lua.create_table()?;
+        for (key, entries) in [
+            ("personal", &ns.personal),
+            ("other", &ns.other),
+            ("shared", &ns.shared),
+        ] {
+            let list = lua.create_table()?;
+            for (i, e) in entries.iter().enumerate() {
+                let entry = lua.create_table()?;
+                entry.set("prefix", e.prefix.as_str())?;
+                if let Some(d) = &e.delimiter {
+                    entry.set("delimiter", d.as_str())?;
+                }
+                list.raw_set(i + 1, entry)?;
+            }
+            n.set(key, list)?;
+        }
+        t.set("namespace", n)?;
+    }
+    Ok(t)
+}
+
+fn read_back_response(t: &Table, resp: &mut ResponseView) -> mlua::Result<()> {
+    read_back_mailboxes(t, &mut resp.mailboxes)?;
+    resp.delimiter = t.get::<Option<String>>("delimiter")?;
+    if resp.namespace.is_some() {
+        let n: Table = t.get("namespace")?;
+        let mut ns = Namespace::default();
+        for (key, slot) in [
+            ("personal", &mut ns.personal),
+            ("other", &mut ns.other),
+            ("shared", &mut ns.shared),
+        ] {
+            if let Some(list) = n.get::<Option<Table>>(key)? {
+                for entry in list.sequence_values::<Table>() {
+                    let entry = entry?;
+                    slot.push(NamespaceEntry {
+                        prefix: entry.get("prefix")?,
+                        delimiter: entry.get("delimiter")?,
+                    });
+                }
+            }
+        }
+        resp.namespace = Some(ns);
+    }
+    Ok(())
+}
+
+/// Reads a hook's return value: nothing is pass; a verdict table from `imap.*` is its verdict.
+fn verdict_of(value: Value) -> mlua::Result<Verdict> {
+    let t = match value {
+        Value::Nil => return Ok(Verdict::Pass),
+        Value::Table(t) => t,
+        other => {
+            return Err(mlua::Error::RuntimeError(format!(
+                "a hook returns nothing or an imap.* verdict, not {}",
+                other.type_name()
+            )));
+        }
+    };
+    api::verdict_from_table(&t)
+}
+
+// ----- ctx and caps as userdata -----
+
+impl UserData for ConnCtx {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, this, key: String| {
+            let info = &this.info;
+            let v = match key.as_str() {
+                "id" => Value::Integer(i64::try_from(info.id).unwrap_or(i64::MAX)),
+                "peer" => Value::String(lua.create_string(&info.peer)?),
+                "peer_ip" => Value::String(lua.create_string(peer_ip(&info.peer))?),
+                "listener" => Value::String(lua.create_string(&info.listener)?),
+                "tls" => Value::Boolean(info.tls),
+                "sni" => opt_string(lua, info.sni.as_deref())?,
+                "user" => opt_string(lua, info.user.as_deref())?,
+                "state" => Value::String(lua.create_string(info.state)?),
+                "selected" => opt_string(lua, info.selected.as_deref())?,
+                "vars" => Value::UserData(lua.create_userdata(VarsHandle(this.vars.clone()))?),
+                _ => Value::Nil,
+            };
+            Ok(v)
+        });
+    }
+}
+
+fn peer_ip(peer: &str) -> &str {
+    match peer.rsplit_once(':') {
+        Some((ip, _)) => ip.trim_start_matches('[').trim_end_matches(']'),
+        None => peer,
+    }
+}
+
+fn opt_string(lua: &Lua, s: Option<&str>) -> mlua::Result<Value> {
+    match s {
+        Some(s) => Ok(Value::String(lua.create_string(s)?)),
+        None => Ok(Value::Nil),
+    }
+}
+
+/// `ctx.vars`: reads and writes go to the connection's Rust-side map, which outlives reloads.
+struct VarsHandle(super::Vars);
+
+/// Most variables one connection may keep.
+const MAX_VARS: usize = 256;
+
+impl UserData for VarsHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, this, key: String| {
+            let map = this
+                .0
+                .lock()
+                .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
+            Ok(match map.get(&key) {
+                None => Value::Nil,
+                Some(Var::Bool(b)) => Value::Boolean(*b),
+                Some(Var::Int(i)) => Value::Integer(*i),
+                Some(Var::Number(n)) => Value::Number(*n),
+                Some(Var::Str(s)) => Value::String(lua.create_string(s)?),
+            })
+        });
+        methods.add_meta_method(
+            MetaMethod::NewIndex,
+            |_, this, (key, value): (String, Value)| {
+                let var = match value {
+                    Value::Nil => None,
+                    Value::Boolean(b) => Some(Var::Bool(b)),
+                    Value::Integer(i) => Some(Var::Int(i)),
+                    Value::Number(n) => Some(Var::Number(n)),
+                    Value::String(s) => Some(Var::Str(s.to_str()?.to_string())),
+                    other => {
+                        return Err(mlua::Error::RuntimeError(format!(
+                            "ctx.vars holds booleans, numbers and strings, not {}",
+                            other.type_name()
+                        )));
+                    }
+                };
+                let mut map = this
+                    .0
+                    .lock()
+                    .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
+                match var {
+                    None => {
+                        map.remove(&key);
+                    }
+                    Some(v) => {
+                        if map.len() >= MAX_VARS && !map.contains_key(&key) {
+                            return Err(mlua::Error::RuntimeError("too many ctx.vars".into()));
+                        }
+                        map.insert(key, v);
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
+}
+
+impl UserData for CapabilitySet {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("has", |_, this, name: String| Ok(this.has(&name)));
+        methods.add_method_mut("add", |_, this, name: String| {
+            if !crate::imap::encode::is_valid_atom(name.as_bytes()) {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "{name:?} is not a valid capability name"
+                )));
+            }
+            this.add(&name);
+            Ok(())
+        });
+        methods.add_method_mut("remove", |_, this, name: String| {
+            this.remove(&name);
+            Ok(())
+        });
+        methods.add_method_mut("remove_prefix", |_, this, prefix: String| {
+            let prefix = prefix.to_ascii_uppercase();
+            this.retain(|c| !c.to_ascii_uppercase().starts_with(&prefix));
+            Ok(())
+        });
+        methods.add_method("list", |_, this, ()| Ok(this.names().to_vec()));
+    }
+}

@@ -1,0 +1,208 @@
+//! Policies: Lua scripts that judge, rewrite, refuse, delay or count what passes through.
+//!
+//! The session asks [`PolicySet::hooks_command`] / [`PolicySet::hooks_response`] first, so a
+//! message no policy asked for never enters Lua. Views handed to the hooks carry decoded
+//! (UTF-8) mailbox names; the session encodes changes back with the protocol core. The whole
+//! set is swapped atomically on reload ([`Policies::reload`]); live connections use the new set
+//! from their next message on, and their `ctx.vars` (kept in Rust) survive.
+
+pub mod api;
+pub mod lua;
+pub mod ratelimit;
+mod views;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{LuaConfig, PolicyConfig};
+use crate::imap::response::Status;
+
+pub use lua::PolicySet;
+pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
+
+/// What a hook decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on (with any rewrites the hook made to the view).
+    Pass,
+    /// Answer the command with this status instead of relaying it.
+    Reject {
+        status: Status,
+        code: Option<String>,
+        text: String,
+    },
+    /// `* BYE text`, then close.
+    Close { text: String },
+    /// Hold the command this long, then go on.
+    Delay(Duration),
+    /// Do not relay this response (e.g. a LIST entry outside the client's namespace).
+    Drop,
+}
+
+impl Verdict {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Reject { .. } => "reject",
+            Verdict::Close { .. } => "close",
+            Verdict::Delay(_) => "delay",
+            Verdict::Drop => "drop",
+        }
+    }
+}
+
+/// The hooks of the policy contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Connect,
+    Capability,
+    Command,
+    Response,
+    Complete,
+    Disconnect,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Connect => "on_connect",
+            Hook::Capability => "on_capability",
+            Hook::Command => "on_command",
+            Hook::Response => "on_response",
+            Hook::Complete => "on_complete",
+            Hook::Disconnect => "on_disconnect",
+        }
+    }
+}
+
+/// A per-connection value kept for policies across messages and reloads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Var {
+    Bool(bool),
+    Int(i64),
+    Number(f64),
+    Str(String),
+}
+
+/// `ctx.vars`: shared between the connection and whichever VM runs its hooks.
+pub type Vars = Arc<Mutex<HashMap<String, Var>>>;
+
+/// What a policy knows about the connection (`ctx` in Lua).
+#[derive(Clone, Debug, Default)]
+pub struct ConnInfo {
+    pub id: u64,
+    /// `ip:port` of the client.
+    pub peer: String,
+    pub listener: String,
+    pub tls: bool,
+    pub sni: Option<String>,
+    /// After a successful login.
+    pub user: Option<String>,
+    /// `not_authenticated`, `authenticated`, `selected` or `logout`.
+    pub state: &'static str,
+    pub selected: Option<String>,
+}
+
+/// One policy decision, for metrics and the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub policy: Arc<str>,
+    pub hook: Hook,
+    /// `pass`, `reject`, `close`, `delay`, `drop`, or `error`.
+    pub action: &'static str,
+    pub code: Option<String>,
+    pub command: Option<&'static str>,
+    pub elapsed: Duration,
+    pub error: Option<String>,
+}
+
+/// The connection's side of the policy contract: `ctx`, and the decisions made for it.
+#[derive(Debug, Default)]
+pub struct ConnCtx {
+    pub info: ConnInfo,
+    pub vars: Vars,
+    pub decisions: Vec<Decision>,
+}
+
+/// Why policies could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Load { path: String, message: String },
+    #[error("{path}: {message}")]
+    Contract { path: String, message: String },
+    #[error("Lua: {0}")]
+    Lua(String),
+}
+
+/// The live policy set, swapped atomically on reload.
+#[derive(Clone)]
+pub struct Policies {
+    current: Arc<ArcSwap<PolicySet>>,
+    shared: Arc<api::HostShared>,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Policies")
+            .field(&self.current.load().names())
+            .finish()
+    }
+}
+
+impl Policies {
+    /// No policies at all: every hook check is false.
+    pub fn none() -> Policies {
+        Policies {
+            current: Arc::new(ArcSwap::from_pointee(PolicySet::empty())),
+            shared: Arc::new(api::HostShared::default()),
+        }
+    }
+
+    /// Loads every configured policy, failing on the first that does not load.
+    pub fn load(configs: &[PolicyConfig], lua: &LuaConfig) -> Result<Policies, PolicyError> {
+        let shared = Arc::new(api::HostShared::default());
+        let set = PolicySet::load(configs, lua, shared.clone())?;
+        Ok(Policies {
+            current: Arc::new(ArcSwap::from_pointee(set)),
+            shared,
+        })
+    }
+
+    /// Replaces the set if the new one loads; otherwise keeps the old and says why.
+    pub fn reload(&self, configs: &[PolicyConfig], lua: &LuaConfig) -> Result<(), PolicyError> {
+        let set = PolicySet::load(configs, lua, self.shared.clone())?;
+        self.current.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// The set to use for the next message.
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.current.load_full()
+    }
+
+    /// The host state shared by all policies (rate limiters, shared counters, metrics sink).
+    pub fn host(&self) -> &Arc<api::HostShared> {
+        &self.shared
+    }
+}
+
+/// Checks that every policy loads, for `imapgate check`.
+pub fn check(configs: &[PolicyConfig], lua: &LuaConfig) -> Result<Vec<String>, PolicyError> {
+    let set = PolicySet::load(configs, lua, Arc::new(api::HostShared::default()))?;
+    Ok(set.names())
+}
+
+/// The display form of a script path in messages.
+pub(crate) fn path_name(path: &Path) -> String {
+    path.display().to_string()
+}
