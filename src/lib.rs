@@ -16,5 +16,6 @@ pub mod imap;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod replay;
 pub mod server;
 pub mod session;

@@ -28,6 +28,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the configured policies over a recorded C:/S: transcript and print what they did.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Pretend the client connected over TLS.
+        #[arg(long)]
+        tls: bool,
+        /// The listener name the policies see.
+        #[arg(long, default_value = "replay")]
+        listener: String,
+        /// The client address the policies see.
+        #[arg(long, default_value = "127.0.0.1:1")]
+        peer: String,
+        transcript: PathBuf,
+    },
     /// Print one JSON object per IMAP message of a raw byte stream (one direction).
     Dissect {
         #[arg(long, value_enum, default_value = "client")]
@@ -49,6 +64,13 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
         Command::Dissect { direction, file } => dissect(direction, file),
+        Command::Replay {
+            config,
+            tls,
+            listener,
+            peer,
+            transcript,
+        } => replay(&config, &transcript, tls, listener, peer),
     };
     match result {
         Ok(code) => code,
@@ -75,6 +97,26 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
     imapgate::server::run(config, path.to_path_buf())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(
+    config: &std::path::Path,
+    transcript: &std::path::Path,
+    tls: bool,
+    listener: String,
+    peer: String,
+) -> anyhow::Result<ExitCode> {
+    let config = imapgate::config::Config::load(config)?;
+    let text = std::fs::read_to_string(transcript)?;
+    let opts = imapgate::replay::ReplayOptions {
+        tls,
+        listener,
+        peer,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    imapgate::replay::replay(&config, &text, &opts, &mut out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -195,10 +195,45 @@ pub fn imap_table(
     )?;
     imap.set("mutf7", m)?;
     imap.set(
+        "ip_in",
+        lua.create_function(|_, (ip, network): (String, String)| Ok(ip_in(&ip, &network)))?,
+    )?;
+    imap.set(
         "options",
         toml_to_lua(lua, &toml::Value::Table(options.clone()))?,
     )?;
     Ok(imap)
+}
+
+/// Whether `ip` lies in `network` (`addr/len`, or a single address); `None` when `network`
+/// is not a network.
+pub fn ip_in(ip: &str, network: &str) -> Option<bool> {
+    use std::net::IpAddr;
+    let (base, len) = match network.split_once('/') {
+        Some((b, l)) => (b.parse::<IpAddr>().ok()?, Some(l.parse::<u32>().ok()?)),
+        None => (network.parse::<IpAddr>().ok()?, None),
+    };
+    let Ok(ip) = ip.parse::<IpAddr>() else {
+        return Some(false);
+    };
+    let (a, b, bits) = match (ip, base) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(a.to_bits()), u128::from(b.to_bits()), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (a.to_bits(), b.to_bits(), 128),
+        (IpAddr::V6(a), IpAddr::V4(b)) => match a.to_ipv4_mapped() {
+            Some(a) => (u128::from(a.to_bits()), u128::from(b.to_bits()), 32),
+            None => return Some(false),
+        },
+        (IpAddr::V4(_), IpAddr::V6(_)) => return Some(false),
+    };
+    let len = len.unwrap_or(bits);
+    if len > bits {
+        return None;
+    }
+    if len == 0 {
+        return Some(true);
+    }
+    let shift = bits - len;
+    Some(a >> shift == b >> shift)
 }
 
 fn ttl_of(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {
@@ -272,6 +307,23 @@ pub fn verdict_from_table(t: &Table) -> mlua::Result<Verdict> {
         _ => Err(err(
             "a hook returns nothing or a verdict made by imap.reject/close/delay/drop".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_in;
+
+    #[test]
+    fn networks() {
+        assert_eq!(ip_in("10.1.2.3", "10.0.0.0/8"), Some(true));
+        assert_eq!(ip_in("11.1.2.3", "10.0.0.0/8"), Some(false));
+        assert_eq!(ip_in("127.0.0.1", "127.0.0.1"), Some(true));
+        assert_eq!(ip_in("::1", "::1/128"), Some(true));
+        assert_eq!(ip_in("::ffff:10.0.0.1", "10.0.0.0/8"), Some(true));
+        assert_eq!(ip_in("10.0.0.1", "0.0.0.0/0"), Some(true));
+        assert_eq!(ip_in("10.0.0.1", "10.0.0.0/33"), None);
+        assert_eq!(ip_in("10.0.0.1", "banana"), None);
     }
 }
 
