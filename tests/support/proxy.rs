@@ -46,6 +46,11 @@ pub fn config_for(dc: &Dovecot, upstream_tls: UpstreamTls) -> Config {
             ca: Some(dc.pki().ca.clone()),
             ..UpstreamConfig::default()
         },
+        // Tests end with clients still connected: do not wait long for them at shutdown.
+        limits: imapgate::config::Limits {
+            drain_timeout_s: 1,
+            ..imapgate::config::Limits::default()
+        },
         ..Config::default()
     }
 }
