@@ -19,7 +19,6 @@
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -73,7 +72,8 @@ impl AuditTarget {
 pub struct LoginRecord {
     pub result: LoginResult,
     pub user: Option<String>,
-    pub peer: SocketAddr,
+    /// The client's `ip:port` (as `policy::ConnInfo::peer` has it).
+    pub peer: String,
     pub listener: Cow<'static, str>,
     /// Whether the client leg was TLS (implicit or after STARTTLS) at the time.
     pub tls: bool,
@@ -88,12 +88,12 @@ pub struct VerdictRecord {
     /// The command label (`UID FETCH`, `OTHER`), `None` for hooks without a command
     /// (`on_connect`).
     pub command: Option<Cow<'static, str>>,
-    /// `reject`, `close`, `delay` or `rewrite`.
+    /// The policy engine's action name: `reject`, `close`, `delay`, `drop`, `error`.
     pub action: Cow<'static, str>,
     /// The response code of a refusal (`LIMIT`), if any.
     pub code: Option<Cow<'static, str>>,
     pub user: Option<String>,
-    pub peer: SocketAddr,
+    pub peer: String,
     pub connection_id: u64,
 }
 

@@ -124,10 +124,21 @@ pub fn dissect_with(
     direction: Direction,
     input: &[u8],
     feed: usize,
+    emit: impl FnMut(&Record),
+) -> Result<(), FrameError> {
+    dissect_with_limits(direction, limits(), input, feed, emit)
+}
+
+/// As [`dissect_with`], with other framing limits.
+pub fn dissect_with_limits(
+    direction: Direction,
+    limits: Limits,
+    input: &[u8],
+    feed: usize,
     mut emit: impl FnMut(&Record),
 ) -> Result<(), FrameError> {
     let feed = feed.max(1);
-    let mut d = Dissector::new(direction);
+    let mut d = Dissector::new(direction, limits);
     let mut fed = 0;
     loop {
         if d.current.is_none() {
@@ -154,21 +165,38 @@ pub fn dissect_with(
     Ok(())
 }
 
-/// Checks two invariants of [`dissect_with`] on one input, for fuzzing and tests: the records and
-/// the error do not depend on how the input is fed to the framer (at once, in pieces whose size
-/// the first octet of `data` chooses, one octet at a time), and without an error the records
-/// account for every octet. `data[1..]` is the stream. Returns what went wrong, if anything.
+/// Checks two invariants of [`dissect_with_limits`] on one input, for fuzzing and tests: the
+/// records and the error do not depend on how the input is fed to the framer (at once, in pieces
+/// whose size the first octet of `data` chooses, one octet at a time), and without an error the
+/// records account for every octet. The second octet chooses the limits: `dissect`'s own, or
+/// small ones (lines of 64 to 191 octets, a low inline-literal threshold) that short inputs
+/// reach.
+/// `data[2..]` is the stream. Returns what went wrong, if anything.
 pub fn self_check(direction: Direction, data: &[u8]) -> Result<(), String> {
-    let Some((&first, input)) = data.split_first() else {
+    let [first, second, input @ ..] = data else {
         return Ok(());
+    };
+    let limits = if second & 1 == 0 {
+        limits()
+    } else {
+        // Not below 64: the tag a framing error reports is read from at most 64 octets, and an
+        // over-long line is refused once more than the limit is buffered; with a smaller limit
+        // the tag could depend on how much had arrived.
+        Limits {
+            max_line: 64 + usize::from(second >> 1),
+            max_literal: 4096,
+            inline_literal: usize::from(second >> 3),
+            nonsync_max: (second & 2 == 0).then_some(64),
+        }
     };
     let run = |feed: usize| {
         let mut records = Vec::new();
-        let result = dissect_with(direction, input, feed, |r| records.push(r.clone()));
+        let result =
+            dissect_with_limits(direction, limits, input, feed, |r| records.push(r.clone()));
         (records, result)
     };
     let whole = run(input.len());
-    let mut feeds = vec![usize::from(first) + 1];
+    let mut feeds = vec![usize::from(*first) + 1];
     if input.len() <= 1 << 16 {
         feeds.push(1);
     }
@@ -231,8 +259,7 @@ struct Dissector {
 }
 
 impl Dissector {
-    fn new(direction: Direction) -> Self {
-        let limits = limits();
+    fn new(direction: Direction, limits: Limits) -> Self {
         Dissector {
             direction,
             framer: Framer::new(direction, limits),
@@ -617,6 +644,28 @@ mod tests {
                 octets: 500_003
             })
         );
+    }
+
+    #[test]
+    fn self_check_holds_on_the_recorded_session() {
+        let client = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/session_client.imap"
+        ));
+        let server = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/session_server.imap"
+        ));
+        for (direction, capture) in [
+            (Direction::Client, &client[..]),
+            (Direction::Server, server),
+        ] {
+            for control in [[200u8, 0], [0, 1], [7, 0xff]] {
+                let mut data = control.to_vec();
+                data.extend_from_slice(capture);
+                assert_eq!(self_check(direction, &data), Ok(()));
+            }
+        }
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub enum EncodeError {
     InvalidText,
     #[error("edits overlap or are out of order")]
     OverlappingEdits,
+    #[error("a response code holds a string that needs a literal; codes are one line of text")]
+    LiteralInCode,
 }
 
 /// Strings longer than this are written as literals even when they could be quoted, to keep
@@ -110,6 +112,25 @@ pub fn is_valid_atom(atom: &[u8]) -> bool {
         }
     }
     depth == 0
+}
+
+/// True when `s` can be written as a quoted string; otherwise it needs a literal.
+fn quotable(s: &[u8], opts: EncodeOptions) -> bool {
+    s.len() <= MAX_QUOTED
+        && !s.iter().any(|&b| b == b'\r' || b == b'\n')
+        && (s.is_ascii() || (opts.utf8 && std::str::from_utf8(s).is_ok()))
+}
+
+/// True when `value` is written without a literal, as the data of a response code must be
+/// (`resp-text-code` is part of one line; a literal there would end the line for the framer).
+fn fits_in_line(value: &Value, opts: EncodeOptions) -> bool {
+    match value {
+        Value::String(s) => quotable(s, opts),
+        Value::AString(s) => s.iter().all(|&b| is_astring_char(b)) || quotable(s, opts),
+        Value::List(items) => items.iter().all(|v| fits_in_line(v, opts)),
+        Value::Literal(_) => false,
+        Value::Atom(_) | Value::Nil => true,
+    }
 }
 
 impl Encoded {
@@ -162,10 +183,7 @@ impl Encoded {
         if s.contains(&0) {
             return Err(EncodeError::Nul);
         }
-        let quotable = s.len() <= MAX_QUOTED
-            && !s.iter().any(|&b| b == b'\r' || b == b'\n')
-            && (s.is_ascii() || (opts.utf8 && std::str::from_utf8(s).is_ok()));
-        if quotable {
+        if quotable(s, opts) {
             self.bytes.reserve(s.len() + 2);
             self.bytes.push(b'"');
             for &b in s {
@@ -327,6 +345,9 @@ pub fn response(value: &ResponseValue) -> Result<Encoded, EncodeError> {
                     ));
                 }
                 for arg in args {
+                    if !fits_in_line(arg, opts) {
+                        return Err(EncodeError::LiteralInCode);
+                    }
                     out.raw(b" ");
                     out.value(arg, opts)?;
                 }

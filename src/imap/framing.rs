@@ -308,11 +308,9 @@ impl Framer {
     /// Handles a complete line `buf[line_start..=lf]`: ends the message, holds an inline literal
     /// (returning `None` to keep going), or yields the piece before a streamed literal.
     fn end_of_line(&mut self, line_start: usize, lf: usize) -> Result<Option<Frame>, FrameError> {
-        if lf == line_start || self.buf[lf - 1] != b'\r' {
-            return Err(self.reject_line(line_start, lf, FrameErrorKind::BareLf));
-        }
-        let line_end = lf - 1;
-        if line_end - line_start > self.limits.max_line {
+        // Length first: an over-long line is refused as such before its end arrives, so it must
+        // be refused as such when it arrives whole, whatever ends it.
+        if lf - line_start > self.limits.max_line + 1 {
             return Err(self.reject_line(
                 line_start,
                 lf,
@@ -321,6 +319,10 @@ impl Framer {
                 },
             ));
         }
+        if lf == line_start || self.buf[lf - 1] != b'\r' {
+            return Err(self.reject_line(line_start, lf, FrameErrorKind::BareLf));
+        }
+        let line_end = lf - 1;
         let line = &self.buf[line_start..line_end];
         if memchr::memchr(0, line).is_some() {
             return Err(self.reject_line(line_start, lf, FrameErrorKind::Nul));

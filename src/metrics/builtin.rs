@@ -270,7 +270,7 @@ pub struct PolicyHookMetrics {
 
 impl PolicyHookMetrics {
     /// `action` is one of a fixed set chosen by the policy engine (`pass`, `reject`, `close`,
-    /// `delay`, `rewrite`), never a value taken from a client or a script.
+    /// `delay`, `drop`, `error`), never a value taken from a client or a script.
     pub fn decision(&self, action: &str) {
         self.decisions
             .with_label_values(&[&*self.policy, &*self.hook, action])

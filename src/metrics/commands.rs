@@ -7,7 +7,7 @@
 //! [`crate::imap::command::CommandName::label`] returns, so the cache stays small.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock};
 
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 
@@ -21,7 +21,7 @@ pub(crate) struct CommandHandles {
 }
 
 impl CommandHandles {
-    pub fn record(&self, result: CommandResult, duration: Option<std::time::Duration>) {
+    fn record(&self, result: CommandResult, duration: Option<std::time::Duration>) {
         self.results[result.index()].inc();
         if let Some(d) = duration {
             self.duration.observe(d.as_secs_f64());
@@ -32,7 +32,7 @@ impl CommandHandles {
 pub(crate) struct CommandCache {
     totals: IntCounterVec,
     durations: HistogramVec,
-    by_name: RwLock<HashMap<&'static str, Arc<CommandHandles>>>,
+    by_name: RwLock<HashMap<&'static str, CommandHandles>>,
 }
 
 impl CommandCache {
@@ -44,9 +44,14 @@ impl CommandCache {
         }
     }
 
-    /// The handles for `command`: a read lock on the common path, the write lock only the first
+    /// Records one outcome: under a read lock on the common path, the write lock only the first
     /// time a name is seen.
-    pub fn get(&self, command: &'static str) -> Arc<CommandHandles> {
+    pub fn record(
+        &self,
+        command: &'static str,
+        result: CommandResult,
+        duration: Option<std::time::Duration>,
+    ) {
         // A poisoned lock only means another thread panicked while inserting; the map itself
         // is always consistent, so going on is safe.
         if let Some(h) = self
@@ -55,17 +60,16 @@ impl CommandCache {
             .unwrap_or_else(PoisonError::into_inner)
             .get(command)
         {
-            return h.clone();
+            h.record(result, duration);
+            return;
         }
         let mut map = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
         map.entry(command)
-            .or_insert_with(|| {
-                Arc::new(CommandHandles {
-                    results: CommandResult::ALL
-                        .map(|r| self.totals.with_label_values(&[command, r.as_str()])),
-                    duration: self.durations.with_label_values(&[command]),
-                })
+            .or_insert_with(|| CommandHandles {
+                results: CommandResult::ALL
+                    .map(|r| self.totals.with_label_values(&[command, r.as_str()])),
+                duration: self.durations.with_label_values(&[command]),
             })
-            .clone()
+            .record(result, duration);
     }
 }

@@ -135,11 +135,9 @@ impl MetricsServer {
             });
             let connection = http.serve_connection(TokioIo::new(stream), service);
             tokio::spawn(async move {
-                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "metrics endpoint: connection")
-                    }
-                    Ok(Ok(())) | Err(_) => {}
+                if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await
+                {
+                    tracing::debug!(%peer, %error, "metrics endpoint: connection");
                 }
                 drop(permit);
             });

@@ -114,3 +114,32 @@ impl From<framing::Direction> for Direction {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Metrics` indexes its pre-resolved handle arrays with `as usize`: the `ALL` arrays must
+    /// list the variants in declaration order.
+    #[test]
+    fn all_arrays_are_in_discriminant_order() {
+        for (i, r) in CommandResult::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in LoginResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, d) in Direction::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+    }
+
+    #[test]
+    fn conversions() {
+        assert_eq!(CommandResult::from(Status::No), CommandResult::No);
+        assert_eq!(
+            Direction::from(framing::Direction::Server),
+            Direction::UpstreamToClient
+        );
+    }
+}

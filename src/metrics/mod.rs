@@ -161,7 +161,7 @@ impl Metrics {
         result: CommandResult,
         duration: Option<Duration>,
     ) {
-        self.inner.commands.get(command).record(result, duration);
+        self.inner.commands.record(command, result, duration);
     }
 
     pub fn login(&self, result: LoginResult) {
@@ -174,7 +174,7 @@ impl Metrics {
     }
 
     /// `action` comes from the policy engine's fixed set (`pass`, `reject`, `close`, `delay`,
-    /// `rewrite`); `policy` is a configured policy's name and `hook` a hook name, so all three
+    /// `drop`, `error`); `policy` is a configured policy's name and `hook` a hook name, so all three
     /// are bounded.
     pub fn policy_decision(&self, policy: &str, hook: &str, action: &str) {
         self.inner

@@ -4,7 +4,12 @@
 //! Three guards keep a policy, and through it a client, from hurting the scrape:
 //!
 //! - Names get the `imapgate_policy_` prefix and must not clash with any other family, built-in
-//!   or policy-defined, including a histogram's `_bucket`/`_sum`/`_count` names.
+//!   or policy-defined, including a histogram's `_bucket`/`_sum`/`_count` names. Names and
+//!   label names are lower-case snake_case (see `names`); counters get `_total` appended when
+//!   they lack it, gauges and histograms may not end in `_total`, `_bucket`, `_sum` or
+//!   `_count`, and `le` and `quantile` are no label names: what promtool's lint would flag is
+//!   refused at definition, so a policy cannot make the scrape fail `promtool check metrics`
+//!   (except for unit words such as `_ms`, which promtool advises against: use base units).
 //! - A definition is idempotent: the same name with the same type and labels (and buckets)
 //!   returns a handle to the same family, so a policy reload re-registers without error and
 //!   keeps the counts. The help text of the first definition stays; a changed help text is not
@@ -111,7 +116,10 @@ impl PolicyDefined {
             ))
         })?;
         match handle {
-            Handle::Counter(c) => Ok(c),
+            Handle::Counter(c) => {
+                touch_unlabelled(&c.0)?;
+                Ok(c)
+            }
             _ => Err(self.conflict_unreachable(&full)),
         }
     }
@@ -123,7 +131,7 @@ impl PolicyDefined {
         labels: &[&str],
     ) -> Result<PolicyGauge, MetricsError> {
         check_name(name, "metric")?;
-        refuse_total(name)?;
+        refuse_reserved_suffix(name)?;
         let full = format!("{POLICY_PREFIX}{name}");
         let handle = self.define(&full, help, labels, Shape::Gauge, |opts, labels| {
             let vec = GaugeVec::new(opts, labels)?;
@@ -133,7 +141,10 @@ impl PolicyDefined {
             ))
         })?;
         match handle {
-            Handle::Gauge(g) => Ok(g),
+            Handle::Gauge(g) => {
+                touch_unlabelled(&g.0)?;
+                Ok(g)
+            }
             _ => Err(self.conflict_unreachable(&full)),
         }
     }
@@ -146,7 +157,7 @@ impl PolicyDefined {
         buckets: Option<&[f64]>,
     ) -> Result<PolicyHistogram, MetricsError> {
         check_name(name, "metric")?;
-        refuse_total(name)?;
+        refuse_reserved_suffix(name)?;
         let full = format!("{POLICY_PREFIX}{name}");
         let buckets = match buckets {
             Some(b) => check_buckets(&full, b)?,
@@ -161,7 +172,10 @@ impl PolicyDefined {
             ))
         })?;
         match handle {
-            Handle::Histogram(h) => Ok(h),
+            Handle::Histogram(h) => {
+                touch_unlabelled(&h.0)?;
+                Ok(h)
+            }
             _ => Err(self.conflict_unreachable(&full)),
         }
     }
@@ -175,7 +189,7 @@ impl PolicyDefined {
         shape: Shape,
         build: impl FnOnce(Opts, &[&str]) -> prometheus::Result<(Box<dyn Collector>, Handle)>,
     ) -> Result<Handle, MetricsError> {
-        check_labels(full, labels, matches!(shape, Shape::Histogram(_)))?;
+        check_labels(full, labels)?;
         let mut defs = self.defs.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = defs.get(full) {
             if existing.shape == shape && existing.labels == labels {
@@ -234,18 +248,36 @@ impl PolicyDefined {
     }
 }
 
-fn refuse_total(name: &str) -> Result<(), MetricsError> {
-    if name.ends_with("_total") {
-        return Err(MetricsError::InvalidName {
-            what: "metric",
-            name: name.to_owned(),
-            reason: "only counters end in `_total`",
-        });
+/// Creates the one series of a metric without labels, so that it is in the scrape (at 0) from
+/// its definition on, not from its first update: `rate()` needs the zero.
+fn touch_unlabelled<V: Family>(series: &Series<V>) -> Result<(), MetricsError> {
+    if series.labels == 0 {
+        series.series(&[])?;
     }
     Ok(())
 }
 
-fn check_labels(full: &str, labels: &[&str], histogram: bool) -> Result<(), MetricsError> {
+/// Gauges and histograms must not take the suffixes that mean something else in the text
+/// format: `_total` is for counters, `_bucket`, `_sum` and `_count` for histogram series.
+fn refuse_reserved_suffix(name: &str) -> Result<(), MetricsError> {
+    for (suffix, reason) in [
+        ("_total", "only counters end in `_total`"),
+        ("_bucket", "`_bucket` is reserved for histogram series"),
+        ("_sum", "`_sum` is reserved for histogram series"),
+        ("_count", "`_count` is reserved for histogram series"),
+    ] {
+        if name.ends_with(suffix) {
+            return Err(MetricsError::InvalidName {
+                what: "metric",
+                name: name.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(full: &str, labels: &[&str]) -> Result<(), MetricsError> {
     if labels.len() > MAX_LABELS {
         return Err(MetricsError::TooManyLabels {
             name: full.to_owned(),
@@ -255,11 +287,12 @@ fn check_labels(full: &str, labels: &[&str], histogram: bool) -> Result<(), Metr
     let mut seen = HashSet::new();
     for label in labels {
         check_name(label, "label")?;
-        if histogram && *label == "le" {
+        // Reserved for every type, not only histograms and summaries, as promtool's lint has it.
+        if matches!(*label, "le" | "quantile") {
             return Err(MetricsError::InvalidName {
                 what: "label",
                 name: (*label).to_owned(),
-                reason: "`le` is the bucket label of histograms",
+                reason: "`le` and `quantile` are reserved for histogram and summary series",
             });
         }
         if !seen.insert(*label) {

@@ -67,6 +67,8 @@ struct Budget {
     remaining: AtomicI64,
     deadline_ns: AtomicU64,
     base: Instant,
+    /// The hook runs at every instruction: the budget ran out during this call.
+    lowered: std::sync::atomic::AtomicBool,
 }
 
 impl Budget {
@@ -89,6 +91,40 @@ impl Budget {
             - i64::from(CHECK_EVERY);
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         left < 0 || now > self.deadline_ns.load(Ordering::Relaxed)
+    }
+}
+
+/// The count hook. Once the budget is spent it re-arms itself to run at every instruction and
+/// fails each time: a `pcall` may catch one failure, but the very next instruction outside it
+/// fails again, so no script can go on past its budget.
+fn budget_hook(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<VmState> {
+    if !budget.exceeded() {
+        return Ok(VmState::Continue);
+    }
+    if !budget.lowered.swap(true, Ordering::Relaxed) {
+        let b = budget.clone();
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(1),
+            move |lua, _| budget_hook(lua, &b),
+        )?;
+    }
+    Err(mlua::Error::RuntimeError(
+        "instruction budget exceeded".into(),
+    ))
+}
+
+/// Arms the count hook at its normal rate for a new call.
+fn arm_budget(lua: &Lua, budget: &Arc<Budget>, instructions: u64, time: Duration) {
+    budget.reset(instructions, time);
+    if budget.lowered.swap(false, Ordering::Relaxed) {
+        let b = budget.clone();
+        let armed = lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            move |lua, _| budget_hook(lua, &b),
+        );
+        if let Err(e) = armed {
+            tracing::error!(error = %e, "cannot re-arm the Lua instruction budget");
+        }
     }
 }
 
@@ -252,7 +288,7 @@ impl PolicySet {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
-        vm.budget.reset(self.instructions, self.time);
+        arm_budget(&vm.lua, &vm.budget, self.instructions, self.time);
         let result = run(&vm.lua, f, ctx).map_err(|e| flatten_error(&e));
         let elapsed = started.elapsed();
         let meta = &self.meta[policy];
@@ -444,19 +480,12 @@ fn load_vm(
         remaining: AtomicI64::new(i64::MAX),
         deadline_ns: AtomicU64::new(u64::MAX),
         base: Instant::now(),
+        lowered: std::sync::atomic::AtomicBool::new(false),
     });
     let hook_budget = budget.clone();
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(CHECK_EVERY),
-        move |_, _| {
-            if hook_budget.exceeded() {
-                Err(mlua::Error::RuntimeError(
-                    "instruction budget exceeded".into(),
-                ))
-            } else {
-                Ok(VmState::Continue)
-            }
-        },
+        move |lua, _| budget_hook(lua, &hook_budget),
     )
     .map_err(|e| PolicyError::Lua(e.to_string()))?;
     let mut metas = Vec::new();
@@ -481,7 +510,9 @@ fn load_vm(
             .map_err(load_err)?;
         env.set("imap", imap).map_err(load_err)?;
         // The load itself runs under the budget too: a script's top level may loop.
-        budget.reset(
+        arm_budget(
+            &lua,
+            &budget,
             cfg.instructions,
             Duration::from_millis(cfg.time_ms.max(1000)),
         );
