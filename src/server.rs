@@ -53,11 +53,12 @@ pub struct Server {
     drain: Duration,
 }
 
+/// One acceptor per listener (`None` for plaintext ones) and the upstream's client config.
+pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Option<Arc<rustls::ClientConfig>>);
+
 /// The TLS configurations the config asks for; used by `check` too, so that unreadable
 /// certificates are reported before the proxy runs.
-pub fn tls_setup(
-    config: &Config,
-) -> Result<(Vec<Option<TlsAcceptor>>, Option<Arc<rustls::ClientConfig>>), ServerError> {
+pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
     let mut acceptors = Vec::new();
     for l in &config.listeners {
         let acceptor = match l.tls {

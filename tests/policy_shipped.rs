@@ -37,7 +37,7 @@ async fn require_tls_hides_login_before_starttls_and_allows_it_after() {
     let (user, pass) = dc.fresh_user();
     let mut c = Client::connect(proxy.addr(STARTTLS)).await;
     let greeting = c.read_greeting().await;
-    let caps = capabilities(&[greeting.clone()]);
+    let caps = capabilities(std::slice::from_ref(&greeting));
     assert!(caps.contains(&"LOGINDISABLED".to_string()), "{greeting}");
     assert!(caps.contains(&"STARTTLS".to_string()), "{greeting}");
     assert!(!caps.iter().any(|c| c.starts_with("AUTH=")), "{greeting}");
@@ -50,7 +50,11 @@ async fn require_tls_hides_login_before_starttls_and_allows_it_after() {
     assert!(r[0].starts_with("a3 NO [PRIVACYREQUIRED] "), "{r:?}");
     // A LOGIN with a synchronizing literal is refused before the "+": the password is never sent.
     let r = c
-        .cmd_with_literals(&[format!("a4 LOGIN {user} {{{}}}", pass.len()).as_bytes(), pass.as_bytes(), b""])
+        .cmd_with_literals(&[
+            format!("a4 LOGIN {user} {{{}}}", pass.len()).as_bytes(),
+            pass.as_bytes(),
+            b"",
+        ])
         .await;
     assert_eq!(r.len(), 1, "{r:?}");
     assert!(r[0].starts_with("a4 NO [PRIVACYREQUIRED] "), "{r:?}");
@@ -103,8 +107,8 @@ fn list_names(responses: &[String]) -> Vec<String> {
         .iter()
         .filter(|l| l.starts_with("* LIST ") || l.starts_with("* LSUB "))
         .map(|l| {
-            let after_delim = l.splitn(2, ") ").nth(1).unwrap_or_default();
-            let name = after_delim.splitn(2, ' ').nth(1).unwrap_or_default();
+            let after_flags = l.split_once(") ").map_or("", |x| x.1);
+            let name = after_flags.split_once(' ').map_or("", |x| x.1);
             name.trim_matches('"').to_string()
         })
         .collect()
@@ -140,24 +144,45 @@ async fn namespace_translates_both_ways() {
     let list = c.ok("a1 LIST \"\" \"*\"").await;
     let mut names = list_names(&list);
     names.sort();
-    assert_eq!(names, ["INBOX", "INBOX.Archive", "INBOX.Archive.2024"], "{list:?}");
-    assert!(list.iter().filter(|l| l.starts_with("* LIST")).all(|l| l.contains(" \".\" ")), "{list:?}");
+    assert_eq!(
+        names,
+        ["INBOX", "INBOX.Archive", "INBOX.Archive.2024"],
+        "{list:?}"
+    );
+    assert!(
+        list.iter()
+            .filter(|l| l.starts_with("* LIST"))
+            .all(|l| l.contains(" \".\" ")),
+        "{list:?}"
+    );
     let list = c.ok("a2 LIST \"INBOX.\" \"%\"").await;
     assert_eq!(list_names(&list), ["INBOX.Archive"], "{list:?}");
-    let list = c.ok("a3 LIST (SUBSCRIBED) \"\" (\"INBOX.Archive.*\" \"nothing*\") RETURN (CHILDREN)").await;
+    let list = c
+        .ok("a3 LIST (SUBSCRIBED) \"\" (\"INBOX.Archive.*\" \"nothing*\") RETURN (CHILDREN)")
+        .await;
     assert_tagged(&list, "a3", "OK");
 
     // NAMESPACE answers with the client's prefix and delimiter.
     let ns = c.ok("a4 NAMESPACE").await;
-    assert!(ns.iter().any(|l| l.starts_with("* NAMESPACE ((\"INBOX.\" \".\"))")), "{ns:?}");
+    assert!(
+        ns.iter()
+            .any(|l| l.starts_with("* NAMESPACE ((\"INBOX.\" \".\"))")),
+        "{ns:?}"
+    );
 
     // Mailbox-bearing commands reach the upstream in its form.
     c.ok("a5 SELECT INBOX.Archive.2024").await;
     c.ok("a6 CREATE INBOX.New.Sub").await;
     c.ok("a7 RENAME INBOX.New.Sub INBOX.New.Renamed").await;
     let status = c.ok("a8 STATUS INBOX.Archive.2024 (MESSAGES)").await;
-    assert!(status.iter().any(|l| l.starts_with("* STATUS INBOX.Archive.2024 ")), "{status:?}");
-    c.append("a9", "INBOX.Archive", b"Subject: x\r\n\r\nbody\r\n").await;
+    assert!(
+        status
+            .iter()
+            .any(|l| l.starts_with("* STATUS INBOX.Archive.2024 ")),
+        "{status:?}"
+    );
+    c.append("a9", "INBOX.Archive", b"Subject: x\r\n\r\nbody\r\n")
+        .await;
     c.ok("b1 SELECT INBOX.Archive").await;
     c.ok("b2 COPY 1 INBOX.New.Renamed").await;
     c.ok("b3 UID COPY 1:* INBOX.Archive.2024").await;
@@ -183,11 +208,22 @@ async fn namespace_translates_both_ways() {
     names.sort();
     assert_eq!(
         names,
-        ["Archive", "Archive/2024", "Entw&APw-rfe", "INBOX", "New", "New/Renamed", "dotted.name"],
+        [
+            "Archive",
+            "Archive/2024",
+            "Entw&APw-rfe",
+            "INBOX",
+            "New",
+            "New/Renamed",
+            "dotted.name"
+        ],
         "{list:?}"
     );
     let status = direct.ok("d4 STATUS Archive/2024 (MESSAGES)").await;
-    assert!(status.iter().any(|l| l.contains("MESSAGES 2")), "{status:?}");
+    assert!(
+        status.iter().any(|l| l.contains("MESSAGES 2")),
+        "{status:?}"
+    );
     proxy.shutdown().await;
 }
 
@@ -198,7 +234,10 @@ async fn search_rate_limit_refuses_over_the_burst_per_user() {
     let dc = Dovecot::shared();
     let config = with_policies(
         config_for(dc, UpstreamTls::None),
-        vec![policy("search_rate_limit.lua", "per_second = 0.001\nburst = 2")],
+        vec![policy(
+            "search_rate_limit.lua",
+            "per_second = 0.001\nburst = 2",
+        )],
     );
     let proxy = Proxy::start(config).await;
     let (user, pass) = dc.fresh_user();
@@ -209,7 +248,10 @@ async fn search_rate_limit_refuses_over_the_burst_per_user() {
     c.ok("a2 SEARCH ALL").await;
     c.ok("a3 UID SEARCH ALL").await;
     let r = c.no("a4 SEARCH ALL").await;
-    assert!(r[0].starts_with("a4 NO [LIMIT] Too many searches: try again in "), "{r:?}");
+    assert!(
+        r[0].starts_with("a4 NO [LIMIT] Too many searches: try again in "),
+        "{r:?}"
+    );
     // Other commands are not counted.
     c.ok("a5 NOOP").await;
     // The same user on a second connection shares the bucket; another user does not.
@@ -232,7 +274,10 @@ async fn search_rate_limit_delay_mode_holds_then_runs() {
     let dc = Dovecot::shared();
     let config = with_policies(
         config_for(dc, UpstreamTls::None),
-        vec![policy("search_rate_limit.lua", "per_second = 20.0\nburst = 1\nmode = \"delay\"")],
+        vec![policy(
+            "search_rate_limit.lua",
+            "per_second = 20.0\nburst = 1\nmode = \"delay\"",
+        )],
     );
     let proxy = Proxy::start(config).await;
     let (user, pass) = dc.fresh_user();
@@ -241,7 +286,8 @@ async fn search_rate_limit_delay_mode_holds_then_runs() {
     c.login(&user, &pass).await;
     c.ok("a1 SELECT INBOX").await;
     // Pipelined: the held search keeps its place, the NOOP after it answers after it.
-    c.send(b"a2 SEARCH ALL\r\na3 SEARCH ALL\r\na4 NOOP\r\n").await;
+    c.send(b"a2 SEARCH ALL\r\na3 SEARCH ALL\r\na4 NOOP\r\n")
+        .await;
     let r = c.read_until_tagged("a4").await;
     let tagged: Vec<&String> = r.iter().filter(|l| !l.starts_with('*')).collect();
     assert_eq!(tagged.len(), 3, "{r:?}");

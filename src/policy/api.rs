@@ -286,10 +286,10 @@ pub fn verdict_from_table(t: &Table) -> mlua::Result<Verdict> {
                 }
             };
             let code = t.get::<Option<String>>("code")?;
-            if let Some(c) = &code {
-                if !is_valid_atom(c.as_bytes()) || c.contains(['[', ']']) {
-                    return Err(err(format!("{c:?} is not a valid response code")));
-                }
+            if let Some(c) = &code
+                && (!is_valid_atom(c.as_bytes()) || c.contains(['[', ']']))
+            {
+                return Err(err(format!("{c:?} is not a valid response code")));
             }
             let text = checked_text(t.get::<Option<String>>("text")?, "Refused by policy")?;
             Ok(Verdict::Reject { status, code, text })
@@ -310,6 +310,16 @@ pub fn verdict_from_table(t: &Table) -> mlua::Result<Verdict> {
     }
 }
 
+fn checked_text(text: Option<String>, default: &str) -> mlua::Result<String> {
+    let text = text.unwrap_or_else(|| default.to_string());
+    if text.len() > MAX_TEXT || text.contains(['\r', '\n', '\0']) || text.starts_with('[') {
+        return Err(mlua::Error::RuntimeError(
+            "verdict text must be at most 512 bytes without CR, LF, NUL or a leading '['".into(),
+        ));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::ip_in;
@@ -325,14 +335,4 @@ mod tests {
         assert_eq!(ip_in("10.0.0.1", "10.0.0.0/33"), None);
         assert_eq!(ip_in("10.0.0.1", "banana"), None);
     }
-}
-
-fn checked_text(text: Option<String>, default: &str) -> mlua::Result<String> {
-    let text = text.unwrap_or_else(|| default.to_string());
-    if text.len() > MAX_TEXT || text.contains(['\r', '\n', '\0']) || text.starts_with('[') {
-        return Err(mlua::Error::RuntimeError(
-            "verdict text must be at most 512 bytes without CR, LF, NUL or a leading '['".into(),
-        ));
-    }
-    Ok(text)
 }

@@ -415,9 +415,8 @@ impl PolicySet {
                 read_back_response(&table, resp)?;
                 verdict_of(ret)
             });
-            match result {
-                Some(Ok(v @ (Verdict::Drop | Verdict::Close { .. }))) => return v,
-                _ => {}
+            if let Some(Ok(v @ (Verdict::Drop | Verdict::Close { .. }))) = result {
+                return v;
             }
         }
         Verdict::Pass

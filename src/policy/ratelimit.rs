@@ -14,10 +14,13 @@ const SWEEP_AT: usize = 100_000;
 /// Most shared counters kept at once; beyond it, expired ones are swept and then new keys fail.
 const MAX_COUNTERS: usize = 100_000;
 
+/// A quota as a map key: the rate's bits and the burst.
+type QuotaKey = (u64, u32);
+
 /// One limiter per distinct (rate, burst), each keyed by the policy's key (user, address...).
 #[derive(Default)]
 pub struct Limiters {
-    by_quota: Mutex<HashMap<(u64, u32), Arc<DefaultKeyedRateLimiter<String>>>>,
+    by_quota: Mutex<HashMap<QuotaKey, Arc<DefaultKeyedRateLimiter<String>>>>,
     clock: DefaultClock,
 }
 
@@ -98,11 +101,11 @@ impl SharedCounters {
     pub fn incr(&self, key: &str, by: f64, ttl: Option<Duration>) -> Option<f64> {
         let mut map = self.map.lock().ok()?;
         let now = Instant::now();
-        if let Some((v, expiry)) = map.get_mut(key) {
-            if expiry.is_none_or(|e| e > now) {
-                *v += by;
-                return Some(*v);
-            }
+        if let Some((v, expiry)) = map.get_mut(key)
+            && expiry.is_none_or(|e| e > now)
+        {
+            *v += by;
+            return Some(*v);
         }
         if !make_room(&mut map, key) {
             return None;

@@ -30,10 +30,10 @@ impl Conversation {
         literal: Option<Literal>,
         collected: bool,
     ) {
-        if let Some(l) = literal {
-            if cut_at_mailbox(&command) {
-                return self.start_collecting(command, l);
-            }
+        if let Some(l) = literal
+            && cut_at_mailbox(&command)
+        {
+            return self.start_collecting(command, l);
         }
         let Some((mut view, spans)) = self.command_view(&command) else {
             self.events.push(Event::Rejected { name: command.name });
@@ -282,25 +282,25 @@ impl Conversation {
             })
             .collect();
         let args = response.args();
-        if view.delimiter_changed() {
-            if let Some(token) = args.get(1) {
+        if view.delimiter_changed()
+            && let Some(token) = args.get(1)
+        {
+            edits.push(Edit {
+                span: token.span(),
+                value: view
+                    .delimiter
+                    .as_ref()
+                    .map_or(Value::Nil, |d| Value::String(d.as_bytes().to_vec())),
+            });
+        }
+        if view.namespace_changed()
+            && let Some(ns) = &view.namespace
+        {
+            for (token, entries) in args.iter().zip([&ns.personal, &ns.other, &ns.shared]) {
                 edits.push(Edit {
                     span: token.span(),
-                    value: view
-                        .delimiter
-                        .as_ref()
-                        .map_or(Value::Nil, |d| Value::String(d.as_bytes().to_vec())),
+                    value: namespace_value(entries, utf8),
                 });
-            }
-        }
-        if view.namespace_changed() {
-            if let Some(ns) = &view.namespace {
-                for (token, entries) in args.iter().zip([&ns.personal, &ns.other, &ns.shared]) {
-                    edits.push(Edit {
-                        span: token.span(),
-                        value: namespace_value(entries, utf8),
-                    });
-                }
             }
         }
         if edits.is_empty() {

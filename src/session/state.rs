@@ -879,11 +879,9 @@ impl Conversation {
                 self.state = ImapState::Authenticated;
                 self.selected = None;
             }
-            PendingKind::Idle => {
-                if self.mode == ClientMode::Idle {
-                    self.mode = ClientMode::Commands;
-                    self.client_in.set_line_only(false);
-                }
+            PendingKind::Idle if self.mode == ClientMode::Idle => {
+                self.mode = ClientMode::Commands;
+                self.client_in.set_line_only(false);
             }
             PendingKind::Logout => self.state = ImapState::Logout,
             _ => {}
