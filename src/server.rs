@@ -12,7 +12,9 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
+use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
+use crate::metrics::{HealthState, Metrics, MetricsError};
 use crate::net::tls::{self, TlsError};
 use crate::net::{Stream, tune};
 use crate::policy::{Policies, PolicyError};
@@ -39,12 +41,20 @@ pub enum ServerError {
     Signals(#[source] std::io::Error),
     #[error("policy: {0}")]
     Policy(#[source] PolicyError),
+    #[error("audit log: {0}")]
+    Audit(#[source] AuditError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[source] MetricsError),
 }
 
 /// A started proxy: its listeners accept until [`Server::shutdown`].
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     policies: Policies,
+    metrics: Metrics,
+    audit: Audit,
+    health: HealthState,
+    metrics_endpoint: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     stop_accepting: watch::Sender<bool>,
     bye: watch::Sender<bool>,
     connections: Arc<Semaphore>,
@@ -90,8 +100,28 @@ impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         let (acceptors, upstream_tls) = tls_setup(&config)?;
+        let metrics = Metrics::new();
+        let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
+        let health = HealthState::new();
+        let metrics_endpoint = match &config.metrics {
+            Some(m) => {
+                let endpoint = crate::metrics::bind(m.bind, metrics.clone(), health.clone())
+                    .await
+                    .map_err(ServerError::Metrics)?;
+                let addr = endpoint.local_addr();
+                tracing::info!(%addr, "metrics endpoint listening");
+                let task = tokio::spawn(async move {
+                    if let Err(e) = endpoint.run().await {
+                        tracing::error!(error = %e, "metrics endpoint failed");
+                    }
+                });
+                Some((addr, task))
+            }
+            None => None,
+        };
         let policies =
-            Policies::load(&config.policies, &config.lua).map_err(ServerError::Policy)?;
+            Policies::load_with_metrics(&config.policies, &config.lua, Some(metrics.clone()))
+                .map_err(ServerError::Policy)?;
         if !config.policies.is_empty() {
             tracing::info!(policies = ?policies.current().names(), "policies loaded");
         }
@@ -125,6 +155,8 @@ impl Server {
             addrs.push((l.name.clone(), local));
             let shared = Arc::new(Shared {
                 policies: policies.clone(),
+                metrics: metrics.clone(),
+                audit: audit.clone(),
                 upstream: config.upstream.clone(),
                 upstream_tls: upstream_tls.clone(),
                 settings: Settings {
@@ -134,6 +166,7 @@ impl Server {
                 limits: limits.clone(),
             });
             let listener = Arc::new(Listener {
+                metrics: metrics.listener(&l.name),
                 name: l.name.clone(),
                 tls: l.tls,
                 acceptor,
@@ -151,6 +184,10 @@ impl Server {
         Ok(Server {
             addrs,
             policies,
+            metrics,
+            audit,
+            health,
+            metrics_endpoint,
             stop_accepting,
             bye,
             connections,
@@ -176,6 +213,20 @@ impl Server {
         Ok(self.policies.current().names())
     }
 
+    /// The bound address of the metrics endpoint, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint.as_ref().map(|(a, _)| *a)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Reopens the audit log file (after logrotate moved it).
+    pub fn reopen_audit(&self) {
+        self.audit.reopen();
+    }
+
     /// Connections being served now.
     pub fn active(&self) -> usize {
         self.max_connections as usize - self.connections.available_permits()
@@ -183,6 +234,7 @@ impl Server {
 
     /// Stops accepting, lets sessions finish for the drain timeout, then says BYE to the rest.
     pub async fn shutdown(mut self) {
+        self.health.set_draining();
         let _ = self.stop_accepting.send(true);
         while self.accept_loops.join_next().await.is_some() {}
         tracing::info!(active = self.active(), drain = ?self.drain, "draining");
@@ -195,6 +247,12 @@ impl Server {
             );
             let _ = self.bye.send(true);
             let _ = timeout(BYE_GRACE, self.connections.acquire_many(all)).await;
+        }
+        if let Err(e) = self.audit.flush().await {
+            tracing::warn!(error = %e, "audit log not flushed");
+        }
+        if let Some((_, task)) = self.metrics_endpoint.take() {
+            task.abort();
         }
         tracing::info!("stopped");
     }
@@ -325,6 +383,7 @@ fn reload(server: &Server, path: &std::path::Path) {
             return;
         }
     };
+    server.reopen_audit();
     match server.reload_policies(&config) {
         Ok(names) => tracing::info!(policies = ?names, "SIGHUP: policies reloaded"),
         Err(e) => {

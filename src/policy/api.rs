@@ -11,6 +11,7 @@ use super::ratelimit::{Limiters, SharedCounters};
 use crate::imap::encode::is_valid_atom;
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Status};
+use crate::metrics::Metrics;
 
 /// The untagged kinds a policy's `responses` filter may name.
 /// CAPABILITY has its own hook (`on_capability`); ENABLED is the proxy's to track.
@@ -48,6 +49,8 @@ const MAX_TEXT: usize = 512;
 pub struct HostShared {
     pub limiters: Limiters,
     pub counters: SharedCounters,
+    /// Where `imap.metrics` registers; `None` in tools and tests without an endpoint.
+    pub metrics: Option<Metrics>,
 }
 
 /// The policy's name as used in logs; settled once its table has been read.
@@ -168,6 +171,7 @@ pub fn imap_table(
             Ok(host.counters.set(&key, value, ttl_of(ttl)?))
         })?,
     )?;
+    imap.set("metrics", metrics_table(lua, shared.metrics.clone())?)?;
     let host = shared;
     shared_table.set(
         "incr",
@@ -234,6 +238,131 @@ pub fn ip_in(ip: &str, network: &str) -> Option<bool> {
     }
     let shift = bits - len;
     Some(a >> shift == b >> shift)
+}
+
+/// `imap.metrics`: metrics a policy defines, exported under `imapgate_policy_` with a cap on
+/// label values. Defining the same metric again (a reload) returns the same series.
+fn metrics_table(lua: &Lua, metrics: Option<Metrics>) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    let m = metrics.clone();
+    t.set(
+        "counter",
+        lua.create_function(
+            move |_, (name, help, labels): (String, String, Option<Vec<String>>)| {
+                let labels = labels.unwrap_or_default();
+                let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let c = m
+                    .as_ref()
+                    .map(|m| m.policy_counter(&name, &help, &refs))
+                    .transpose()
+                    .map_err(metrics_error)?;
+                Ok(LuaMetric::Counter(c))
+            },
+        )?,
+    )?;
+    let m = metrics.clone();
+    t.set(
+        "gauge",
+        lua.create_function(
+            move |_, (name, help, labels): (String, String, Option<Vec<String>>)| {
+                let labels = labels.unwrap_or_default();
+                let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let g = m
+                    .as_ref()
+                    .map(|m| m.policy_gauge(&name, &help, &refs))
+                    .transpose()
+                    .map_err(metrics_error)?;
+                Ok(LuaMetric::Gauge(g))
+            },
+        )?,
+    )?;
+    let m = metrics;
+    t.set(
+        "histogram",
+        lua.create_function(
+            move |_,
+                  (name, help, labels, buckets): (
+                String,
+                String,
+                Option<Vec<String>>,
+                Option<Vec<f64>>,
+            )| {
+                let labels = labels.unwrap_or_default();
+                let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let h = m
+                    .as_ref()
+                    .map(|m| m.policy_histogram(&name, &help, &refs, buckets.as_deref()))
+                    .transpose()
+                    .map_err(metrics_error)?;
+                Ok(LuaMetric::Histogram(h))
+            },
+        )?,
+    )?;
+    Ok(t)
+}
+
+fn metrics_error(e: crate::metrics::MetricsError) -> mlua::Error {
+    mlua::Error::RuntimeError(e.to_string())
+}
+
+/// A policy metric as Lua sees it: `c:inc(labels, by)`, `g:set(labels, v)`, `g:add(labels, d)`,
+/// `h:observe(labels, v)`; `labels` is a list of values in the order the metric was defined
+/// with (`{}` or nil for none). `None` inside: no metrics endpoint, updates go nowhere.
+enum LuaMetric {
+    Counter(Option<crate::metrics::PolicyCounter>),
+    Gauge(Option<crate::metrics::PolicyGauge>),
+    Histogram(Option<crate::metrics::PolicyHistogram>),
+}
+
+impl mlua::UserData for LuaMetric {
+    fn add_methods<M: mlua::UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method(
+            "inc",
+            |_, this, (labels, by): (Option<Vec<String>>, Option<f64>)| {
+                let labels = labels.unwrap_or_default();
+                let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                match this {
+                    LuaMetric::Counter(Some(c)) => {
+                        c.inc_by(&refs, by.unwrap_or(1.0)).map_err(metrics_error)
+                    }
+                    LuaMetric::Counter(None) => Ok(()),
+                    _ => Err(mlua::Error::RuntimeError("inc is for counters".into())),
+                }
+            },
+        );
+        methods.add_method("set", |_, this, (labels, v): (Option<Vec<String>>, f64)| {
+            let labels = labels.unwrap_or_default();
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            match this {
+                LuaMetric::Gauge(Some(g)) => g.set(&refs, v).map_err(metrics_error),
+                LuaMetric::Gauge(None) => Ok(()),
+                _ => Err(mlua::Error::RuntimeError("set is for gauges".into())),
+            }
+        });
+        methods.add_method("add", |_, this, (labels, d): (Option<Vec<String>>, f64)| {
+            let labels = labels.unwrap_or_default();
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            match this {
+                LuaMetric::Gauge(Some(g)) => g.add(&refs, d).map_err(metrics_error),
+                LuaMetric::Gauge(None) => Ok(()),
+                _ => Err(mlua::Error::RuntimeError("add is for gauges".into())),
+            }
+        });
+        methods.add_method(
+            "observe",
+            |_, this, (labels, v): (Option<Vec<String>>, f64)| {
+                let labels = labels.unwrap_or_default();
+                let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                match this {
+                    LuaMetric::Histogram(Some(h)) => h.observe(&refs, v).map_err(metrics_error),
+                    LuaMetric::Histogram(None) => Ok(()),
+                    _ => Err(mlua::Error::RuntimeError(
+                        "observe is for histograms".into(),
+                    )),
+                }
+            },
+        );
+    }
 }
 
 fn ttl_of(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {

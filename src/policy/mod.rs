@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{LuaConfig, PolicyConfig};
 use crate::imap::response::Status;
+use crate::metrics::Metrics;
 
 pub use lua::PolicySet;
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
@@ -170,7 +171,20 @@ impl Policies {
 
     /// Loads every configured policy, failing on the first that does not load.
     pub fn load(configs: &[PolicyConfig], lua: &LuaConfig) -> Result<Policies, PolicyError> {
-        let shared = Arc::new(api::HostShared::default());
+        Policies::load_with_metrics(configs, lua, None)
+    }
+
+    /// Like [`Policies::load`]; `imap.metrics` registers into `metrics` (without it, policy
+    /// metrics are accepted and go nowhere).
+    pub fn load_with_metrics(
+        configs: &[PolicyConfig],
+        lua: &LuaConfig,
+        metrics: Option<Metrics>,
+    ) -> Result<Policies, PolicyError> {
+        let shared = Arc::new(api::HostShared {
+            metrics,
+            ..api::HostShared::default()
+        });
         let set = PolicySet::load(configs, lua, shared.clone())?;
         Ok(Policies {
             current: Arc::new(ArcSwap::from_pointee(set)),

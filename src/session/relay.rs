@@ -21,13 +21,19 @@ use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
+use crate::audit::{Audit, LoginRecord, VerdictRecord};
 use crate::config::{Limits, ListenerTls, UpstreamConfig};
+use crate::imap::command::CommandKind;
 use crate::imap::encode::{self, ResponseValue};
 use crate::imap::response::Status;
+use crate::metrics::{
+    CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
+};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamError};
 use crate::net::{Stream, tune};
-use crate::policy::{ConnInfo, Policies};
+use crate::policy::{ConnInfo, Decision, Policies};
+use std::borrow::Cow;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -41,11 +47,14 @@ pub struct Listener {
     pub name: String,
     pub tls: ListenerTls,
     pub acceptor: Option<TlsAcceptor>,
+    pub metrics: ListenerMetrics,
 }
 
 /// What every session shares.
 pub struct Shared {
     pub policies: Policies,
+    pub metrics: Metrics,
+    pub audit: Audit,
     pub upstream: UpstreamConfig,
     pub upstream_tls: Option<Arc<ClientConfig>>,
     pub settings: Settings,
@@ -79,13 +88,20 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     tune(&tcp);
+    let _open = listener.metrics.connection_opened();
     let started = Instant::now();
     let mut client = match (&listener.acceptor, listener.tls) {
         (Some(acceptor), ListenerTls::Implicit) => {
             match timeout(shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(SessionError::ClientTls(e)),
-                Err(_) => return Err(SessionError::ClientTlsTimeout),
+                Ok(Err(e)) => {
+                    listener.metrics.tls_handshake_failed();
+                    return Err(SessionError::ClientTls(e));
+                }
+                Err(_) => {
+                    listener.metrics.tls_handshake_failed();
+                    return Err(SessionError::ClientTlsTimeout);
+                }
             }
         }
         _ => Stream::Plain(tcp),
@@ -93,6 +109,7 @@ pub async fn serve(
     let up = match upstream::connect(&shared.upstream, shared.upstream_tls.clone()).await {
         Ok(up) => up,
         Err(e) => {
+            shared.metrics.upstream_connect_failed();
             let bye = bye_line("The mail server is unavailable, try again later");
             let _ = timeout(CLOSE_FLUSH, async {
                 client.write_all(&bye).await?;
@@ -119,6 +136,8 @@ pub async fn serve(
         info,
     );
     let driver = Driver {
+        id,
+        peer: peer.to_string(),
         conv,
         listener,
         shared,
@@ -144,6 +163,8 @@ fn bye_line(text: &str) -> Vec<u8> {
 }
 
 struct Driver {
+    id: u64,
+    peer: String,
     conv: Conversation,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
@@ -245,7 +266,10 @@ impl Driver {
                     client_open = false;
                     self.conv.client_eof();
                 }
-                Io::ClientRead(Ok(_)) => {
+                Io::ClientRead(Ok(n)) => {
+                    self.shared
+                        .metrics
+                        .bytes(MetricsDirection::ClientToUpstream, n as u64);
                     self.last_client_activity = Instant::now();
                     self.conv.client_input();
                 }
@@ -253,7 +277,12 @@ impl Driver {
                     upstream_open = false;
                     self.conv.upstream_eof();
                 }
-                Io::UpstreamRead(Ok(_)) => self.conv.upstream_input(),
+                Io::UpstreamRead(Ok(n)) => {
+                    self.shared
+                        .metrics
+                        .bytes(MetricsDirection::UpstreamToClient, n as u64);
+                    self.conv.upstream_input();
+                }
                 Io::ClientWrote(Ok(n)) => {
                     self.conv.to_client.consume(n);
                     client_needs_flush = true;
@@ -323,15 +352,22 @@ impl Driver {
         .await
         {
             Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(SessionError::ClientTls(e)),
-            Err(_) => Err(SessionError::ClientTlsTimeout),
+            Ok(Err(e)) => {
+                self.listener.metrics.tls_handshake_failed();
+                Err(SessionError::ClientTls(e))
+            }
+            Err(_) => {
+                self.listener.metrics.tls_handshake_failed();
+                Err(SessionError::ClientTlsTimeout)
+            }
         }
     }
 
     /// Logs what the conversation reports; never a password or SASL payload, which it never
     /// reports.
     fn report_events(&mut self) {
-        for event in self.conv.events.drain(..) {
+        let events: Vec<Event> = self.conv.events.drain(..).collect();
+        for event in events {
             match event {
                 Event::Login { ok, user } => {
                     if ok {
@@ -339,8 +375,15 @@ impl Driver {
                     } else {
                         tracing::info!(user = user.as_deref().unwrap_or("?"), "login failed");
                     }
+                    let result = if ok {
+                        LoginResult::Ok
+                    } else {
+                        LoginResult::Failed
+                    };
+                    self.login(result, user);
                 }
                 Event::ParseError { direction, error } => {
+                    self.shared.metrics.parse_error(direction.into());
                     tracing::debug!(?direction, %error, "message did not parse");
                 }
                 Event::Violation { direction, what } => {
@@ -351,6 +394,11 @@ impl Driver {
                     status,
                     elapsed,
                 } => {
+                    self.shared.metrics.command_completed(
+                        name.label(),
+                        CommandResult::from(status),
+                        Some(elapsed),
+                    );
                     tracing::trace!(
                         command = name.label(),
                         status = status.as_str(),
@@ -359,13 +407,17 @@ impl Driver {
                     );
                 }
                 Event::Rejected { name } => {
+                    self.shared.metrics.command_completed(
+                        name.label(),
+                        CommandResult::Rejected,
+                        None,
+                    );
+                    if matches!(name.kind, CommandKind::Login | CommandKind::Authenticate) {
+                        self.login(LoginResult::Refused, None);
+                    }
                     tracing::debug!(command = name.label(), "command answered by imapgate");
                 }
-                Event::Policy(d) => {
-                    if d.action != "pass" {
-                        tracing::info!(policy = %d.policy, hook = d.hook.as_str(), action = d.action, code = d.code.as_deref().unwrap_or(""), "policy verdict");
-                    }
-                }
+                Event::Policy(d) => self.policy_decision(d),
             }
         }
         let user = self.conv.user().map(str::to_owned);
@@ -377,10 +429,53 @@ impl Driver {
         }
     }
 
+    fn login(&self, result: LoginResult, user: Option<String>) {
+        self.shared.metrics.login(result);
+        self.shared.audit.login(LoginRecord {
+            result,
+            user,
+            peer: self.peer.clone(),
+            listener: Cow::Owned(self.listener.name.clone()),
+            tls: self.conv.is_tls(),
+            connection_id: self.id,
+        });
+    }
+
+    fn policy_decision(&self, d: Decision) {
+        let metrics = &self.shared.metrics;
+        let hook = d.hook.as_str();
+        metrics.policy_decision(&d.policy, hook, d.action);
+        metrics.policy_duration(&d.policy, hook, d.elapsed);
+        if d.action == "error" {
+            metrics.policy_error(&d.policy, hook);
+        }
+        if d.action == "pass" {
+            return;
+        }
+        tracing::info!(policy = %d.policy, hook, action = d.action, code = d.code.as_deref().unwrap_or(""), "policy verdict");
+        self.shared.audit.verdict(VerdictRecord {
+            policy: Cow::Owned(d.policy.to_string()),
+            hook: Cow::Borrowed(hook),
+            command: d.command.map(Cow::Borrowed),
+            action: Cow::Borrowed(d.action),
+            code: d.code.map(Cow::Owned),
+            user: self.conv.user().map(str::to_owned),
+            peer: self.peer.clone(),
+            connection_id: self.id,
+        });
+    }
+
     fn finish(&mut self) {
         self.conv.disconnect();
         self.report_events();
         let abandoned = self.conv.abandon_pending();
+        for pending in &abandoned {
+            self.shared.metrics.command_completed(
+                pending.name.label(),
+                CommandResult::Aborted,
+                None,
+            );
+        }
         if !abandoned.is_empty() {
             tracing::debug!(count = abandoned.len(), "commands abandoned at disconnect");
         }

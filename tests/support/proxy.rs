@@ -80,6 +80,10 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {listener}"))
     }
 
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().and_then(Server::metrics_addr)
+    }
+
     pub fn active(&self) -> usize {
         self.server.as_ref().map_or(0, Server::active)
     }
