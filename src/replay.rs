@@ -107,8 +107,14 @@ pub fn replay(
         ..ConnInfo::default()
     };
     writeln!(out, "S: {}", greeting.trim_end())?;
-    let mut conv = Conversation::new(settings, opts.tls, Bytes::from(greeting), policies, info);
-    report(&mut conv, out, None, None)?;
+    let mut conv = Conversation::new(
+        settings,
+        opts.tls,
+        Bytes::from(greeting.clone()),
+        policies,
+        info,
+    );
+    report(&mut conv, out, None, Some(&greeting))?;
     for (side, line) in lines {
         let wire = format!("{line}\r\n");
         match side {
