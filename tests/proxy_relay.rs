@@ -54,7 +54,10 @@ async fn implicit_tls_session_covers_the_common_commands() {
     let greeting = c.read_greeting().await;
     let caps = capabilities(std::slice::from_ref(&greeting));
     assert!(caps.contains(&"IMAP4REV1".to_string()), "{greeting}");
-    assert!(!caps.iter().any(|c| c == "STARTTLS" || c == "LOGINDISABLED"), "{greeting}");
+    assert!(
+        !caps.iter().any(|c| c == "STARTTLS" || c == "LOGINDISABLED"),
+        "{greeting}"
+    );
 
     c.login(&user, &pass).await;
     c.ok("a1 CREATE Archive").await;
@@ -83,7 +86,10 @@ async fn implicit_tls_session_covers_the_common_commands() {
     let expunge = c.ok("b2 EXPUNGE").await;
     assert!(expunge.iter().any(|l| l == "* 1 EXPUNGE"), "{expunge:?}");
     let status = c.ok("b3 STATUS Archive (MESSAGES)").await;
-    assert!(status.iter().any(|l| l.contains("MESSAGES 2")), "{status:?}");
+    assert!(
+        status.iter().any(|l| l.contains("MESSAGES 2")),
+        "{status:?}"
+    );
     c.ok("b4 SELECT Archive").await;
     let fetch = c.ok("b5 FETCH 1 BODY.PEEK[]").await;
     assert_eq!(literal_of(fetch[0].as_bytes()), &m1[..]);
@@ -142,7 +148,11 @@ async fn starttls_with_pipelined_command_is_closed_without_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_upstream_tls_mode_relays() {
     let dc = Dovecot::shared();
-    for mode in [UpstreamTls::None, UpstreamTls::Implicit, UpstreamTls::Starttls] {
+    for mode in [
+        UpstreamTls::None,
+        UpstreamTls::Implicit,
+        UpstreamTls::Starttls,
+    ] {
         let proxy = Proxy::for_dovecot(dc, mode).await;
         let (user, pass) = dc.fresh_user();
         let mut c = Client::connect(proxy.addr(PLAIN)).await;
@@ -225,7 +235,8 @@ async fn over_long_line_before_login_is_refused_and_closed() {
     let proxy = Proxy::for_dovecot(dc, UpstreamTls::None).await;
     let mut c = Client::connect_tls(proxy.addr(IMAPS), dc.ca_pem()).await;
     c.read_greeting().await;
-    c.send_line(&format!("a1 LOGIN {} x", "u".repeat(10_000))).await;
+    c.send_line(&format!("a1 LOGIN {} x", "u".repeat(10_000)))
+        .await;
     let rest = String::from_utf8_lossy(&c.expect_closed().await).into_owned();
     assert!(rest.starts_with("a1 BAD [LIMIT] "), "{rest}");
     assert!(rest.contains("* BYE"), "{rest}");
@@ -245,7 +256,10 @@ async fn oversized_literal_gets_toobig_before_any_continuation() {
     // The session is intact, and nothing of the refused APPEND reached the server.
     c.ok("a2 SELECT INBOX").await;
     let status = c.ok("a3 STATUS INBOX (MESSAGES)").await;
-    assert!(status.iter().any(|l| l.contains("MESSAGES 0")), "{status:?}");
+    assert!(
+        status.iter().any(|l| l.contains("MESSAGES 0")),
+        "{status:?}"
+    );
     proxy.shutdown().await;
 }
 
@@ -279,7 +293,9 @@ async fn upstream_killed_mid_fetch_closes_only_that_session() {
     let mut victim = Client::connect_tls(proxy.addr(IMAPS), dc.ca_pem()).await;
     victim.read_greeting().await;
     victim.login("alice", "alicepw").await;
-    victim.append("v1", "INBOX", &message(8 * 1024 * 1024, 9)).await;
+    victim
+        .append("v1", "INBOX", &message(8 * 1024 * 1024, 9))
+        .await;
     victim.ok("v2 SELECT INBOX").await;
     let mut bystander = Client::connect_tls(proxy.addr(IMAPS), dc.ca_pem()).await;
     bystander.read_greeting().await;
@@ -295,7 +311,10 @@ async fn upstream_killed_mid_fetch_closes_only_that_session() {
     assert!(killed.success(), "no imap process for alice found");
 
     let received = victim.expect_closed().await;
-    assert!(received.len() < 8 * 1024 * 1024, "the whole message arrived");
+    assert!(
+        received.len() < 8 * 1024 * 1024,
+        "the whole message arrived"
+    );
     bystander.ok("b1 SELECT INBOX").await;
     bystander.logout().await;
     proxy.shutdown().await;
@@ -311,7 +330,8 @@ async fn pre_login_commands_are_all_relayed() {
     c.ok("p2 NOOP").await;
     let id = c.ok("p3 ID (\"name\" \"imapgate-test\")").await;
     assert!(id.iter().any(|l| l.starts_with("* ID ")), "{id:?}");
-    c.no(&format!("p4 LOGIN {} {}", quote("alice"), quote("wrong"))).await;
+    c.no(&format!("p4 LOGIN {} {}", quote("alice"), quote("wrong")))
+        .await;
     c.logout().await;
     proxy.shutdown().await;
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, MetaMethod, StdLib, Table, UserData, UserDataMethods,
-    Value, VmState,
+    Function, HookTriggers, Lua, LuaOptions, MetaMethod, MultiValue, StdLib, Table, UserData,
+    UserDataMethods, Value, VmState,
 };
 
 use super::api::{self, HostShared};
@@ -132,10 +132,16 @@ struct Vm {
     lua: Lua,
     budget: Arc<Budget>,
     policies: Vec<VmPolicy>,
+    command_shim: Function,
+    response_shim: Function,
+    /// `__newindex` of every ctx proxy: ctx is read-only to policies.
+    readonly: Function,
 }
 
 /// A loaded set of policies.
 pub struct PolicySet {
+    /// Unique per loaded set, so a connection's cached ctx table is never used with another.
+    generation: u64,
     meta: Vec<PolicyMeta>,
     vms: Vec<Vm>,
     /// Command labels some `on_command` hook wants, with `*` for "all".
@@ -155,6 +161,11 @@ impl std::fmt::Debug for PolicySet {
     }
 }
 
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Every command label a filter can name.
 fn all_command_labels() -> Vec<&'static str> {
     let mut labels = Vec::new();
@@ -172,6 +183,7 @@ fn all_command_labels() -> Vec<&'static str> {
 impl PolicySet {
     pub fn empty() -> PolicySet {
         PolicySet {
+            generation: next_generation(),
             meta: Vec::new(),
             vms: Vec::new(),
             command_hooked: HashSet::new(),
@@ -236,6 +248,7 @@ impl PolicySet {
             }
         }
         Ok(PolicySet {
+            generation: next_generation(),
             meta,
             vms,
             command_hooked,
@@ -276,6 +289,48 @@ impl PolicySet {
         self.vms.get((ctx.info.id % n) as usize)
     }
 
+    /// This connection's `ctx` table in its VM: built once, refreshed when the connection's
+    /// info changed. Lua reads it as a plain table (fast), through a read-only proxy.
+    fn ctx_table(&self, vm: &Vm, ctx: &mut ConnCtx) -> mlua::Result<Table> {
+        if let Some(c) = &ctx.lua
+            && c.set == self.generation
+            && c.version == ctx.version
+        {
+            return Ok(c.proxy.clone());
+        }
+        let (proxy, real) = match ctx.lua.take() {
+            Some(c) if c.set == self.generation => (c.proxy, c.real),
+            _ => {
+                let real = vm.lua.create_table()?;
+                real.raw_set("vars", VarsHandle(ctx.vars.clone()))?;
+                let mt = vm.lua.create_table()?;
+                mt.raw_set("__index", real.clone())?;
+                mt.raw_set("__newindex", vm.readonly.clone())?;
+                mt.raw_set("__metatable", false)?;
+                let proxy = vm.lua.create_table()?;
+                proxy.set_metatable(Some(mt))?;
+                (proxy, real)
+            }
+        };
+        let info = &ctx.info;
+        real.raw_set("id", i64::try_from(info.id).unwrap_or(i64::MAX))?;
+        real.raw_set("peer", info.peer.as_str())?;
+        real.raw_set("peer_ip", peer_ip(&info.peer))?;
+        real.raw_set("listener", info.listener.as_str())?;
+        real.raw_set("tls", info.tls)?;
+        real.raw_set("sni", info.sni.as_deref())?;
+        real.raw_set("user", info.user.as_deref())?;
+        real.raw_set("state", info.state)?;
+        real.raw_set("selected", info.selected.as_deref())?;
+        ctx.lua = Some(LuaCtx {
+            set: self.generation,
+            version: ctx.version,
+            proxy: proxy.clone(),
+            real,
+        });
+        Ok(proxy)
+    }
+
     /// Runs one hook of one policy and records the decision; `Err` carries the hook's error.
     fn call(
         &self,
@@ -283,13 +338,16 @@ impl PolicySet {
         policy: usize,
         hook: Hook,
         command: Option<&'static str>,
-        run: impl FnOnce(&Lua, &Function, &ConnCtx) -> mlua::Result<Verdict>,
+        run: impl FnOnce(&Vm, &Function, Table) -> mlua::Result<Verdict>,
     ) -> Option<Result<Verdict, String>> {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
         arm_budget(&vm.lua, &vm.budget, self.instructions, self.time);
-        let result = run(&vm.lua, f, ctx).map_err(|e| flatten_error(&e));
+        let result = self
+            .ctx_table(vm, ctx)
+            .and_then(|c| run(vm, f, c))
+            .map_err(|e| flatten_error(&e));
         let elapsed = started.elapsed();
         let meta = &self.meta[policy];
         let (action, code, error) = match &result {
@@ -319,24 +377,21 @@ impl PolicySet {
     }
 
     pub fn on_connect(&self, ctx: &mut ConnCtx) {
-        self.simple(ctx, Hook::Connect, None);
+        self.simple(ctx, Hook::Connect);
     }
 
     pub fn on_disconnect(&self, ctx: &mut ConnCtx) {
-        self.simple(ctx, Hook::Disconnect, None);
+        self.simple(ctx, Hook::Disconnect);
     }
 
-    fn simple(&self, ctx: &mut ConnCtx, hook: Hook, command: Option<&'static str>) {
+    fn simple(&self, ctx: &mut ConnCtx, hook: Hook) {
         if !self.has_hook(hook) {
             return;
         }
         for i in 0..self.meta.len() {
-            self.call(ctx, i, hook, command, |lua, f, ctx| {
-                lua.scope(|scope| {
-                    let c = scope.create_userdata_ref(ctx)?;
-                    f.call::<Value>(c)?;
-                    Ok(Verdict::Pass)
-                })
+            self.call(ctx, i, hook, None, |_, f, c| {
+                f.call::<Value>(c)?;
+                Ok(Verdict::Pass)
             });
         }
     }
@@ -346,9 +401,8 @@ impl PolicySet {
             return;
         }
         for i in 0..self.meta.len() {
-            self.call(ctx, i, Hook::Capability, None, |lua, f, ctx| {
-                lua.scope(|scope| {
-                    let c = scope.create_userdata_ref(ctx)?;
+            self.call(ctx, i, Hook::Capability, None, |vm, f, c| {
+                vm.lua.scope(|scope| {
                     let caps = scope.create_userdata_ref_mut(&mut *caps)?;
                     f.call::<Value>((c, caps))?;
                     Ok(Verdict::Pass)
@@ -369,14 +423,18 @@ impl PolicySet {
                 continue;
             }
             let name = cmd.name;
-            let result = self.call(ctx, i, Hook::Command, Some(name), |lua, f, ctx| {
-                let table = command_table(lua, cmd)?;
-                let ret = lua.scope(|scope| {
-                    let c = scope.create_userdata_ref(ctx)?;
-                    f.call::<Value>((c, table.clone()))
-                })?;
-                read_back_mailboxes(&table, &mut cmd.mailboxes)?;
-                verdict_of(ret)
+            let result = self.call(ctx, i, Hook::Command, Some(name), |vm, f, c| {
+                let lua = &vm.lua;
+                let mut args = MultiValue::with_capacity(5 + 2 * cmd.mailboxes.len());
+                args.push_back(Value::Function(f.clone()));
+                args.push_back(Value::Table(c));
+                args.push_back(Value::String(lua.create_string(&cmd.tag)?));
+                args.push_back(Value::String(lua.create_string(cmd.name)?));
+                push_slots(lua, &mut args, &cmd.mailboxes)?;
+                let mut ret = vm.command_shim.call::<MultiValue>(args)?;
+                let verdict = ret.pop_front().unwrap_or(Value::Nil);
+                read_back_names(ret, &mut cmd.mailboxes)?;
+                verdict_of(verdict)
             });
             match result {
                 None | Some(Ok(Verdict::Pass)) => {}
@@ -406,14 +464,39 @@ impl PolicySet {
             {
                 continue;
             }
-            let result = self.call(ctx, i, Hook::Response, None, |lua, f, ctx| {
-                let table = response_table(lua, resp)?;
-                let ret = lua.scope(|scope| {
-                    let c = scope.create_userdata_ref(ctx)?;
-                    f.call::<Value>((c, table.clone()))
-                })?;
-                read_back_response(&table, resp)?;
-                verdict_of(ret)
+            let result = self.call(ctx, i, Hook::Response, None, |vm, f, c| {
+                let lua = &vm.lua;
+                let mut args = MultiValue::with_capacity(6 + 2 * resp.mailboxes.len());
+                args.push_back(Value::Function(f.clone()));
+                args.push_back(Value::Table(c));
+                args.push_back(Value::String(lua.create_string(resp.kind)?));
+                args.push_back(match &resp.delimiter {
+                    Some(d) => Value::String(lua.create_string(d)?),
+                    None => Value::Nil,
+                });
+                args.push_back(match &resp.namespace {
+                    Some(ns) => Value::Table(namespace_to_lua(lua, ns)?),
+                    None => Value::Nil,
+                });
+                push_slots(lua, &mut args, &resp.mailboxes)?;
+                let mut ret = vm.response_shim.call::<MultiValue>(args)?;
+                let verdict = ret.pop_front().unwrap_or(Value::Nil);
+                resp.delimiter = match ret.pop_front().unwrap_or(Value::Nil) {
+                    Value::Nil => None,
+                    Value::String(s) => Some(s.to_str()?.to_string()),
+                    other => {
+                        return Err(mlua::Error::RuntimeError(format!(
+                            "resp.delimiter must be a string or nil, not {}",
+                            other.type_name()
+                        )));
+                    }
+                };
+                let namespace = ret.pop_front().unwrap_or(Value::Nil);
+                if resp.namespace.is_some() {
+                    resp.namespace = Some(namespace_from_lua(namespace)?);
+                }
+                read_back_names(ret, &mut resp.mailboxes)?;
+                verdict_of(verdict)
             });
             if let Some(Ok(v @ (Verdict::Drop | Verdict::Close { .. }))) = result {
                 return v;
@@ -434,18 +517,81 @@ impl PolicySet {
             {
                 continue;
             }
-            self.call(ctx, i, Hook::Complete, Some(name), |lua, f, ctx| {
-                let cmd = lua.create_table()?;
-                cmd.set("tag", tag)?;
-                cmd.set("name", name)?;
-                lua.scope(|scope| {
-                    let c = scope.create_userdata_ref(ctx)?;
-                    f.call::<Value>((c, cmd, status.as_str()))?;
-                    Ok(Verdict::Pass)
-                })
+            self.call(ctx, i, Hook::Complete, Some(name), |vm, f, c| {
+                let cmd = vm.lua.create_table()?;
+                cmd.raw_set("tag", tag)?;
+                cmd.raw_set("name", name)?;
+                f.call::<Value>((c, cmd, status.as_str()))?;
+                Ok(Verdict::Pass)
             });
         }
     }
+}
+
+/// Glue that builds the `cmd`/`resp` tables inside Lua (much cheaper than field by field from
+/// Rust) and returns the names the hook may have changed. Trusted code, outside the sandbox.
+const SHIMS: &str = r#"
+local unpack = table.unpack
+local function split(n, ...)
+  local mailboxes, roles = { ... }, {}
+  for i = 1, n do roles[i] = mailboxes[n + i]; mailboxes[n + i] = nil end
+  return mailboxes, roles
+end
+local function command(f, ctx, tag, name, n, ...)
+  local mailboxes, roles = split(n, ...)
+  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles }
+  local verdict = f(ctx, cmd)
+  return verdict, unpack(cmd.mailboxes, 1, n)
+end
+local function response(f, ctx, kind, delimiter, namespace, n, ...)
+  local mailboxes, roles = split(n, ...)
+  local resp = { kind = kind, mailboxes = mailboxes, roles = roles, delimiter = delimiter, namespace = namespace }
+  local verdict = f(ctx, resp)
+  return verdict, resp.delimiter, resp.namespace, unpack(resp.mailboxes, 1, n)
+end
+return command, response
+"#;
+
+/// `n, names..., roles...` as the shims take them.
+fn push_slots(lua: &Lua, args: &mut MultiValue, slots: &[super::MailboxSlot]) -> mlua::Result<()> {
+    args.push_back(Value::Integer(i64::try_from(slots.len()).unwrap_or(0)));
+    for slot in slots {
+        args.push_back(Value::String(lua.create_string(&slot.name)?));
+    }
+    for slot in slots {
+        args.push_back(Value::String(lua.create_string(slot.role_str())?));
+    }
+    Ok(())
+}
+
+fn read_back_names(values: MultiValue, slots: &mut [super::MailboxSlot]) -> mlua::Result<()> {
+    for (i, (value, slot)) in values.into_iter().zip(slots.iter_mut()).enumerate() {
+        match value {
+            Value::String(s) => {
+                let s = s.to_str()?;
+                if *s != *slot.name {
+                    slot.name = s.to_string();
+                }
+            }
+            other => {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "mailboxes[{}] must stay a string, not {}",
+                    i + 1,
+                    other.type_name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Lua side of a connection's `ctx`.
+#[derive(Debug)]
+pub(crate) struct LuaCtx {
+    set: u64,
+    version: u64,
+    proxy: Table,
+    real: Table,
 }
 
 /// The message of a Lua error without mlua's wrapping and traceback noise.
@@ -529,11 +675,26 @@ fn load_vm(
     }
     lua.set_memory_limit(cfg.memory_mb.saturating_mul(1024 * 1024))
         .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let (command_shim, response_shim): (Function, Function) = lua
+        .load(SHIMS)
+        .set_name("=imapgate")
+        .eval()
+        .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let readonly = lua
+        .create_function(|_, ()| -> mlua::Result<()> {
+            Err(mlua::Error::RuntimeError(
+                "ctx is read-only (use ctx.vars for your own values)".into(),
+            ))
+        })
+        .map_err(|e| PolicyError::Lua(e.to_string()))?;
     Ok((
         Vm {
             lua,
             budget,
             policies,
+            command_shim,
+            response_shim,
+            readonly,
         },
         metas,
     ))
@@ -698,104 +859,50 @@ fn contract(
 
 // ----- views as Lua values -----
 
-fn command_table(lua: &Lua, cmd: &CommandView) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("tag", cmd.tag.as_str())?;
-    t.set("name", cmd.name)?;
-    let (names, roles) = slots_tables(lua, &cmd.mailboxes)?;
-    t.set("mailboxes", names)?;
-    t.set("roles", roles)?;
-    Ok(t)
-}
-
-fn slots_tables(lua: &Lua, slots: &[super::MailboxSlot]) -> mlua::Result<(Table, Table)> {
-    let names = lua.create_table_with_capacity(slots.len(), 0)?;
-    let roles = lua.create_table_with_capacity(slots.len(), 0)?;
-    for (i, slot) in slots.iter().enumerate() {
-        names.raw_set(i + 1, slot.name.as_str())?;
-        roles.raw_set(i + 1, slot.role_str())?;
-    }
-    Ok((names, roles))
-}
-
-fn read_back_mailboxes(t: &Table, slots: &mut [super::MailboxSlot]) -> mlua::Result<()> {
-    let names: Table = t.get("mailboxes")?;
-    for (i, slot) in slots.iter_mut().enumerate() {
-        match names.raw_get::<Value>(i + 1)? {
-            Value::String(s) => {
-                let s = s.to_str()?.to_string();
-                if s != slot.name {
-                    slot.name = s;
-                }
+fn namespace_to_lua(lua: &Lua, ns: &Namespace) -> mlua::Result<Table> {
+    let n = lua.create_table()?;
+    for (key, entries) in [
+        ("personal", &ns.personal),
+        ("other", &ns.other),
+        ("shared", &ns.shared),
+    ] {
+        let list = lua.create_table()?;
+        for (i, e) in entries.iter().enumerate() {
+            let entry = lua.create_table()?;
+            entry.set("prefix", e.prefix.as_str())?;
+            if let Some(d) = &e.delimiter {
+                entry.set("delimiter", d.as_str())?;
             }
-            other => {
-                return Err(mlua::Error::RuntimeError(format!(
-                    "mailboxes[{}] must stay a string, not {}",
-                    i + 1,
-                    other.type_name()
-                )));
+            list.raw_set(i + 1, entry)?;
+        }
+        n.set(key, list)?;
+    }
+    Ok(n)
+}
+
+fn namespace_from_lua(value: Value) -> mlua::Result<Namespace> {
+    let Value::Table(n) = value else {
+        return Err(mlua::Error::RuntimeError(
+            "resp.namespace must stay a table".into(),
+        ));
+    };
+    let mut ns = Namespace::default();
+    for (key, slot) in [
+        ("personal", &mut ns.personal),
+        ("other", &mut ns.other),
+        ("shared", &mut ns.shared),
+    ] {
+        if let Some(list) = n.get::<Option<Table>>(key)? {
+            for entry in list.sequence_values::<Table>() {
+                let entry = entry?;
+                slot.push(NamespaceEntry {
+                    prefix: entry.get("prefix")?,
+                    delimiter: entry.get("delimiter")?,
+                });
             }
         }
     }
-    Ok(())
-}
-
-fn response_table(lua: &Lua, resp: &ResponseView) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("kind", resp.kind)?;
-    let (names, roles) = slots_tables(lua, &resp.mailboxes)?;
-    t.set("mailboxes", names)?;
-    t.set("roles", roles)?;
-    if let Some(d) = &resp.delimiter {
-        t.set("delimiter", d.as_str())?;
-    }
-    if let Some(ns) = &resp.namespace {
-        let n = lua.create_table()?;
-        for (key, entries) in [
-            ("personal", &ns.personal),
-            ("other", &ns.other),
-            ("shared", &ns.shared),
-        ] {
-            let list = lua.create_table()?;
-            for (i, e) in entries.iter().enumerate() {
-                let entry = lua.create_table()?;
-                entry.set("prefix", e.prefix.as_str())?;
-                if let Some(d) = &e.delimiter {
-                    entry.set("delimiter", d.as_str())?;
-                }
-                list.raw_set(i + 1, entry)?;
-            }
-            n.set(key, list)?;
-        }
-        t.set("namespace", n)?;
-    }
-    Ok(t)
-}
-
-fn read_back_response(t: &Table, resp: &mut ResponseView) -> mlua::Result<()> {
-    read_back_mailboxes(t, &mut resp.mailboxes)?;
-    resp.delimiter = t.get::<Option<String>>("delimiter")?;
-    if resp.namespace.is_some() {
-        let n: Table = t.get("namespace")?;
-        let mut ns = Namespace::default();
-        for (key, slot) in [
-            ("personal", &mut ns.personal),
-            ("other", &mut ns.other),
-            ("shared", &mut ns.shared),
-        ] {
-            if let Some(list) = n.get::<Option<Table>>(key)? {
-                for entry in list.sequence_values::<Table>() {
-                    let entry = entry?;
-                    slot.push(NamespaceEntry {
-                        prefix: entry.get("prefix")?,
-                        delimiter: entry.get("delimiter")?,
-                    });
-                }
-            }
-        }
-        resp.namespace = Some(ns);
-    }
-    Ok(())
+    Ok(ns)
 }
 
 /// Reads a hook's return value: nothing is pass; a verdict table from `imap.*` is its verdict.
@@ -815,39 +922,10 @@ fn verdict_of(value: Value) -> mlua::Result<Verdict> {
 
 // ----- ctx and caps as userdata -----
 
-impl UserData for ConnCtx {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_meta_method(MetaMethod::Index, |lua, this, key: String| {
-            let info = &this.info;
-            let v = match key.as_str() {
-                "id" => Value::Integer(i64::try_from(info.id).unwrap_or(i64::MAX)),
-                "peer" => Value::String(lua.create_string(&info.peer)?),
-                "peer_ip" => Value::String(lua.create_string(peer_ip(&info.peer))?),
-                "listener" => Value::String(lua.create_string(&info.listener)?),
-                "tls" => Value::Boolean(info.tls),
-                "sni" => opt_string(lua, info.sni.as_deref())?,
-                "user" => opt_string(lua, info.user.as_deref())?,
-                "state" => Value::String(lua.create_string(info.state)?),
-                "selected" => opt_string(lua, info.selected.as_deref())?,
-                "vars" => Value::UserData(lua.create_userdata(VarsHandle(this.vars.clone()))?),
-                _ => Value::Nil,
-            };
-            Ok(v)
-        });
-    }
-}
-
 fn peer_ip(peer: &str) -> &str {
     match peer.rsplit_once(':') {
         Some((ip, _)) => ip.trim_start_matches('[').trim_end_matches(']'),
         None => peer,
-    }
-}
-
-fn opt_string(lua: &Lua, s: Option<&str>) -> mlua::Result<Value> {
-    match s {
-        Some(s) => Ok(Value::String(lua.create_string(s)?)),
-        None => Ok(Value::Nil),
     }
 }
 

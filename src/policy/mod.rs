@@ -127,6 +127,17 @@ pub struct ConnCtx {
     pub info: ConnInfo,
     pub vars: Vars,
     pub decisions: Vec<Decision>,
+    /// Bumped whenever `info` changes, so the Lua copy of ctx is refreshed only then.
+    pub version: u64,
+    /// The Lua table this connection's `ctx` is in its VM (built once, refreshed on change).
+    pub(crate) lua: Option<lua::LuaCtx>,
+}
+
+impl ConnCtx {
+    /// Call after changing `info`.
+    pub fn changed(&mut self) {
+        self.version = self.version.wrapping_add(1);
+    }
 }
 
 /// Why policies could not be loaded.

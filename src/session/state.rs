@@ -242,20 +242,25 @@ impl Conversation {
 
     /// Brings `ctx` (what policies see) up to date.
     pub(super) fn sync_ctx(&mut self) {
-        let info = &mut self.ctx.info;
-        info.tls = self.tls;
-        info.state = match self.state {
+        let state = match self.state {
             ImapState::NotAuthenticated => "not_authenticated",
             ImapState::Authenticated => "authenticated",
             ImapState::Selected => "selected",
             ImapState::Logout => "logout",
         };
-        if info.user != self.user {
-            info.user.clone_from(&self.user);
+        let info = &mut self.ctx.info;
+        if info.tls == self.tls
+            && info.state == state
+            && info.user == self.user
+            && info.selected == self.selected
+        {
+            return;
         }
-        if info.selected != self.selected {
-            info.selected.clone_from(&self.selected);
-        }
+        info.tls = self.tls;
+        info.state = state;
+        info.user.clone_from(&self.user);
+        info.selected.clone_from(&self.selected);
+        self.ctx.changed();
     }
 
     /// Moves what policies decided into the event stream.
