@@ -42,8 +42,11 @@ async fn sighup_swaps_policies_for_live_connections() {
     let dc = Dovecot::shared();
     let dir = support::temp_dir();
     let script = dir.path().join("policy.lua");
-    std::fs::write(&script, "return { commands = { 'SELECT' }, on_command = function() end }")
-        .expect("write");
+    std::fs::write(
+        &script,
+        "return { commands = { 'SELECT' }, on_command = function() end }",
+    )
+    .expect("write");
     let proxy = ProxyProcess::start(&config(dc, &script), &["plain"], "info");
     let (user, pass) = dc.fresh_user();
     let mut c1 = Client::connect(proxy.addr("plain")).await;
@@ -102,7 +105,11 @@ async fn a_runaway_policy_does_not_stop_other_connections() {
         other.ok(&format!("o{i} SELECT INBOX")).await;
     }
     looping.ok("l9 NOOP").await;
-    assert!(proxy.log().contains("instruction budget exceeded"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("instruction budget exceeded"),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]
@@ -110,8 +117,11 @@ fn check_reports_policy_errors_with_file_and_line() {
     let dc = Dovecot::shared();
     let dir = support::temp_dir();
     let script = dir.path().join("broken.lua");
-    std::fs::write(&script, "return {\n  on_command = function(ctx, cmd)\n    if then end\n  end,\n}\n")
-        .expect("write");
+    std::fs::write(
+        &script,
+        "return {\n  on_command = function(ctx, cmd)\n    if then end\n  end,\n}\n",
+    )
+    .expect("write");
     let cfg = dir.path().join("imapgate.toml");
     std::fs::write(&cfg, config(dc, &script).replace("@PORT_plain@", "1143")).expect("write");
     let out = std::process::Command::new(support::proxy::binary())
@@ -128,6 +138,10 @@ fn check_reports_policy_errors_with_file_and_line() {
         .arg(&cfg)
         .output()
         .expect("imapgate check runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 policies: fine"));
 }

@@ -144,8 +144,7 @@ async fn passwords_and_sasl_payloads_never_reach_the_log() {
     c.read_greeting().await;
     c.no(&format!("a1 LOGIN {user} WrongSecret123")).await;
     c.login(&user, &pass).await;
-    let payload =
-        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+    let payload = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
     let mut c2 = Client::connect(proxy.addr("plain")).await;
     c2.read_greeting().await;
     c2.send_line("b1 AUTHENTICATE PLAIN").await;
@@ -156,7 +155,10 @@ async fn passwords_and_sasl_payloads_never_reach_the_log() {
     c2.logout().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = proxy.log();
-    assert!(log.contains("login succeeded"), "the log is not at trace level: {log}");
+    assert!(
+        log.contains("login succeeded"),
+        "the log is not at trace level: {log}"
+    );
     assert!(log.contains(&user), "the user should be logged");
     for secret in [pass.as_str(), "WrongSecret123", payload.as_str()] {
         assert!(!log.contains(secret), "{secret} leaked into the log");
