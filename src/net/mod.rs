@@ -8,4 +8,4 @@ pub mod stream;
 pub mod tls;
 pub mod upstream;
 
-pub use stream::{Stream, tune};
+pub use stream::{Stream, quickack, tune};

@@ -35,8 +35,34 @@ use crate::net::{Stream, tune};
 use crate::policy::{ConnInfo, Decision, Policies};
 use std::borrow::Cow;
 
-/// Bytes read from a socket at a time.
+/// Bytes read from a socket at a time while data streams (reads fill the buffer).
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read at a time otherwise: most IMAP traffic is short lines, and an idle connection
+/// should not hold 2 x 64 KiB.
+const READ_MIN: usize = 4 * 1024;
+
+/// How much the next read on one leg asks for: grows while reads fill the buffer, falls back
+/// when they do not.
+#[derive(Clone, Copy, Debug)]
+struct ReadSize(usize);
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize(READ_MIN)
+    }
+}
+
+impl ReadSize {
+    fn update(&mut self, n: usize) {
+        self.0 = if n >= self.0 {
+            (self.0 * 4).min(READ_CHUNK)
+        } else if n < self.0 / 4 {
+            READ_MIN
+        } else {
+            self.0
+        };
+    }
+}
 /// Chunks written per vectored write.
 const WRITE_SLICES: usize = 32;
 /// How long a closing session may spend flushing its last words to the client.
@@ -191,6 +217,8 @@ impl Driver {
     async fn run(mut self, client: Stream, upstream: Stream) -> Result<(), SessionError> {
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = tokio::io::split(upstream);
+        let mut client_read = ReadSize::default();
+        let mut upstream_read = ReadSize::default();
         let mut client_open = true;
         let mut upstream_open = true;
         let mut client_needs_flush = false;
@@ -246,8 +274,8 @@ impl Driver {
                 let client_pending = !parts.to_client.is_empty();
                 let upstream_pending = !parts.to_upstream.is_empty();
                 tokio::select! {
-                    r = read_into(&mut cr, parts.client_buf), if want_client => Io::ClientRead(r),
-                    r = read_into(&mut ur, parts.upstream_buf), if want_upstream => Io::UpstreamRead(r),
+                    r = read_into(&mut cr, parts.client_buf, client_read.0), if want_client => Io::ClientRead(r),
+                    r = read_into(&mut ur, parts.upstream_buf, upstream_read.0), if want_upstream => Io::UpstreamRead(r),
                     r = write_or_flush(&mut cw, parts.to_client), if client_pending || client_needs_flush => match r {
                         Written::Wrote(r) => Io::ClientWrote(r),
                         Written::Flushed(r) => Io::ClientFlushed(r),
@@ -267,6 +295,7 @@ impl Driver {
                     self.conv.client_eof();
                 }
                 Io::ClientRead(Ok(n)) => {
+                    client_read.update(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::ClientToUpstream, n as u64);
@@ -278,6 +307,7 @@ impl Driver {
                     self.conv.upstream_eof();
                 }
                 Io::UpstreamRead(Ok(n)) => {
+                    upstream_read.update(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::UpstreamToClient, n as u64);
@@ -503,8 +533,14 @@ fn conv_parts(conv: &mut Conversation) -> Parts<'_> {
 async fn read_into<R: AsyncRead + Unpin>(
     r: &mut ReadHalf<R>,
     buf: &mut bytes::BytesMut,
+    size: usize,
 ) -> io::Result<usize> {
-    buf.reserve(READ_CHUNK);
+    // Everything read so far was framed and handed on: drop a big allocation rather than keep
+    // it (frames still queued keep their part of it alive until written).
+    if buf.is_empty() && buf.capacity() > size {
+        *buf = bytes::BytesMut::new();
+    }
+    buf.reserve(size);
     r.read_buf(buf).await
 }
 

@@ -547,7 +547,9 @@ impl Conversation {
             _ => PendingKind::Other,
         };
         self.pending.push(Pending {
-            tag: command.raw.slice(command.tag.start..command.tag.end),
+            // A copy, not a slice: a slice would keep the whole read buffer the command came
+            // in alive for as long as the command is pending (an IDLE: hours).
+            tag: Bytes::copy_from_slice(&command.raw[command.tag.start..command.tag.end]),
             name: command.name,
             kind,
             started: Instant::now(),

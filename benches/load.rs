@@ -1,0 +1,211 @@
+//! The load harness: imapgate against a direct connection to the same private Dovecot.
+//!
+//! ```text
+//! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
+//!     [--idle-connections 1000] [--policies none|shipped|both] [--upstream plain|tls|both]
+//!     [--tls-upstream] [--json] [--imapgate PATH]
+//! ```
+//!
+//! It starts a private Dovecot (tests/support), seeds the mailboxes, starts the imapgate binary
+//! cargo built for this bench (the release build) with a config of its own, and runs each
+//! scenario directly and through imapgate, alternating, for several rounds. Output: a table,
+//! then one JSON object per scenario and variant (one a line). See the README's performance
+//! section.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "load/mod.rs"]
+mod load;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use load::env::Upstream;
+use load::{Options, Policies, Scenario};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Which {
+    None,
+    Shipped,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum UpstreamArg {
+    Plain,
+    Tls,
+    Both,
+}
+
+/// imapgate against a direct connection to the same private Dovecot.
+#[derive(Parser, Debug)]
+#[command(name = "load")]
+struct Cli {
+    /// Rounds of each scenario (each round runs every path once, in rotating order).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds of each measured run (fetch-large, small, small-serial, append).
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Comma-separated: fetch-large, small, small-serial, append, idle, imaplib-append.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
+    /// Idle TLS connections held open in IDLE for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// Rounds of the idle scenario (it is slow to set up).
+    #[arg(long, default_value_t = 1)]
+    idle_rounds: usize,
+    /// Seconds to keep the idle connections open after the memory reading (to profile).
+    #[arg(long, default_value_t = 0.0)]
+    idle_hold: f64,
+    /// Policy variants of imapgate: no policies, the three shipped ones, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    policies: Which,
+    /// A TOML file with [[policy]] tables (absolute script paths) instead of the shipped three.
+    #[arg(long)]
+    policy_config: Option<PathBuf>,
+    /// How clients name Dovecot's "Archive" through imapgate with policies.
+    #[arg(long, default_value = "INBOX.Archive")]
+    policy_archive: String,
+    /// imapgate's upstream leg: plain, TLS, or both (each its own imapgate).
+    #[arg(long, value_enum, default_value = "both")]
+    upstream: UpstreamArg,
+    /// Shorthand for `--upstream tls`: TLS on both legs.
+    #[arg(long)]
+    tls_upstream: bool,
+    /// Concurrent clients of fetch-large.
+    #[arg(long, default_value_t = 4)]
+    fetch_clients: usize,
+    /// Size of each fetch-large message, in KiB.
+    #[arg(long, default_value_t = 5120)]
+    fetch_kib: usize,
+    /// Connections of the small scenario.
+    #[arg(long, default_value_t = 16)]
+    small_connections: usize,
+    /// Commands in flight per connection in the small scenario.
+    #[arg(long, default_value_t = 4)]
+    small_depth: usize,
+    /// Concurrent clients of append (at most 24).
+    #[arg(long, default_value_t = 2)]
+    append_clients: usize,
+    /// Size of each appended message, in KiB.
+    #[arg(long, default_value_t = 1024)]
+    append_kib: usize,
+    /// APPENDs per imaplib run.
+    #[arg(long, default_value_t = 20)]
+    imaplib_appends: usize,
+    /// The imapgate binary (default: the one cargo built for this bench).
+    #[arg(long)]
+    imapgate: Option<PathBuf>,
+    /// Skip the extra baseline on Dovecot's plaintext port.
+    #[arg(long)]
+    no_plain_baseline: bool,
+    /// Only JSON lines on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Give up after this many minutes, whatever is left.
+    #[arg(long, default_value_t = 60)]
+    time_limit_min: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn options(cli: &Cli) -> Result<Options, String> {
+    let mut o = Options {
+        rounds: cli.rounds.max(1),
+        duration: Duration::from_secs_f64(cli.duration.clamp(0.1, 600.0)),
+        idle_connections: cli.idle_connections.max(1),
+        idle_rounds: cli.idle_rounds.max(1),
+        idle_hold: Duration::from_secs_f64(cli.idle_hold.clamp(0.0, 3600.0)),
+        fetch_clients: cli.fetch_clients.max(1),
+        fetch_size: cli.fetch_kib.max(1) * 1024,
+        small_connections: cli.small_connections.max(1),
+        small_depth: cli.small_depth.max(1),
+        append_clients: cli.append_clients.clamp(1, load::env::APPEND_MAX_CLIENTS),
+        append_size: cli.append_kib.max(1) * 1024,
+        imaplib_appends: cli.imaplib_appends.max(1),
+        imapgate: cli.imapgate.clone(),
+        policy_config: cli.policy_config.clone(),
+        policy_archive: cli.policy_archive.clone(),
+        plain_baseline: !cli.no_plain_baseline,
+        progress: !cli.quiet,
+        ..Options::default()
+    };
+    if let Some(names) = &cli.scenarios {
+        o.scenarios = names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| Scenario::parse(n.trim()))
+            .collect::<Result<_, _>>()?;
+    }
+    o.policies = match cli.policies {
+        Which::None => vec![Policies::None],
+        Which::Shipped => vec![Policies::Shipped],
+        Which::Both => vec![Policies::None, Policies::Shipped],
+    };
+    o.upstreams = match (cli.tls_upstream, cli.upstream) {
+        (true, _) | (false, UpstreamArg::Tls) => vec![Upstream::Tls],
+        (false, UpstreamArg::Plain) => vec![Upstream::Plain],
+        (false, UpstreamArg::Both) => vec![Upstream::Plain, Upstream::Tls],
+    };
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = match options(&cli) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("load: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limit = Duration::from_secs(cli.time_limit_min.max(1) * 60);
+    let result = runtime.block_on(async { tokio::time::timeout(limit, load::run(&opts)).await });
+    let report = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("load: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!(
+                "load: gave up after {} minutes (--time-limit-min)",
+                cli.time_limit_min
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    // Connections of the load generator may still be closing: do not wait for them.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let table = load::table(&report);
+    let json = load::json_lines(&report);
+    if cli.json {
+        eprint!("{table}");
+        print!("{json}");
+    } else {
+        print!("{table}");
+        println!();
+        print!("{json}");
+    }
+    ExitCode::SUCCESS
+}

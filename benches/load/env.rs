@@ -1,0 +1,342 @@
+//! What the runs stand on: the file descriptor limit, a private Dovecot sized for the load,
+//! imapgate as a child process with a config written here, and /proc readings.
+
+use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Dovecot, DovecotOptions};
+
+/// Generated Dovecot users (`user0`/`pass0` ..) the scenarios take their mailboxes from.
+pub const USERS: usize = 64;
+pub const FETCH_USER: usize = 0;
+pub const SMALL_USER: usize = 1;
+pub const IMAPLIB_USER: usize = 2;
+/// Append clients use `user{APPEND_FIRST_USER + i}`.
+pub const APPEND_FIRST_USER: usize = 8;
+pub const APPEND_MAX_CLIENTS: usize = 24;
+/// Idle connections are spread over `user{IDLE_FIRST_USER}` .. `+ IDLE_USERS`.
+pub const IDLE_FIRST_USER: usize = 40;
+pub const IDLE_USERS: usize = 16;
+
+// ---------------------------------------------------------------------------------------
+// File descriptors
+// ---------------------------------------------------------------------------------------
+
+/// Raises this process's open-file limit (inherited by Dovecot and imapgate, which are
+/// started afterwards) to at least `want`, raising the hard limit too when allowed (root).
+/// Returns the soft limit in force.
+#[cfg(target_os = "linux")]
+pub fn raise_nofile(want: u64) -> Result<u64, String> {
+    use rlimit::Resource;
+    let (cur, max) = rlimit::getrlimit(Resource::NOFILE)
+        .map_err(|e| format!("getrlimit(RLIMIT_NOFILE): {e}"))?;
+    if cur >= want {
+        return Ok(cur);
+    }
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(max);
+    let hard = max.max(want.min(nr_open));
+    for (soft, hard) in [(want.min(hard), hard), (want.min(max), max)] {
+        if rlimit::setrlimit(Resource::NOFILE, soft, hard).is_ok() {
+            return Ok(soft);
+        }
+    }
+    Ok(cur)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn raise_nofile(_want: u64) -> Result<u64, String> {
+    Err("raising RLIMIT_NOFILE is only done on Linux: use `ulimit -n`".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Dovecot
+// ---------------------------------------------------------------------------------------
+
+/// A private Dovecot able to hold `connections` concurrent sessions (one imap process each).
+pub fn start_dovecot(connections: usize) -> Dovecot {
+    let processes = (connections + 500).max(5000);
+    let clients = (2 * connections + 1000).max(20_000);
+    let extra_config = format!(
+        "default_process_limit = {processes}\n\
+         default_client_limit = {clients}\n\
+         service imap {{\n  process_limit = {processes}\n}}\n\
+         service imap-login {{\n  client_limit = {clients}\n}}\n\
+         service auth {{\n  client_limit = {clients}\n}}\n\
+         service anvil {{\n  client_limit = {clients}\n}}\n\
+         protocol imap {{\n  mail_max_userip_connections = {clients}\n}}\n"
+    );
+    // "/" as delimiter: the shipped namespace policy's default upstream layout.
+    Dovecot::start(DovecotOptions {
+        separator: Some('/'),
+        generated_users: USERS,
+        extra_config,
+        ..DovecotOptions::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// imapgate
+// ---------------------------------------------------------------------------------------
+
+/// How imapgate reaches Dovecot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Plain,
+    Tls,
+}
+
+impl Upstream {
+    pub fn label(self) -> &'static str {
+        match self {
+            Upstream::Plain => "plain",
+            Upstream::Tls => "tls",
+        }
+    }
+}
+
+/// The imapgate binary as a child process, with one implicit-TLS listener.
+pub struct Gate {
+    child: Child,
+    watchdog: Option<(Child, ChildStdin)>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gate {
+    /// Writes a config (listener `imaps` with Dovecot's test certificate, upstream `dc` over
+    /// `upstream`, then `policies` verbatim) and starts `binary run --config` on it.
+    pub fn start(
+        binary: &Path,
+        dc: &Dovecot,
+        upstream: Upstream,
+        policies: Option<&str>,
+        max_connections: usize,
+    ) -> Result<Gate, String> {
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            match Gate::try_start(binary, dc, upstream, policies, max_connections) {
+                Ok(g) => return Ok(g),
+                Err(e) if e.contains("Address already in use") => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    fn try_start(
+        binary: &Path,
+        dc: &Dovecot,
+        upstream: Upstream,
+        policies: Option<&str>,
+        max_connections: usize,
+    ) -> Result<Gate, String> {
+        let dir = crate::support::temp_dir();
+        let port = free_port()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let (up_addr, up_tls) = match upstream {
+            Upstream::Plain => (dc.addr(), "none"),
+            Upstream::Tls => (dc.tls_addr(), "implicit"),
+        };
+        let pki = dc.pki();
+        let mut config = format!(
+            "[[listener]]\nname = \"imaps\"\nbind = \"{addr}\"\ntls = \"implicit\"\n\
+             cert = {cert}\nkey = {key}\n\n\
+             [upstream]\naddress = \"{up_addr}\"\ntls = \"{up_tls}\"\n\
+             server_name = \"localhost\"\nca = {ca}\n\n\
+             [limits]\nmax_connections = {max_connections}\n\n\
+             [log]\nlevel = \"warn\"\n",
+            cert = toml_path(&pki.cert),
+            key = toml_path(&pki.key),
+            ca = toml_path(&pki.ca),
+        );
+        if let Some(p) = policies {
+            config.push('\n');
+            config.push_str(p);
+            config.push('\n');
+        }
+        let config_path = dir.path().join("imapgate.toml");
+        fs::write(&config_path, &config)
+            .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        let log = dir.path().join("imapgate.log");
+        let log_file =
+            fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| format!("dup log fd: {e}"))?;
+        let child = Command::new(binary)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+        let watchdog = spawn_watchdog(child.id()).ok();
+        let mut gate = Gate {
+            child,
+            watchdog,
+            addr,
+            log,
+            _dir: dir,
+        };
+        gate.wait_listening()?;
+        Ok(gate)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "imapgate exited at start ({status}); its log:\n{}",
+                    self.log_text()
+                ));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "imapgate did not listen on {} within 20 s; its log:\n{}",
+            self.addr,
+            self.log_text()
+        ))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Lines of the log at WARN or ERROR level.
+    pub fn warnings(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// User plus system CPU time used so far.
+    pub fn cpu(&self) -> Duration {
+        cpu_time(self.pid())
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some((mut w, stdin)) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+            drop(stdin);
+        }
+    }
+}
+
+/// `sh` that kills `pid` when this process ends in any way (its stdin pipe closes), so that a
+/// harness killed with SIGKILL leaves no imapgate behind.
+fn spawn_watchdog(pid: u32) -> Result<(Child, ChildStdin), String> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "trap '' INT HUP TERM QUIT; while read -r _; do :; done; kill -KILL \"$1\" 2>/dev/null",
+        )
+        .arg("imapgate-bench-watchdog")
+        .arg(pid.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn watchdog: {e}"))?;
+    let stdin = child.stdin.take().ok_or("watchdog stdin")?;
+    Ok((child, stdin))
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
+}
+
+fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------------------
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, in USER_HZ = 100 ticks).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may contain spaces: count from the closing parenthesis.
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After ")": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The imapgate binary to measure: `explicit`, else `$IMAPGATE_BIN`, else the one cargo built
+/// for this bench (the release build under `cargo bench`), else target/release/imapgate.
+pub fn imapgate_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("IMAPGATE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_imapgate") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/imapgate");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "no imapgate binary: run `cargo build --release` or pass --imapgate PATH ({} missing)",
+            p.display()
+        ))
+    }
+}

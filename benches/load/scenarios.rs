@@ -1,0 +1,664 @@
+//! The scenarios. Each one is run against one address (Dovecot's TLS port, or imapgate's TLS
+//! listener) and returns its figures; connection setup is outside the measured window.
+//! Every loop is bounded by a deadline and by a count.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use tokio::task::JoinSet;
+
+use crate::load::client::{self, AnyConn, PlainConn};
+use crate::load::env::{self, Gate};
+
+/// Upper bound on operations of one connection in one run, whatever the duration.
+const MAX_OPS: u64 = 10_000_000;
+
+/// A message of `size` octets with CRLF line ends and varied printable bytes.
+pub fn message(size: usize, seed: u32) -> Vec<u8> {
+    let mut m = format!("From: bench@example.org\r\nSubject: load {seed}\r\n\r\n").into_bytes();
+    let mut x = seed.wrapping_add(1);
+    while m.len() < size {
+        if m.len() % 78 == 76 {
+            m.extend_from_slice(b"\r\n");
+            continue;
+        }
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        m.push(b' ' + ((x >> 16) % 94) as u8);
+    }
+    m.truncate(size.saturating_sub(2));
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+fn user(i: usize) -> (String, String) {
+    crate::support::generated_user(i)
+}
+
+/// Connects (TLS when `tls` is given), reads the greeting and logs in as generated user
+/// `user_index`.
+async fn login(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    user_index: usize,
+    buf: usize,
+) -> Result<AnyConn, String> {
+    let mut c = client::connect(addr, tls, buf).await?;
+    let (u, p) = user(user_index);
+    c.login(&u, &p).await?;
+    Ok(c)
+}
+
+async fn login_plain(addr: SocketAddr, user_index: usize) -> Result<PlainConn, String> {
+    let mut c = client::connect_plain(addr, 256 * 1024).await?;
+    let (u, p) = user(user_index);
+    c.login(&u, &p).await?;
+    Ok(c)
+}
+
+/// Collects the results of tasks, failing on the first error or panic.
+async fn join_all<T: 'static>(mut set: JoinSet<Result<T, String>>) -> Result<Vec<T>, String> {
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(e)) => {
+                set.abort_all();
+                return Err(e);
+            }
+            Err(e) => {
+                set.abort_all();
+                return Err(format!("task failed: {e}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Seeding (plain, straight to Dovecot)
+// ---------------------------------------------------------------------------------------
+
+pub struct Seed {
+    pub fetch_size: usize,
+    pub fetch_messages: usize,
+}
+
+pub const SMALL_MESSAGES: usize = 100;
+
+/// Fills the mailboxes the scenarios read: the fetch user's INBOX with big messages, the small
+/// user's INBOX (half of it \Seen) and Archive. Empties the append users' INBOXes.
+pub async fn seed(dc_plain: SocketAddr, s: &Seed, append_clients: usize) -> Result<(), String> {
+    let mut c = login_plain(dc_plain, env::FETCH_USER).await?;
+    for i in 0..s.fetch_messages {
+        c.append("s", "INBOX", &message(s.fetch_size, i as u32))
+            .await?;
+    }
+    c.logout().await;
+
+    let mut c = login_plain(dc_plain, env::SMALL_USER).await?;
+    c.ok("c", "CREATE Archive").await?;
+    for i in 0..SMALL_MESSAGES {
+        let flags = if i % 2 == 0 { "(\\Seen) " } else { "" };
+        let m = message(2000, 1000 + i as u32);
+        c.send(format!("s APPEND INBOX {flags}{{{}+}}\r\n", m.len()).as_bytes())
+            .await?;
+        c.send_parts(&[&m, b"\r\n"]).await?;
+        let rs = c.until_tagged("s", false).await?;
+        client::expect_ok(&rs, "s", "APPEND")?;
+    }
+    for i in 0..10 {
+        c.append("a", "Archive", &message(1500, 2000 + i)).await?;
+    }
+    c.logout().await;
+
+    for i in 0..append_clients {
+        clear_mailbox(dc_plain, env::APPEND_FIRST_USER + i).await?;
+    }
+    Ok(())
+}
+
+async fn clear_mailbox(dc_plain: SocketAddr, user_index: usize) -> Result<(), String> {
+    let mut c = login_plain(dc_plain, user_index).await?;
+    let rs = c.ok("s", "SELECT INBOX").await?;
+    if exists(&rs) > 0 {
+        c.ok("d", "STORE 1:* +FLAGS.SILENT (\\Deleted)").await?;
+        c.ok("e", "EXPUNGE").await?;
+    }
+    c.logout().await;
+    Ok(())
+}
+
+fn exists(rs: &[client::Response]) -> usize {
+    rs.iter()
+        .filter_map(|r| {
+            let t = std::str::from_utf8(&r.text).ok()?;
+            let n = t.strip_prefix("* ")?.strip_suffix(" EXISTS")?;
+            n.parse().ok()
+        })
+        .next_back()
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// fetch-large
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct FetchResult {
+    pub mib_s: f64,
+    pub fetches: u64,
+}
+
+/// `clients` connections, each fetching BODY.PEEK[] of the big messages in turn until
+/// `duration` has passed. Before the window, message 1 is fetched once and compared with what
+/// was seeded.
+pub async fn fetch_large(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    clients: usize,
+    seed: &Seed,
+    duration: Duration,
+) -> Result<FetchResult, String> {
+    let mut conns = Vec::new();
+    for i in 0..clients {
+        let mut c = login(addr, tls, env::FETCH_USER, 256 * 1024).await?;
+        c.ok("e", "EXAMINE INBOX").await?;
+        if i == 0 {
+            c.send(b"v FETCH 1 BODY.PEEK[]\r\n").await?;
+            let rs = c.until_tagged("v", true).await?;
+            client::expect_ok(&rs, "v", "FETCH")?;
+            let got = rs.iter().flat_map(|r| r.literals.iter()).next();
+            if got.map(Vec::as_slice) != Some(&message(seed.fetch_size, 0)[..]) {
+                return Err(format!(
+                    "fetch-large via {addr}: message 1 differs from what was seeded"
+                ));
+            }
+        }
+        conns.push(c);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let messages = seed.fetch_messages as u64;
+        let size = seed.fetch_size;
+        set.spawn(async move {
+            let mut bytes = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline && n < MAX_OPS {
+                let tag = format!("f{n}");
+                let k = (i as u64 + n) % messages + 1;
+                c.send(format!("{tag} FETCH {k} BODY.PEEK[]\r\n").as_bytes())
+                    .await?;
+                let rs = c.until_tagged(&tag, false).await?;
+                client::expect_ok(&rs, &tag, "FETCH")?;
+                let got: usize = rs.iter().map(|r| r.literal_bytes).sum();
+                if got != size {
+                    return Err(format!("FETCH {k}: {got} literal bytes, expected {size}"));
+                }
+                bytes += got as u64;
+                n += 1;
+            }
+            let end = Instant::now();
+            c.logout().await;
+            Ok((bytes, n, end))
+        });
+    }
+    let results = join_all(set).await?;
+    let bytes: u64 = results.iter().map(|r| r.0).sum();
+    let fetches: u64 = results.iter().map(|r| r.1).sum();
+    let end = results.iter().map(|r| r.2).max().unwrap_or(start);
+    let secs = (end - start).as_secs_f64().max(1e-6);
+    Ok(FetchResult {
+        mib_s: bytes as f64 / (1024.0 * 1024.0) / secs,
+        fetches,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// small
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct SmallResult {
+    pub cmds_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub completed: u64,
+    /// Completions other than OK (a policy's refusal shows up here).
+    pub not_ok: u64,
+    /// p50 latency per command kind, in [`SMALL_KINDS`] order.
+    pub p50_us_by_kind: [f64; 4],
+}
+
+/// The command kinds of the small scenario, in the order they are sent.
+pub const SMALL_KINDS: [&str; 4] = ["FETCH FLAGS", "NOOP", "STATUS", "UID SEARCH"];
+
+fn small_command(i: u64, archive: &str) -> String {
+    match i % 4 {
+        0 => format!("FETCH {} FLAGS", i / 4 % SMALL_MESSAGES as u64 + 1),
+        1 => "NOOP".to_string(),
+        2 => format!("STATUS {archive} (MESSAGES UNSEEN UIDNEXT)"),
+        _ => "UID SEARCH UNSEEN".to_string(),
+    }
+}
+
+/// `conns` connections keeping `depth` small commands in flight each (a new one is sent as
+/// each completes) until `duration` has passed; latency is from sending a command to reading
+/// its tagged completion. `archive` is how this path names the Archive mailbox (the shipped
+/// namespace policy shows it as `INBOX.Archive`).
+pub async fn small(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    conns: usize,
+    depth: usize,
+    duration: Duration,
+    archive: &str,
+) -> Result<SmallResult, String> {
+    let mut cs = Vec::new();
+    for _ in 0..conns {
+        let mut c = login(addr, tls, env::SMALL_USER, 16 * 1024).await?;
+        c.ok("e", "EXAMINE INBOX").await?;
+        cs.push(c);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for (ci, mut c) in cs.into_iter().enumerate() {
+        let depth = depth.max(1);
+        let archive = archive.to_string();
+        set.spawn(async move {
+            let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(depth);
+            let mut latencies: [Vec<u32>; 4] = Default::default();
+            let mut next = ci as u64 * 7;
+            let first = next;
+            let mut not_ok = 0u64;
+            let mut batch = String::new();
+            for _ in 0..depth {
+                batch.push_str(&format!("s{next} {}\r\n", small_command(next, &archive)));
+                inflight.push_back((next, Instant::now()));
+                next += 1;
+            }
+            c.send(batch.as_bytes()).await?;
+            while !inflight.is_empty() {
+                let r = c.read_response(false).await?;
+                let Some(num) = tag_number(&r.text) else {
+                    continue;
+                };
+                let now = Instant::now();
+                let Some(at) = inflight.iter().position(|(n, _)| *n == num) else {
+                    return Err(format!("unexpected tag s{num}: {}", r.lossy()));
+                };
+                let (_, sent) = inflight.remove(at).unwrap_or((num, now));
+                let tag = format!("s{num}");
+                if r.tagged(tag.as_bytes()) != Some(b"OK") {
+                    not_ok += 1;
+                }
+                if now <= deadline {
+                    let us = u32::try_from((now - sent).as_micros()).unwrap_or(u32::MAX);
+                    latencies[(num % 4) as usize].push(us);
+                    if next - first < MAX_OPS {
+                        let cmd = format!("s{next} {}\r\n", small_command(next, &archive));
+                        inflight.push_back((next, Instant::now()));
+                        next += 1;
+                        c.send(cmd.as_bytes()).await?;
+                    }
+                }
+            }
+            c.logout().await;
+            Ok((latencies, not_ok))
+        });
+    }
+    let results = join_all(set).await?;
+    let mut all: Vec<u32> = Vec::new();
+    let mut by_kind: [Vec<u32>; 4] = Default::default();
+    let mut not_ok = 0;
+    for (l, n) in results {
+        for (k, v) in l.into_iter().enumerate() {
+            all.extend_from_slice(&v);
+            by_kind[k].extend(v);
+        }
+        not_ok += n;
+    }
+    all.sort_unstable();
+    let p50_us_by_kind = by_kind.map(|mut v| {
+        v.sort_unstable();
+        percentile(&v, 0.5)
+    });
+    Ok(SmallResult {
+        cmds_per_s: all.len() as f64 / duration.as_secs_f64(),
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+        completed: all.len() as u64,
+        not_ok,
+        p50_us_by_kind,
+    })
+}
+
+/// The number of a tagged response `s<n> ...`.
+fn tag_number(text: &[u8]) -> Option<u64> {
+    let rest = text.strip_prefix(b"s")?;
+    let end = rest.iter().position(|&b| b == b' ')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+pub fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)])
+}
+
+// ---------------------------------------------------------------------------------------
+// append
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct AppendResult {
+    pub mib_s: f64,
+    pub appended: u64,
+    /// Every appended message was read back straight from Dovecot and compared.
+    pub verified: u64,
+}
+
+/// `clients` connections (one user each), each APPENDing its own message (synchronizing
+/// literal) until `duration` has passed. Afterwards every appended message is read back from
+/// Dovecot's plain port, compared byte for byte, and expunged.
+pub async fn append(
+    addr: SocketAddr,
+    dc_plain: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    clients: usize,
+    size: usize,
+    seed: u32,
+    duration: Duration,
+) -> Result<AppendResult, String> {
+    let clients = clients.min(env::APPEND_MAX_CLIENTS);
+    let mut conns = Vec::new();
+    for i in 0..clients {
+        conns.push(login(addr, tls, env::APPEND_FIRST_USER + i, 16 * 1024).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let msg = message(size, seed.wrapping_mul(31).wrapping_add(i as u32));
+        set.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline && n < MAX_OPS {
+                c.append(&format!("a{n}"), "INBOX", &msg).await?;
+                n += 1;
+            }
+            let end = Instant::now();
+            c.logout().await;
+            Ok((i, n, end))
+        });
+    }
+    let results = join_all(set).await?;
+    let appended: u64 = results.iter().map(|r| r.1).sum();
+    let end = results.iter().map(|r| r.2).max().unwrap_or(start);
+    let secs = (end - start).as_secs_f64().max(1e-6);
+    let mut verified = 0;
+    for (i, n, _) in &results {
+        let msg = message(size, seed.wrapping_mul(31).wrapping_add(*i as u32));
+        verified += verify_and_clear(dc_plain, env::APPEND_FIRST_USER + i, &msg, *n).await?;
+    }
+    Ok(AppendResult {
+        mib_s: appended as f64 * size as f64 / (1024.0 * 1024.0) / secs,
+        appended,
+        verified,
+    })
+}
+
+/// Reads every message of the user's INBOX straight from Dovecot, checks that there are
+/// `count` and that each equals `msg`, then expunges them all.
+async fn verify_and_clear(
+    dc_plain: SocketAddr,
+    user_index: usize,
+    msg: &[u8],
+    count: u64,
+) -> Result<u64, String> {
+    let mut c = login_plain(dc_plain, user_index).await?;
+    let rs = c.ok("s", "SELECT INBOX").await?;
+    let n = exists(&rs) as u64;
+    if n != count {
+        return Err(format!(
+            "append: user{user_index} has {n} messages upstream, {count} were appended"
+        ));
+    }
+    for k in 1..=n.min(MAX_OPS) {
+        c.send(format!("v FETCH {k} BODY.PEEK[]\r\n").as_bytes())
+            .await?;
+        let rs = c.until_tagged("v", true).await?;
+        client::expect_ok(&rs, "v", "FETCH")?;
+        let got = rs.iter().flat_map(|r| r.literals.iter()).next();
+        if got.map(Vec::as_slice) != Some(msg) {
+            return Err(format!(
+                "append: user{user_index} message {k} differs upstream from what was sent \
+                 ({} bytes, sent {})",
+                got.map_or(0, Vec::len),
+                msg.len()
+            ));
+        }
+    }
+    if n > 0 {
+        c.ok("d", "STORE 1:* +FLAGS.SILENT (\\Deleted)").await?;
+        c.ok("x", "EXPUNGE").await?;
+    }
+    c.logout().await;
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------
+// idle
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct IdleResult {
+    /// Connections per second to get from TCP connect to IDLE (TLS, LOGIN, SELECT, IDLE).
+    pub setup_per_s: f64,
+    pub rss_before_kib: u64,
+    pub rss_idle_kib: u64,
+    pub rss_after_kib: u64,
+    pub kib_per_conn: f64,
+}
+
+/// Concurrent connection setups during the idle scenario.
+const IDLE_SETUP_CONCURRENCY: usize = 32;
+
+async fn idle_one(addr: SocketAddr, tls: Arc<ClientConfig>, i: usize) -> Result<AnyConn, String> {
+    let user = env::IDLE_FIRST_USER + i % env::IDLE_USERS;
+    let mut c = login(addr, Some(&tls), user, 2048).await?;
+    c.ok("s", "SELECT INBOX").await?;
+    c.send(b"i IDLE\r\n").await?;
+    for _ in 0..100 {
+        let r = c.read_response(false).await?;
+        if r.is_continuation() {
+            return Ok(c);
+        }
+        if r.tagged(b"i").is_some() {
+            return Err(format!("IDLE refused: {}", r.lossy()));
+        }
+    }
+    Err("no continuation after IDLE".into())
+}
+
+/// Ends IDLE (checks the tagged OK) and logs out.
+async fn idle_done(mut c: AnyConn) -> Result<(), String> {
+    c.send(b"DONE\r\n").await?;
+    let rs = c.until_tagged("i", false).await?;
+    client::expect_ok(&rs, "i", "IDLE")?;
+    c.logout().await;
+    Ok(())
+}
+
+/// Opens `n` TLS connections that log in, select INBOX and sit in IDLE; with `gate`, reads
+/// imapgate's RSS before (after one warm-up connection) and with all of them idle.
+pub async fn idle(
+    addr: SocketAddr,
+    tls: &Arc<ClientConfig>,
+    n: usize,
+    gate: Option<&Gate>,
+    hold: Duration,
+) -> Result<IdleResult, String> {
+    idle_done(idle_one(addr, tls.clone(), 0).await?).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before_kib = gate.map_or(0, Gate::rss_kib);
+
+    let start = Instant::now();
+    let mut conns: Vec<AnyConn> = Vec::with_capacity(n);
+    let mut set: JoinSet<Result<AnyConn, String>> = JoinSet::new();
+    let mut launched = 0;
+    while conns.len() < n {
+        while launched < n && set.len() < IDLE_SETUP_CONCURRENCY {
+            let tls = tls.clone();
+            let i = launched;
+            set.spawn(async move { idle_one(addr, tls, i).await });
+            launched += 1;
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(c))) => conns.push(c),
+            Some(Ok(Err(e))) => {
+                set.abort_all();
+                return Err(format!("idle connection {}: {e}", conns.len()));
+            }
+            Some(Err(e)) => return Err(format!("idle task: {e}")),
+            None => break,
+        }
+    }
+    let setup = start.elapsed();
+    // Let imapgate's buffers settle; take the highest of a few readings.
+    let mut rss_idle_kib = 0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        rss_idle_kib = rss_idle_kib.max(gate.map_or(0, Gate::rss_kib));
+    }
+    if gate.is_some() && !hold.is_zero() {
+        eprintln!(
+            "load: idle: {n} connections in IDLE now (RSS read: {rss_idle_kib} KiB); holding {hold:?}"
+        );
+        tokio::time::sleep(hold.min(Duration::from_secs(3600))).await;
+    }
+
+    let mut set: JoinSet<Result<(), String>> = JoinSet::new();
+    let mut done = 0;
+    let mut pending = conns.into_iter();
+    loop {
+        while set.len() < IDLE_SETUP_CONCURRENCY * 4 {
+            let Some(c) = pending.next() else { break };
+            set.spawn(idle_done(c));
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(()))) => done += 1,
+            Some(Ok(Err(e))) => return Err(format!("ending IDLE: {e}")),
+            Some(Err(e)) => return Err(format!("idle task: {e}")),
+            None => break,
+        }
+    }
+    if done != n {
+        return Err(format!("only {done} of {n} idle connections ended cleanly"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_after_kib = gate.map_or(0, Gate::rss_kib);
+    Ok(IdleResult {
+        setup_per_s: n as f64 / setup.as_secs_f64().max(1e-6),
+        rss_before_kib,
+        rss_idle_kib,
+        rss_after_kib,
+        kib_per_conn: rss_idle_kib.saturating_sub(rss_before_kib) as f64 / n.max(1) as f64,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// python3 imaplib APPEND latency
+// ---------------------------------------------------------------------------------------
+
+/// imaplib sends an APPEND's literal and its final CRLF in two writes: without TCP_NODELAY
+/// on the proxy, each APPEND waits for the delayed ACK (~40 ms).
+const IMAPLIB_SCRIPT: &str = r#"
+import imaplib, json, ssl, sys, time
+host, port, ca, user, pw, count, size = sys.argv[1:8]
+ctx = ssl.create_default_context(cafile=ca)
+m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx, timeout=30)
+m.login(user, pw)
+body = b"x" * int(size)
+msg = b"From: imaplib@example.org\r\nSubject: imaplib\r\n\r\n" + body + b"\r\n"
+lat = []
+for i in range(int(count)):
+    t = time.perf_counter()
+    typ, data = m.append("INBOX", None, None, msg)
+    lat.append((time.perf_counter() - t) * 1000.0)
+    if typ != "OK":
+        sys.exit("APPEND: %r %r" % (typ, data))
+m.select("INBOX")
+m.store("1:*", "+FLAGS.SILENT", "\\Deleted")
+m.expunge()
+m.logout()
+print(json.dumps(lat))
+"#;
+
+#[derive(Debug, Clone)]
+pub struct ImaplibResult {
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn python3() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("python3"))
+        .find(|p| p.is_file())
+}
+
+/// `count` APPENDs of a small message by python3's imaplib over TLS to `addr`.
+pub async fn imaplib_append(
+    python: &std::path::Path,
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    count: usize,
+) -> Result<ImaplibResult, String> {
+    let (u, p) = user(env::IMAPLIB_USER);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python)
+            .arg("-c")
+            .arg(IMAPLIB_SCRIPT)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg(ca)
+            .arg(&u)
+            .arg(&p)
+            .arg(count.to_string())
+            .arg("2000")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "imaplib: timed out after 120 s".to_string())?
+    .map_err(|e| format!("imaplib: cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "imaplib via {addr} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut lat: Vec<f64> =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("imaplib output: {e}"))?;
+    lat.sort_by(f64::total_cmp);
+    Ok(ImaplibResult {
+        median_ms: median(&lat),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+    })
+}
+
+pub fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}

@@ -1,0 +1,119 @@
+//! The load harness (benches/load) run for a few seconds with tiny sizes: it must produce a
+//! figure for every scenario and variant. No timing is asserted: figures from a debug build on
+//! a shared machine mean nothing; this only proves that `cargo bench --bench load` works.
+
+mod support;
+
+#[path = "../benches/load/mod.rs"]
+mod load;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use load::env::Upstream;
+use load::{Options, Policies, Scenario};
+
+fn tiny() -> Options {
+    Options {
+        rounds: 1,
+        duration: Duration::from_millis(300),
+        idle_connections: 8,
+        idle_rounds: 1,
+        fetch_clients: 2,
+        fetch_size: 64 * 1024,
+        fetch_messages: 2,
+        small_connections: 2,
+        small_depth: 2,
+        append_clients: 2,
+        append_size: 16 * 1024,
+        imaplib_appends: 2,
+        imapgate: Some(PathBuf::from(env!("CARGO_BIN_EXE_imapgate"))),
+        progress: false,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn load_harness_produces_figures_for_every_scenario() {
+    let opts = Options {
+        upstreams: vec![Upstream::Plain, Upstream::Tls],
+        policies: vec![Policies::None, Policies::Shipped],
+        ..tiny()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let report = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(240), load::run(&opts)).await })
+        .expect("the harness finishes within 4 minutes")
+        .unwrap_or_else(|e| panic!("the harness failed: {e}"));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+
+    let table = load::table(&report);
+    let shipped = opts.policy_dir.join("require_tls.lua").is_file();
+    let variants = if shipped { 4 } else { 2 };
+    let python = load::scenarios::python3().is_some();
+    for scenario in Scenario::ALL {
+        if scenario == Scenario::Imaplib && !python {
+            continue;
+        }
+        let rows: Vec<_> = report
+            .rows
+            .iter()
+            .filter(|r| r.scenario == scenario.name())
+            .collect();
+        assert_eq!(rows.len(), variants, "{scenario:?}\n{table}");
+        for r in rows {
+            let (d, p) = (r.direct.unwrap_or(0.0), r.proxied.unwrap_or(0.0));
+            assert!(
+                d > 0.0 && p > 0.0,
+                "{scenario:?} has no figure: {r:?}\n{table}"
+            );
+            assert!(r.ratio.is_some(), "{r:?}");
+            match scenario {
+                Scenario::Small | Scenario::SmallSerial => {
+                    assert!(
+                        r.p50_us_proxied.is_some() && r.p99_us_direct.is_some(),
+                        "{r:?}"
+                    );
+                    assert!(r.direct_plain.is_some(), "{r:?}");
+                    assert_eq!(r.not_ok, Some(0), "a command was refused: {r:?}");
+                }
+                Scenario::Append => {
+                    assert!(r.verified_messages.unwrap_or(0) > 0, "{r:?}")
+                }
+                Scenario::Idle => {
+                    assert!(r.kib_per_idle_conn.is_some(), "{r:?}");
+                    assert!(r.rss_idle_kib.unwrap_or(0) > 0, "{r:?}");
+                }
+                _ => {}
+            }
+        }
+    }
+    // One JSON object per row, each parseable on its own.
+    let json = load::json_lines(&report);
+    assert_eq!(json.lines().count(), report.rows.len());
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert!(v["scenario"].is_string() && v["unit"].is_string(), "{line}");
+    }
+    assert!(
+        table.contains("fetch-large") && table.contains("direct"),
+        "{table}"
+    );
+}
+
+#[test]
+fn literal_announcements_are_found() {
+    use load::client::{appenduid, literal_announcement};
+    assert_eq!(literal_announcement(b"* 1 FETCH (BODY[] {5}"), Some(5));
+    assert_eq!(literal_announcement(b"a APPEND INBOX {12+}"), Some(12));
+    assert_eq!(literal_announcement(b"* OK {x}"), None);
+    assert_eq!(literal_announcement(b"* OK done"), None);
+    assert_eq!(
+        appenduid(b"a OK [APPENDUID 17 42] Append completed."),
+        Some(42)
+    );
+}
