@@ -352,3 +352,22 @@ async fn pipelined_commands_keep_their_order() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_client_still_gets_its_answers() {
+    let dc = Dovecot::shared();
+    let proxy = Proxy::for_dovecot(dc, UpstreamTls::None).await;
+    let (user, pass) = dc.fresh_user();
+    let mut c = Client::connect(proxy.addr(PLAIN)).await;
+    c.read_greeting().await;
+    // Pipeline everything, then close the sending side at once.
+    c.send(format!("h1 LOGIN {user} {pass}\r\nh2 SELECT INBOX\r\nh3 LOGOUT\r\n").as_bytes())
+        .await;
+    c.shutdown().await;
+    let rest = String::from_utf8_lossy(&c.expect_closed().await).into_owned();
+    assert!(rest.contains("h1 OK"), "{rest}");
+    assert!(rest.contains("h2 OK"), "{rest}");
+    assert!(rest.contains("* BYE"), "{rest}");
+    assert!(rest.contains("h3 OK"), "{rest}");
+    proxy.shutdown().await;
+}
