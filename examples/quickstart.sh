@@ -117,7 +117,7 @@ sed -e "s|@ROOT@|$DIR|g" \
     -e "s|@INTERNAL_GROUP@|$INTERNAL_GROUP|g" \
     -e "s|@MAIL_UID@|$MAIL_UID|g" \
     -e "s|@MAIL_GID@|$MAIL_GID|g" \
-    -e "s|@SEPARATOR@||g" \
+    -e "s|@SEPARATOR@|/|g" \
     -e "s|@PREFIX@||g" \
     -e "s|@IMAP_PLUGINS@||g" \
     examples/dovecot.conf >"$DIR/dovecot.conf"
@@ -187,6 +187,9 @@ imapgate is starting in front of Dovecot (upstream 127.0.0.1:$PORT, plain).
   STARTTLS      127.0.0.1:1143    openssl s_client -connect 127.0.0.1:1143 -starttls imap
   a real client:                  curl --insecure imaps://127.0.0.1:1993/ -u alice:alicepw
   users: alice/alicepw, bob/bobpw. The certificate is self-signed (hence -k / --insecure).
+  policies: require_tls (no login before TLS), namespace (clients see INBOX.x.y for the
+            server's x/y), search_rate_limit (5 SEARCHes in a burst, then 1/s per user).
+  metrics:  curl http://127.0.0.1:9143/metrics    health: curl http://127.0.0.1:9143/healthz
   Ctrl-C stops imapgate and Dovecot.
 
 EOT

@@ -60,7 +60,7 @@ local function to_upstream(name)
     return "INBOX"
   end
   local rest = strip_prefix(name, cp)
-  if rest == nil or rest == "" or plain_find(rest, ud) then
+  if rest == nil or rest == "" or (cd ~= ud and plain_find(rest, ud)) then
     return nil
   end
   return up .. split_join(rest, cd, ud)
@@ -72,7 +72,7 @@ local function to_client(name)
     return "INBOX"
   end
   local rest = strip_prefix(name, up)
-  if rest == nil or rest == "" or plain_find(rest, cd) then
+  if rest == nil or rest == "" or (cd ~= ud and plain_find(rest, cd)) then
     return nil
   end
   return cp .. split_join(rest, ud, cd)
@@ -83,7 +83,7 @@ end
 -- filtered against the client's own pattern.
 local function pattern_to_upstream(pattern)
   local rest = strip_prefix(pattern, cp)
-  if rest == nil or plain_find(rest, ud) then
+  if rest == nil or (cd ~= ud and plain_find(rest, ud)) then
     return up .. "*"
   end
   return up .. split_join(rest, cd, ud)

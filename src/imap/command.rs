@@ -192,14 +192,7 @@ impl Command {
 
     /// True when the command ends with a literal whose data is not in this message.
     pub fn is_cut(&self) -> bool {
-        fn cut(t: &Token) -> bool {
-            match t {
-                Token::Literal { data: None, .. } => true,
-                Token::List { items, .. } => items.last().is_some_and(cut),
-                _ => false,
-            }
-        }
-        self.args.last().is_some_and(cut)
+        self.args.last().is_some_and(Token::is_cut)
     }
 
     /// The mailbox-bearing arguments, in order.
