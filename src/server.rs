@@ -70,17 +70,25 @@ pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Option<Arc<rustls::ClientConfig>>
 /// certificates are reported before the proxy runs.
 pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
     let mut acceptors = Vec::new();
+    // Listeners without a certificate share one generated self-signed certificate.
+    let mut self_signed: Option<Arc<rustls::ServerConfig>> = None;
     for l in &config.listeners {
         let acceptor = match l.tls {
             ListenerTls::None => None,
             ListenerTls::Implicit | ListenerTls::Starttls => {
-                let cfg =
-                    tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(|source| {
-                        ServerError::ListenerTls {
+                let generated = l.cert.is_none() && l.key.is_none();
+                let cfg = match (&self_signed, generated) {
+                    (Some(cfg), true) => cfg.clone(),
+                    _ => tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(
+                        |source| ServerError::ListenerTls {
                             name: l.name.clone(),
                             source,
-                        }
-                    })?;
+                        },
+                    )?,
+                };
+                if generated {
+                    self_signed = Some(cfg.clone());
+                }
                 Some(TlsAcceptor::from(cfg))
             }
         };
@@ -109,7 +117,6 @@ impl Server {
                     .await
                     .map_err(ServerError::Metrics)?;
                 let addr = endpoint.local_addr();
-                tracing::info!(%addr, "metrics endpoint listening");
                 let task = tokio::spawn(async move {
                     if let Err(e) = endpoint.run().await {
                         tracing::error!(error = %e, "metrics endpoint failed");
