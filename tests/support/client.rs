@@ -66,51 +66,8 @@ pub fn insecure_tls_config() -> Arc<ClientConfig> {
     imapgate::net::tls::client_config(None, false).expect("insecure TLS client config")
 }
 
-/// Plain TCP or TLS over TCP.
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// Plain TCP or TLS over TCP: imapgate's own stream type.
+pub use imapgate::net::Stream;
 
 /// A test IMAP client (see the module docs).
 pub struct Client {
@@ -173,7 +130,7 @@ impl Client {
         );
         let tcp = match self.stream.take() {
             Some(Stream::Plain(tcp)) => tcp,
-            Some(Stream::Tls(_)) => panic!("already TLS"),
+            Some(_) => panic!("already TLS"),
             None => panic!("connection gone"),
         };
         let name = ServerName::try_from(server_name.to_string()).expect("server name");
@@ -181,18 +138,18 @@ impl Client {
             .await
             .unwrap_or_else(|_| panic!("TLS handshake with {}: timed out", self.peer))
             .unwrap_or_else(|e| panic!("TLS handshake with {}: {e}", self.peer));
-        self.stream = Some(Stream::Tls(Box::new(tls)));
+        self.stream = Some(Stream::ClientTls(Box::new(tls)));
     }
 
     /// True once the connection is TLS.
     pub fn is_tls(&self) -> bool {
-        matches!(self.stream, Some(Stream::Tls(_)))
+        self.stream.as_ref().is_some_and(Stream::is_tls)
     }
 
     /// The ALPN protocol the server chose, if any.
     pub fn alpn(&self) -> Option<Vec<u8>> {
         match &self.stream {
-            Some(Stream::Tls(s)) => s.get_ref().1.alpn_protocol().map(|p| p.to_vec()),
+            Some(s) => s.alpn().map(<[u8]>::to_vec),
             _ => None,
         }
     }
