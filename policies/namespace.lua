@@ -82,6 +82,9 @@ end
 -- with the whole client prefix ("*", "%", "INBOX*") ask for everything; the responses are then
 -- filtered against the client's own pattern.
 local function pattern_to_upstream(pattern)
+  if string.upper(pattern) == "INBOX" then
+    return "INBOX"
+  end
   local rest = strip_prefix(pattern, cp)
   if rest == nil or (cd ~= ud and plain_find(rest, ud)) then
     return up .. "*"
@@ -134,6 +137,7 @@ return {
     "GETMETADATA", "SETMETADATA",
   },
   responses = { "LIST", "LSUB", "STATUS", "NAMESPACE", "ACL", "MYRIGHTS", "LISTRIGHTS", "QUOTAROOT", "METADATA" },
+  completes = { "LIST", "LSUB" },
 
   on_command = function(ctx, cmd)
     if cmd.name == "LIST" or cmd.name == "LSUB" then
@@ -157,7 +161,11 @@ return {
           end
         end
       end
-      ctx.vars.namespace_list_patterns = table.concat(patterns, "\n")
+      -- Pipelined LISTs are answered in order: queue each one's patterns, and let the
+      -- responses use the oldest until its tagged completion (on_complete) removes it.
+      local tail = (ctx.vars.ns_list_tail or 0) + 1
+      ctx.vars.ns_list_tail = tail
+      ctx.vars["ns_list_" .. tail] = table.concat(patterns, "\n")
       return
     end
     for i, name in ipairs(cmd.mailboxes) do
@@ -192,11 +200,19 @@ return {
       if resp.delimiter then
         resp.delimiter = cd
       end
-      local patterns = ctx.vars.namespace_list_patterns
+      local patterns = ctx.vars["ns_list_" .. ((ctx.vars.ns_list_head or 0) + 1)]
       local name = resp.mailboxes[1]
       if patterns and name and name ~= "" and not matches_any(name, patterns) then
         return imap.drop()
       end
+    end
+  end,
+
+  on_complete = function(ctx, cmd, status)
+    if cmd.name == "LIST" or cmd.name == "LSUB" then
+      local head = (ctx.vars.ns_list_head or 0) + 1
+      ctx.vars["ns_list_" .. head] = nil
+      ctx.vars.ns_list_head = head
     end
   end,
 }

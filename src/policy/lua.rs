@@ -54,6 +54,8 @@ struct PolicyMeta {
     name: Arc<str>,
     commands: Option<HashSet<String>>,
     responses: Option<HashSet<String>>,
+    /// `on_complete` filter; `None` means the `commands` filter applies.
+    completes: Option<HashSet<String>>,
     has: [bool; 6],
     on_error: OnError,
 }
@@ -510,9 +512,11 @@ impl PolicySet {
             return;
         }
         for i in 0..self.meta.len() {
-            if !self.meta[i]
-                .commands
+            let meta = &self.meta[i];
+            if !meta
+                .completes
                 .as_ref()
+                .or(meta.commands.as_ref())
                 .is_none_or(|c| c.contains(name))
             {
                 continue;
@@ -758,6 +762,7 @@ fn contract(
         "name",
         "commands",
         "responses",
+        "completes",
         "on_connect",
         "on_capability",
         "on_command",
@@ -821,6 +826,7 @@ fn contract(
     };
     let labels = all_command_labels();
     let commands = list("commands", &|s| labels.contains(&s))?;
+    let completes = list("completes", &|s| labels.contains(&s))?;
     let responses = list("responses", &|s| {
         api::RESPONSE_KINDS.iter().any(|k| k.as_str() == s)
     })?;
@@ -850,6 +856,7 @@ fn contract(
             name: Arc::from(name.as_str()),
             commands,
             responses,
+            completes,
             has,
             on_error,
         },
