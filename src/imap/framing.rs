@@ -229,14 +229,6 @@ impl Framer {
         self.at_message_start = true;
     }
 
-    /// Removes and returns everything buffered and not yet framed; used after STARTTLS, where
-    /// any byte behind the command is an injection attempt.
-    pub fn take_unframed(&mut self) -> Bytes {
-        self.offset += self.buf.len() as u64;
-        self.state = LINE_START;
-        self.buf.split().freeze()
-    }
-
     /// The next frame, `Ok(None)` when more input is needed.
     ///
     /// After an error the framer has skipped the offending line (or, for an over-long line, will

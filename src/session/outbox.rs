@@ -26,10 +26,6 @@ impl Outbox {
         self.queue.push_back(bytes);
     }
 
-    pub fn push_slice(&mut self, bytes: &[u8]) {
-        self.push(Bytes::copy_from_slice(bytes));
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -51,11 +47,6 @@ impl Outbox {
                 .take(max)
                 .map(|b| std::io::IoSlice::new(b)),
         );
-    }
-
-    /// The first queued chunk.
-    pub fn front(&self) -> Option<&Bytes> {
-        self.queue.front()
     }
 
     /// Drops `n` written bytes from the front.
