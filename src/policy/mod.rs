@@ -215,6 +215,12 @@ impl Policies {
         self.current.load_full()
     }
 
+    /// A cheap look at the live set (no reference count touched), for the per-message check
+    /// whether any policy wants a message at all.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<PolicySet>> {
+        self.current.load()
+    }
+
     /// The host state shared by all policies (rate limiters, shared counters, metrics sink).
     pub fn host(&self) -> &Arc<api::HostShared> {
         &self.shared

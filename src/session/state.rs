@@ -510,8 +510,8 @@ impl Conversation {
             }
             _ => {}
         }
-        let set = self.policies.current();
-        if set.hooks_command(command.name) {
+        if self.policies.peek().hooks_command(command.name) {
+            let set = self.policies.current();
             return self.judge_command(&set, command, literal, false);
         }
         let raw = command.raw.clone();
@@ -806,7 +806,7 @@ impl Conversation {
                     self.to_upstream.push(next);
                 }
             }
-            ResponseKind::Data { kind, .. } if self.policies.current().hooks_response(*kind) => {
+            ResponseKind::Data { kind, .. } if self.policies.peek().hooks_response(*kind) => {
                 let set = self.policies.current();
                 self.judge_response(&set, response);
             }
