@@ -148,6 +148,8 @@ pub struct PolicySet {
     vms: Vec<Vm>,
     /// Command labels some `on_command` hook wants, with `*` for "all".
     command_hooked: HashSet<&'static str>,
+    /// Command labels some `on_complete` hook wants.
+    complete_hooked: HashSet<&'static str>,
     response_hooked: HashSet<&'static str>,
     any: [bool; 6],
     instructions: u64,
@@ -189,6 +191,7 @@ impl PolicySet {
             meta: Vec::new(),
             vms: Vec::new(),
             command_hooked: HashSet::new(),
+            complete_hooked: HashSet::new(),
             response_hooked: HashSet::new(),
             any: [false; 6],
             instructions: 0,
@@ -227,6 +230,7 @@ impl PolicySet {
             vms.push(vm);
         }
         let mut command_hooked = HashSet::new();
+        let mut complete_hooked = HashSet::new();
         let mut response_hooked = HashSet::new();
         let mut any = [false; 6];
         for m in &meta {
@@ -237,6 +241,14 @@ impl PolicySet {
                 for label in all_command_labels() {
                     if m.commands.as_ref().is_none_or(|c| c.contains(label)) {
                         command_hooked.insert(label);
+                    }
+                }
+            }
+            if m.has[hook_index(Hook::Complete)] {
+                let filter = m.completes.as_ref().or(m.commands.as_ref());
+                for label in all_command_labels() {
+                    if filter.is_none_or(|c| c.contains(label)) {
+                        complete_hooked.insert(label);
                     }
                 }
             }
@@ -254,6 +266,7 @@ impl PolicySet {
             meta,
             vms,
             command_hooked,
+            complete_hooked,
             response_hooked,
             any,
             instructions: cfg.instructions,
@@ -272,6 +285,11 @@ impl PolicySet {
     /// Whether any policy's `on_command` wants this command. False means: do not enter Lua.
     pub fn hooks_command(&self, name: CommandName) -> bool {
         !self.command_hooked.is_empty() && self.command_hooked.contains(name.label())
+    }
+
+    /// Whether any policy's `on_complete` wants the completion of this command.
+    pub fn hooks_complete(&self, name: &str) -> bool {
+        !self.complete_hooked.is_empty() && self.complete_hooked.contains(name)
     }
 
     /// Whether any policy's `on_response` wants this untagged kind.

@@ -842,8 +842,8 @@ impl Conversation {
         if let Some(pending) = self.pending.take(tag) {
             let name = pending.name;
             self.complete(pending, status);
-            let set = self.policies.current();
-            if set.has_hook(Hook::Complete) {
+            if self.policies.peek().hooks_complete(name.label()) {
+                let set = self.policies.current();
                 self.sync_ctx();
                 let tag = String::from_utf8_lossy(tag).into_owned();
                 set.on_complete(&mut self.ctx, &tag, name.label(), status);
