@@ -6,24 +6,7 @@ use std::time::Duration;
 
 use imapgate::config::UpstreamTls;
 use support::proxy::{IMAPS, PLAIN, Proxy, STARTTLS};
-use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities, quote};
-
-/// A message of `size` octets with CRLF line ends and varied bytes.
-fn message(size: usize, seed: u8) -> Vec<u8> {
-    let mut m = format!("From: a@example.org\r\nSubject: test {seed}\r\n\r\n").into_bytes();
-    let mut x = u32::from(seed) + 1;
-    while m.len() < size {
-        if m.len() % 78 == 76 {
-            m.extend_from_slice(b"\r\n");
-            continue;
-        }
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        m.push(b' ' + ((x >> 16) % 94) as u8);
-    }
-    m.truncate(size - 2);
-    m.extend_from_slice(b"\r\n");
-    m
-}
+use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities, message, quote};
 
 /// The literal of a FETCH response line (`* n FETCH (... {len}\r\n<data>...)`).
 fn literal_of(response: &[u8]) -> &[u8] {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Dovecot, DovecotOptions};
+use crate::support::{Dovecot, DovecotOptions, proc_status_kib};
 
 /// Generated Dovecot users (`user0`/`pass0` ..) the scenarios take their mailboxes from.
 pub const USERS: usize = 64;
@@ -289,16 +289,6 @@ fn toml_path(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------
 // /proc
 // ---------------------------------------------------------------------------------------
-
-pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
 
 /// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, in USER_HZ = 100 ticks).
 pub fn cpu_time(pid: u32) -> Duration {

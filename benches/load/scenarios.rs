@@ -12,26 +12,10 @@ use tokio::task::JoinSet;
 
 use crate::load::client::{self, AnyConn, PlainConn};
 use crate::load::env::{self, Gate};
+use crate::support::message;
 
 /// Upper bound on operations of one connection in one run, whatever the duration.
 const MAX_OPS: u64 = 10_000_000;
-
-/// A message of `size` octets with CRLF line ends and varied printable bytes.
-pub fn message(size: usize, seed: u32) -> Vec<u8> {
-    let mut m = format!("From: bench@example.org\r\nSubject: load {seed}\r\n\r\n").into_bytes();
-    let mut x = seed.wrapping_add(1);
-    while m.len() < size {
-        if m.len() % 78 == 76 {
-            m.extend_from_slice(b"\r\n");
-            continue;
-        }
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        m.push(b' ' + ((x >> 16) % 94) as u8);
-    }
-    m.truncate(size.saturating_sub(2));
-    m.extend_from_slice(b"\r\n");
-    m
-}
 
 fn user(i: usize) -> (String, String) {
     crate::support::generated_user(i)

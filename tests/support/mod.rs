@@ -43,3 +43,32 @@ pub fn temp_dir() -> tempfile::TempDir {
         .expect("chmod temp dir");
     dir
 }
+
+/// A test message of `size` octets: a few headers, then printable lines with CRLF ends, varied
+/// by `seed` (so that a mix-up between two messages shows).
+pub fn message(size: usize, seed: u32) -> Vec<u8> {
+    let mut m = format!("From: test@example.org\r\nSubject: test {seed}\r\n\r\n").into_bytes();
+    let mut x = seed.wrapping_add(1);
+    while m.len() < size {
+        if m.len() % 78 == 76 {
+            m.extend_from_slice(b"\r\n");
+            continue;
+        }
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        m.push(b' ' + ((x >> 16) % 94) as u8);
+    }
+    m.truncate(size.saturating_sub(2));
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+/// A field of /proc/PID/status in KiB (`VmRSS:`, `VmHWM:`), 0 when unreadable.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

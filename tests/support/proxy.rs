@@ -12,6 +12,7 @@ use imapgate::config::{Config, ListenerConfig, ListenerTls, UpstreamConfig, Upst
 use imapgate::server::Server;
 
 use super::dovecot::Dovecot;
+use super::proc_status_kib;
 
 /// The listeners every test proxy has, by name.
 pub const IMAPS: &str = "imaps";
@@ -201,16 +202,6 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The imapgate binary cargo built for this test run.
