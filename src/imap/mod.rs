@@ -6,11 +6,13 @@
 //! - [`encode`] writes changed messages back from values.
 //! - [`mutf7`] is modified UTF-7 (RFC 3501 5.1.3), strict both ways.
 //! - [`capability`] parses and filters capability lists.
+//! - [`list_match`] matches mailbox names against LIST patterns in linear time.
 
 pub mod capability;
 pub mod command;
 pub mod encode;
 pub mod framing;
+pub mod list_match;
 pub mod mutf7;
 pub mod response;
 pub mod syntax;
