@@ -58,6 +58,16 @@ fn conversation(policies: Policies) -> Conversation {
         Default::default(),
     );
     conv.to_client.drain_to_vec();
+    // Logged in: most commands are not valid before.
+    conv.client_buffer()
+        .extend_from_slice(b"l0 LOGIN alice pw\r\n");
+    conv.client_input();
+    conv.upstream_buffer()
+        .extend_from_slice(b"l0 OK Logged in\r\n");
+    conv.upstream_input();
+    conv.to_client.drain_to_vec();
+    conv.to_upstream.drain_to_vec();
+    conv.events.clear();
     conv
 }
 
@@ -65,6 +75,16 @@ fn conversation(policies: Policies) -> Conversation {
 fn send(conv: &mut Conversation, line: &str) -> (String, String) {
     conv.client_buffer().extend_from_slice(line.as_bytes());
     conv.client_input();
+    (
+        String::from_utf8_lossy(&conv.to_upstream.drain_to_vec()).into_owned(),
+        String::from_utf8_lossy(&conv.to_client.drain_to_vec()).into_owned(),
+    )
+}
+
+/// The upstream answers `line`; returns (bytes then relayed upstream, bytes for the client).
+fn answer(conv: &mut Conversation, line: &str) -> (String, String) {
+    conv.upstream_buffer().extend_from_slice(line.as_bytes());
+    conv.upstream_input();
     (
         String::from_utf8_lossy(&conv.to_upstream.drain_to_vec()).into_owned(),
         String::from_utf8_lossy(&conv.to_client.drain_to_vec()).into_owned(),
@@ -148,6 +168,8 @@ fn unhooked_commands_never_enter_lua() {
     );
     let policies = load(&[config(&path)]).expect("loads");
     let mut conv = conversation(policies.clone());
+    send(&mut conv, "x1 SELECT INBOX\r\n");
+    answer(&mut conv, "x1 OK selected\r\n");
     for i in 0..100 {
         assert_eq!(
             send(&mut conv, &format!("n{i} NOOP\r\n")).0,
@@ -274,8 +296,9 @@ fn mailbox_rewrites_are_encoded_by_rust() {
         send(&mut conv, "a1 SELECT  x\r\n").0,
         "a1 SELECT  \"Entw&APw-rfe \\\"x\\\"\"\r\n"
     );
-    // A mailbox sent as a synchronizing literal is collected (imapgate answers "+") and
-    // relayed as a non-synchronizing literal, the upstream having LITERAL+.
+    answer(&mut conv, "a1 OK selected\r\n");
+    // A mailbox sent as a synchronizing literal is collected (imapgate answers "+"), then
+    // relayed with the changed names (encoded as quoted strings).
     let (up, down) = send(&mut conv, "a2 RENAME {1}\r\n");
     assert_eq!(
         (up.as_str(), down.as_str()),
@@ -304,6 +327,7 @@ fn reload_swaps_policies_for_live_connections_and_keeps_vars() {
         send(&mut conv, "a1 SELECT INBOX\r\n").0,
         "a1 SELECT INBOX\r\n"
     );
+    answer(&mut conv, "a1 OK selected\r\n");
     s.write(
         "p.lua",
         r#"return { commands = { 'SELECT' }, on_command = function(ctx, cmd)

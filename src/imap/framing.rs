@@ -474,7 +474,7 @@ pub fn tag_of(line: &[u8]) -> Option<&[u8]> {
 /// literal         = "{" number64 ["+"] "}" CRLF *CHAR8   ; RFC 9051, RFC 7888
 /// literal8        = "~{" number64 ["+"] "}" CRLF *OCTET  ; RFC 3516
 /// ```
-fn literal_at_end(line: &[u8]) -> Result<Option<Literal>, FrameErrorKind> {
+pub(crate) fn literal_at_end(line: &[u8]) -> Result<Option<Literal>, FrameErrorKind> {
     let Some(body) = line.strip_suffix(b"}") else {
         return Ok(None);
     };

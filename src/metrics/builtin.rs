@@ -25,6 +25,8 @@ pub const BYTES_TOTAL: &str = "imapgate_bytes_total";
 pub const PARSE_ERRORS_TOTAL: &str = "imapgate_parse_errors_total";
 pub const AUDIT_DROPPED_TOTAL: &str = "imapgate_audit_dropped_total";
 pub const SERIES_OVERFLOW_TOTAL: &str = "imapgate_policy_metric_overflow_total";
+pub const DESYNC_TOTAL: &str = "imapgate_desync_total";
+pub const RESPONSES_HIDDEN_TOTAL: &str = "imapgate_responses_hidden_total";
 
 /// Every built-in family name and whether it is a histogram (whose `_bucket`, `_sum` and
 /// `_count` series also take names), for the clash check of policy-defined metrics.
@@ -43,6 +45,8 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (PARSE_ERRORS_TOTAL, false),
     (AUDIT_DROPPED_TOTAL, false),
     (SERIES_OVERFLOW_TOTAL, false),
+    (DESYNC_TOTAL, false),
+    (RESPONSES_HIDDEN_TOTAL, false),
 ];
 
 /// From forwarding a command to its tagged response. A NOOP answers in about a millisecond on a
@@ -86,6 +90,8 @@ pub(crate) struct Builtin {
     pub parse_errors: [IntCounter; 2],
     pub audit_dropped: IntCounter,
     pub series_overflow: IntCounterVec,
+    pub desync: IntCounter,
+    pub responses_hidden: IntCounter,
 }
 
 impl Builtin {
@@ -175,6 +181,20 @@ impl Builtin {
             &["metric"],
         )?;
 
+        let desync = IntCounter::new(
+            DESYNC_TOTAL,
+            "Sessions closed because the upstream answered a command imapgate never forwarded \
+             or asked for data nobody announced: imapgate and the server read the client's \
+             bytes differently.",
+        )?;
+        registry.register(Box::new(desync.clone()))?;
+        let responses_hidden = IntCounter::new(
+            RESPONSES_HIDDEN_TOTAL,
+            "Untagged responses not relayed: dropped by a policy, outside the client's own LIST \
+             pattern, or not judged because a policy failed on them.",
+        )?;
+        registry.register(Box::new(responses_hidden.clone()))?;
+
         // Resolved now, so that these series exist (at 0) from the first scrape: `rate()` over
         // a series that appears at its first increment misses that increment.
         let logins = LoginResult::ALL.map(|r| logins_vec.with_label_values(&[r.as_str()]));
@@ -197,6 +217,8 @@ impl Builtin {
             parse_errors,
             audit_dropped,
             series_overflow,
+            desync,
+            responses_hidden,
         })
     }
 

@@ -205,6 +205,14 @@ impl Metrics {
         self.inner.builtin.bytes[direction as usize].inc_by(n);
     }
 
+    pub fn desync(&self) {
+        self.inner.builtin.desync.inc();
+    }
+
+    pub fn response_hidden(&self) {
+        self.inner.builtin.responses_hidden.inc();
+    }
+
     pub fn parse_error(&self, direction: Direction) {
         self.inner.builtin.parse_errors[direction as usize].inc();
     }

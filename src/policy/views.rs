@@ -24,6 +24,11 @@ impl MailboxSlot {
         self.name != self.original
     }
 
+    /// The name as the message carried it, before any policy changed it.
+    pub fn original(&self) -> &str {
+        &self.original
+    }
+
     pub fn role_str(&self) -> &'static str {
         match self.role {
             MailboxRole::Mailbox => "mailbox",

@@ -1,16 +1,18 @@
 //! Where the conversation meets the policies: showing a command or a response to the hooks,
-//! applying their verdict, and encoding their rewrites back into the message.
+//! applying their verdict in one place, and encoding their rewrites back into the message.
 //!
 //! Only messages some policy asked for come here. A rewritten message keeps every byte the
 //! policies did not change; changed mailbox names are encoded from values (modified UTF-7,
-//! atom/quoted/literal chosen by the encoder).
+//! atom/quoted/literal chosen by the encoder). Whatever a policy could not judge is not
+//! relayed: a failing hook fails closed as its `on_error` says.
 
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::state::{Control, Conversation, Event, Held, Outgoing};
-use crate::imap::command::{Command, parse_command};
+use super::pending::ListFilter;
+use super::state::{Control, Conversation, Event, Held};
+use crate::imap::command::{Command, CommandKind, MailboxRole, parse_command};
 use crate::imap::encode::{self, Edit, EncodeError, EncodeOptions, LiteralForm, Value};
 use crate::imap::framing::{Frame, Literal};
 use crate::imap::response::{DataKind, Response, Status};
@@ -21,14 +23,14 @@ use crate::policy::{
 
 impl Conversation {
     /// Shows a hooked command to the policies and acts on their verdict. `literal` is the
-    /// literal the command was cut at (its octets still to come), `collected` whether imapgate
-    /// answered `+` for literals inside it.
+    /// literal the command was cut at (its octets still to come); `first_judged` is when the
+    /// command was first shown (a delayed command is judged again when its delay ends).
     pub(super) fn judge_command(
         &mut self,
         set: &PolicySet,
         command: Command,
         literal: Option<Literal>,
-        collected: bool,
+        first_judged: Instant,
     ) {
         if let Some(l) = literal
             && cut_at_mailbox(&command)
@@ -36,8 +38,7 @@ impl Conversation {
             return self.start_collecting(command, l);
         }
         let Some((mut view, spans)) = self.command_view(&command) else {
-            self.events.push(Event::Rejected { name: command.name });
-            return self.refuse_with(
+            return self.refuse_command(
                 &command,
                 Status::Bad,
                 Some("CLIENTBUG"),
@@ -49,56 +50,56 @@ impl Conversation {
         let verdict = set.on_command(&mut self.ctx, &mut view);
         self.take_decisions();
         match verdict {
-            Verdict::Pass | Verdict::Drop => {
-                match self.outgoing(&command, &view, &spans, collected) {
-                    Ok(out) => self.forward(&command, out),
-                    Err(e) => self.unencodable(&command, &e, literal),
-                }
-            }
-            Verdict::Delay(wait) => match self.outgoing(&command, &view, &spans, collected) {
+            Verdict::Pass => match self.outgoing(&command, &view, &spans) {
                 Ok(out) => {
-                    self.held = Some(Held {
-                        until: Instant::now() + wait,
-                        command,
-                        out,
-                    });
+                    let seq = self.forward(&command, out, literal);
+                    if let Some(filter) = list_filter(&command, &view)
+                        && let Some(p) = self.pending.get_mut(seq)
+                    {
+                        p.list_filter = Some(filter);
+                    }
                 }
                 Err(e) => self.unencodable(&command, &e, literal),
             },
+            Verdict::Delay(wait) => {
+                self.held = Some(Held {
+                    until: Instant::now() + wait,
+                    command,
+                    literal,
+                    first_judged,
+                });
+            }
             Verdict::Reject { status, code, text } => {
-                self.events.push(Event::Rejected { name: command.name });
-                self.refuse_with(&command, status, code.as_deref(), &text, literal);
+                self.refuse_command(&command, status, code.as_deref(), &text, literal);
             }
             Verdict::Close { text } => {
-                self.events.push(Event::Rejected { name: command.name });
+                self.events.push(Event::Rejected {
+                    name: command.name,
+                    user: None,
+                });
                 self.reply_untagged_bye(&text);
                 self.push_control(Control::Close { flush: true });
             }
+            // Not a verdict for commands: never a silent pass.
+            Verdict::Drop => self.refuse_command(
+                &command,
+                Status::No,
+                Some("UNAVAILABLE"),
+                "Policy check failed, try again later",
+                literal,
+            ),
         }
     }
 
     fn unencodable(&mut self, command: &Command, e: &EncodeError, literal: Option<Literal>) {
         tracing::warn!(error = %e, "a policy rewrite cannot be encoded");
-        self.events.push(Event::Rejected { name: command.name });
-        self.refuse_with(
+        self.refuse_command(
             command,
             Status::No,
             Some("CANNOT"),
             "The rewritten command cannot be encoded",
             literal,
         );
-    }
-
-    fn refuse_with(
-        &mut self,
-        command: &Command,
-        status: Status,
-        code: Option<&str>,
-        text: &str,
-        literal: Option<Literal>,
-    ) {
-        let tag = command.tag().to_vec();
-        self.refuse_command(&tag, status, code, text, literal);
     }
 
     /// Most octets of one command imapgate holds to show it to a policy whole.
@@ -110,8 +111,7 @@ impl Conversation {
     /// (answering `+` ourselves), so the policy sees the name.
     fn start_collecting(&mut self, command: Command, literal: Literal) {
         if command.raw.len() + literal.len as usize > self.collect_limit() {
-            self.events.push(Event::Rejected { name: command.name });
-            return self.refuse_with(
+            return self.refuse_command(
                 &command,
                 Status::No,
                 Some("TOOBIG"),
@@ -144,12 +144,12 @@ impl Conversation {
         match parse_command(raw) {
             Ok(command) => {
                 let set = self.policies.current();
-                self.judge_command(&set, command, literal, true);
+                self.judge_command(&set, command, literal, Instant::now());
             }
             Err(e) => {
                 let text = format!("Syntax error: {}", e.error.kind);
                 let tag = e.tag.map(|t| t.to_vec()).unwrap_or_default();
-                self.refuse_command(&tag, Status::Bad, Some("CLIENTBUG"), &text, literal);
+                self.refuse(Some(&tag), Status::Bad, Some("CLIENTBUG"), &text, literal);
             }
         }
     }
@@ -175,15 +175,14 @@ impl Conversation {
     }
 
     /// The bytes to send upstream: the original when nothing changed, else the original with
-    /// the changed names re-encoded and, for a collected command, the literals imapgate
-    /// answered re-announced in a form the upstream accepts.
+    /// the changed names re-encoded (a name that needs a literal gets a synchronizing one; the
+    /// conversation sends its octets after the upstream's `+`).
     fn outgoing(
         &self,
         command: &Command,
         view: &CommandView,
         spans: &[Span],
-        collected: bool,
-    ) -> Result<Outgoing, EncodeError> {
+    ) -> Result<Bytes, EncodeError> {
         let mut edits: Vec<Edit> = view
             .mailboxes
             .iter()
@@ -194,47 +193,55 @@ impl Conversation {
                 value: Value::mailbox(&slot.name, self.utf8()),
             })
             .collect();
-        if collected {
-            let mut literals = Vec::new();
-            answered_literals(&command.args, &mut literals);
-            for (span, data) in literals {
-                if !edits
-                    .iter()
-                    .any(|e| e.span.start <= span.start && span.end <= e.span.end)
-                {
-                    edits.push(Edit {
-                        span,
-                        value: Value::Literal(data.of(&command.raw).to_vec()),
-                    });
-                }
-            }
-        }
         if edits.is_empty() {
-            return Ok(Outgoing::whole(command.raw.clone()));
+            return Ok(command.raw.clone());
         }
         edits.sort_by_key(|e| e.span.start);
         let opts = EncodeOptions {
-            literal: if self.upstream_literal_plus() {
-                LiteralForm::NonSync
-            } else {
-                LiteralForm::Sync
-            },
+            literal: LiteralForm::Sync,
             utf8: self.utf8(),
         };
         let encoded = encode::splice(&command.raw, &edits, opts)?;
-        let bytes = Bytes::from(encoded.bytes);
-        let mut segments = Vec::new();
-        let mut at = 0;
-        for point in encoded.sync_points {
-            segments.push(bytes.slice(at..point));
-            at = point;
-        }
-        segments.push(bytes.slice(at..));
-        Ok(Outgoing { segments })
+        Ok(Bytes::from(encoded.bytes))
     }
 
-    /// Shows a hooked untagged response to the policies and relays what they leave of it.
-    pub(super) fn judge_response(&mut self, set: &PolicySet, response: Response) {
+    /// An untagged response some policy wants. INBOX's LIST/LSUB entry waits for the end of
+    /// its command, so that a policy judging it has seen the others (e.g. to say whether
+    /// INBOX has children).
+    pub(super) fn untagged_for_policies(&mut self, set: &PolicySet, response: Response) {
+        let kind = response.data_kind().unwrap_or(DataKind::Other);
+        if matches!(kind, DataKind::List | DataKind::Lsub)
+            && names_inbox(&response)
+            && let Some(owner) = self.pending.oldest_list_mut()
+            && owner.held_inbox.is_none()
+        {
+            owner.held_inbox = Some(response);
+            return;
+        }
+        let list = matches!(kind, DataKind::List | DataKind::Lsub);
+        let mut filter = if list {
+            self.pending
+                .oldest_list_mut()
+                .and_then(|p| p.list_filter.take())
+        } else {
+            None
+        };
+        self.judge_untagged(set, response, filter.as_mut());
+        if let Some(filter) = filter
+            && let Some(owner) = self.pending.oldest_list_mut()
+        {
+            owner.list_filter = Some(filter);
+        }
+    }
+
+    /// Shows an untagged response to the policies and relays what they leave of it; a LIST
+    /// entry that no longer matches the client's own patterns (`filter`) is not relayed.
+    pub(super) fn judge_untagged(
+        &mut self,
+        set: &PolicySet,
+        response: Response,
+        filter: Option<&mut ListFilter>,
+    ) {
         let kind = response.data_kind().unwrap_or(DataKind::Other);
         let mut slots = Vec::new();
         let mut spans = Vec::new();
@@ -244,8 +251,9 @@ impl Conversation {
                 .string(&response.raw)
                 .and_then(|raw| self.decode_mailbox(&raw));
             let Some(name) = decoded else {
-                // A name the upstream encoded wrongly is relayed untouched, not judged.
-                self.to_client.push(response.raw);
+                // A name the upstream encoded wrongly cannot be judged, so is not shown.
+                self.fail_owner();
+                self.events.push(Event::Hidden);
                 return;
             };
             slots.push(MailboxSlot::new(m.role, name));
@@ -262,15 +270,56 @@ impl Conversation {
         let verdict = set.on_response(&mut self.ctx, &mut view);
         self.take_decisions();
         match verdict {
-            Verdict::Drop => return,
+            Verdict::Pass => {}
+            Verdict::Drop => {
+                self.events.push(Event::Hidden);
+                return;
+            }
             Verdict::Close { text } => {
                 self.reply_untagged_bye(&text);
                 self.push_control(Control::Close { flush: true });
                 return;
             }
-            _ => {}
+            // A hook that failed (or answered what a response cannot): fail closed.
+            Verdict::Reject { .. } | Verdict::Delay(_) => {
+                self.fail_owner();
+                self.events.push(Event::Hidden);
+                return;
+            }
         }
+        if let Some(filter) = filter
+            && let Some(name) = view.mailboxes.first()
+            && !name.name.is_empty()
+        {
+            let delimiter = view.delimiter.as_ref().and_then(|d| d.chars().next());
+            if !filter.matches(&name.name, delimiter) {
+                self.events.push(Event::Hidden);
+                return;
+            }
+        }
+        match self.encode_response(&response, &view) {
+            Ok(Some(bytes)) => self.to_client.push(bytes),
+            Ok(None) => self.to_client.push(response.raw),
+            Err(e) => {
+                tracing::warn!(error = %e, "a policy rewrite of a response cannot be encoded");
+                self.fail_owner();
+                self.events.push(Event::Hidden);
+            }
+        }
+    }
+
+    /// The response with the view's changes written in, `None` when nothing changed.
+    fn encode_response(
+        &self,
+        response: &Response,
+        view: &ResponseView,
+    ) -> Result<Option<Bytes>, EncodeError> {
         let utf8 = self.utf8();
+        let spans: Vec<Span> = response
+            .mailboxes()
+            .iter()
+            .map(|m| m.token.span())
+            .collect();
         let mut edits: Vec<Edit> = view
             .mailboxes
             .iter()
@@ -304,22 +353,51 @@ impl Conversation {
             }
         }
         if edits.is_empty() {
-            self.to_client.push(response.raw);
-            return;
+            return Ok(None);
         }
         edits.sort_by_key(|e| e.span.start);
         let opts = EncodeOptions {
             utf8,
             ..EncodeOptions::SERVER
         };
-        match encode::splice(&response.raw, &edits, opts) {
-            Ok(encoded) => self.to_client.push(Bytes::from(encoded.bytes)),
-            Err(e) => {
-                tracing::warn!(error = %e, "a policy rewrite of a response cannot be encoded");
-                self.to_client.push(response.raw);
-            }
-        }
+        encode::splice(&response.raw, &edits, opts).map(|e| Some(Bytes::from(e.bytes)))
     }
+}
+
+/// The client's own patterns of a LIST/LSUB whose reference or patterns a policy changed:
+/// the answers must still match what the client asked for.
+fn list_filter(command: &Command, view: &CommandView) -> Option<ListFilter> {
+    if !matches!(command.name.kind, CommandKind::List | CommandKind::Lsub) {
+        return None;
+    }
+    let rewritten = view
+        .mailboxes
+        .iter()
+        .any(|m| m.changed() && m.role != MailboxRole::Mailbox);
+    if !rewritten {
+        return None;
+    }
+    let reference = view
+        .mailboxes
+        .iter()
+        .find(|m| m.role == MailboxRole::Reference)
+        .map_or("", |m| m.original());
+    let patterns = view
+        .mailboxes
+        .iter()
+        .filter(|m| m.role == MailboxRole::Pattern)
+        .map(|m| format!("{reference}{}", m.original()))
+        .collect();
+    Some(ListFilter::new(patterns))
+}
+
+/// Whether a LIST/LSUB entry names INBOX.
+fn names_inbox(response: &Response) -> bool {
+    response
+        .args()
+        .get(2)
+        .and_then(|t| t.string(&response.raw))
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"INBOX"))
 }
 
 /// True when the command was cut at a literal that is one of its mailbox arguments.
@@ -328,21 +406,6 @@ fn cut_at_mailbox(command: &Command) -> bool {
         .mailbox_args()
         .iter()
         .any(|m| matches!(m.token, Token::Literal { data: None, .. }))
-}
-
-/// Synchronizing literals whose octets are in the message (imapgate answered their `+`).
-fn answered_literals(tokens: &[Token], out: &mut Vec<(Span, Span)>) {
-    for t in tokens {
-        match t {
-            Token::Literal {
-                span,
-                data: Some(data),
-                literal,
-            } if literal.sync => out.push((*span, *data)),
-            Token::List { items, .. } => answered_literals(items, out),
-            _ => {}
-        }
-    }
 }
 
 /// ```abnf

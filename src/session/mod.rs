@@ -1,10 +1,17 @@
 //! One client connection: the IMAP conversation (sans-IO) and the I/O driver around it.
+//!
+//! - [`state`]: the conversation: framing, parsing, state, what goes where.
+//! - `modes`: how the client's next bytes are read, and the upstream's `+` that says so.
+//! - [`pending`]: commands in flight; the desync tripwire.
+//! - `judge`: policies applied to commands and responses, in one place.
+//! - [`relay`]: the I/O driver.
 
 mod judge;
+mod modes;
 pub mod outbox;
+pub mod pending;
 pub mod relay;
 pub mod state;
-pub mod tags;
 
 pub use relay::{Listener, SessionError, Shared, serve};
 pub use state::{Control, Conversation, Event, ImapState, Settings};

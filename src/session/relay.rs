@@ -32,7 +32,7 @@ use crate::metrics::{
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamError};
 use crate::net::{Stream, tune};
-use crate::policy::{ConnInfo, Decision, Policies};
+use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
 /// Bytes read from a socket at a time while data streams (reads fill the buffer).
@@ -436,16 +436,24 @@ impl Driver {
                         "command completed"
                     );
                 }
-                Event::Rejected { name } => {
+                Event::Rejected { name, user } => {
                     self.shared.metrics.command_completed(
                         name.label(),
                         CommandResult::Rejected,
                         None,
                     );
                     if matches!(name.kind, CommandKind::Login | CommandKind::Authenticate) {
-                        self.login(LoginResult::Refused, None);
+                        self.login(LoginResult::Refused, user);
                     }
                     tracing::debug!(command = name.label(), "command answered by imapgate");
+                }
+                Event::Hidden => self.shared.metrics.response_hidden(),
+                Event::Desync { what } => {
+                    self.shared.metrics.desync();
+                    tracing::warn!(
+                        what,
+                        "the mail server answered what imapgate never sent; session closed"
+                    );
                 }
                 Event::Policy(d) => self.policy_decision(d),
             }
@@ -479,7 +487,9 @@ impl Driver {
         if d.action == "error" {
             metrics.policy_error(&d.policy, hook);
         }
-        if d.action == "pass" {
+        // Passes are not decisions worth a record; a response a policy hid is counted
+        // (imapgate_responses_hidden_total), not audited: a LIST can hide hundreds.
+        if d.action == "pass" || (d.hook == Hook::Response && d.action == "drop") {
             return;
         }
         tracing::info!(policy = %d.policy, hook, action = d.action, code = d.code.as_deref().unwrap_or(""), "policy verdict");

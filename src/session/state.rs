@@ -7,25 +7,32 @@
 //! What needs the sockets themselves (a TLS handshake, closing) is asked for with a
 //! [`Control`]. The I/O driver ([`super::relay`]) does nothing but move bytes and obey; so the
 //! whole protocol behaviour is testable on byte slices, and the tests read like transcripts.
+//!
+//! One rule holds the two readings of the client's bytes together (imapgate's and the
+//! upstream's): a mode that changes how later bytes are read begins only when the upstream
+//! says so, and until then nothing later is read ([`super::modes`]); commands not valid in the
+//! current state are answered here and never forwarded ([`crate::imap::validity`]); and every
+//! tagged answer must belong to a command imapgate forwarded ([`super::pending`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 
+use super::modes::{ClientMode, Current, Sasl, Then, Wait};
 use super::outbox::Outbox;
-use super::tags::{Pending, PendingKind, PendingTags};
+use super::pending::{Pending, PendingKind, PendingTags};
 use crate::config::ListenerTls;
 use crate::imap::capability::{self, CapabilitySet};
-use crate::imap::command::{
-    self, ClientLine, Command, CommandKind, CommandName, MailboxRole, parse_command,
-};
+use crate::imap::command::{Command, CommandKind, CommandName, MailboxRole, parse_command};
 use crate::imap::encode::{self, ResponseValue};
-use crate::imap::framing::{Direction, Frame, FrameError, FrameErrorKind, Framer, Limits, Literal};
+use crate::imap::framing::{self, Direction, Frame, FrameError, FrameErrorKind, Framer, Literal};
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
+use crate::imap::sync_literals::synchronizing_segments;
+use crate::imap::validity::{self, ServerOffers};
 use crate::policy::{ConnCtx, ConnInfo, Decision, Hook, Policies};
-use std::collections::VecDeque;
+
+pub use crate::imap::validity::ImapState;
 
 /// Longest response line accepted from the upstream. Far above the client limits, because a
 /// SEARCH result for a big mailbox is one long line; an upstream is trusted more than a client.
@@ -52,25 +59,6 @@ impl Default for Settings {
             inline_literal: 64 * 1024,
         }
     }
-}
-
-/// The IMAP connection state (RFC 9051 section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ImapState {
-    NotAuthenticated,
-    Authenticated,
-    Selected,
-    Logout,
-}
-
-/// What the client's next line is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClientMode {
-    Commands,
-    /// Inside AUTHENTICATE: SASL responses until the tagged completion.
-    Sasl,
-    /// Inside IDLE: the next line is DONE.
-    Idle,
 }
 
 /// Where the client leg is on its way to TLS.
@@ -103,7 +91,7 @@ pub enum Event {
     Completed {
         name: CommandName,
         status: Status,
-        elapsed: std::time::Duration,
+        elapsed: Duration,
     },
     Login {
         ok: bool,
@@ -118,52 +106,55 @@ pub enum Event {
         direction: Direction,
         what: String,
     },
-    /// A command answered by imapgate (a policy or the proxy itself) instead of the upstream.
+    /// A command answered by imapgate (a policy or the proxy itself) instead of the upstream;
+    /// `user` is the name a refused LOGIN or AUTHENTICATE gave (never its secret).
     Rejected {
         name: CommandName,
+        user: Option<String>,
     },
     /// A policy hook ran.
     Policy(Decision),
+    /// An untagged response was not relayed: a policy dropped it, or it did not match the
+    /// client's own LIST pattern.
+    Hidden,
+    /// The upstream answered something imapgate never sent or asked for: the two read the
+    /// client's bytes differently. The session is closed.
+    Desync {
+        what: &'static str,
+    },
 }
 
-/// A command on its way upstream: the first segment is sent at once; each further one only
-/// after the upstream's `+` for the synchronizing literal that ends the segment before it
-/// (imapgate answered the client's `+` itself while collecting the command).
-#[derive(Debug)]
-pub(super) struct Outgoing {
-    pub segments: Vec<Bytes>,
-}
-
-impl Outgoing {
-    pub fn whole(bytes: Bytes) -> Outgoing {
-        Outgoing {
-            segments: vec![bytes],
-        }
-    }
-}
-
-/// A command a policy asked to delay, and when to let it go.
+/// A command a policy asked to delay; when due it is judged again from its original form.
 #[derive(Debug)]
 pub(super) struct Held {
     pub until: Instant,
     pub command: Command,
-    pub out: Outgoing,
+    pub literal: Option<Literal>,
+    /// When the command was first judged (for `cmd.delayed_ms`).
+    pub first_judged: Instant,
 }
 
 /// One client connection's protocol state.
 #[derive(Debug)]
 pub struct Conversation {
     settings: Settings,
-    client_in: Framer,
+    pub(super) client_in: Framer,
     upstream_in: Framer,
     pub to_client: Outbox,
     pub to_upstream: Outbox,
     state: ImapState,
-    mode: ClientMode,
+    pub(super) mode: ClientMode,
+    /// What the upstream must say before more client bytes are read.
+    pub(super) wait: Option<Wait>,
+    /// The client message whose pieces are being forwarded (it was cut at a streamed literal).
+    pub(super) current: Option<Current>,
+    pub(super) sasl: Option<Sasl>,
     tls: bool,
-    pending: PendingTags,
+    pub(super) pending: PendingTags,
+    /// Sequence number of the next command forwarded (tags may repeat, these do not).
+    next_seq: u64,
     /// The rest of the current client message is dropped (its command was refused).
-    discard_client_message: bool,
+    pub(super) discard_client_message: bool,
     starttls: StartTls,
     upstream_caps: Option<CapabilitySet>,
     user: Option<String>,
@@ -176,8 +167,6 @@ pub struct Conversation {
     pub(super) ctx: ConnCtx,
     /// A hooked command whose mailbox argument is a literal, being collected whole.
     pub(super) collecting: Option<BytesMut>,
-    /// Segments waiting for the upstream's `+` (see [`Outgoing`]).
-    pub(super) gate: VecDeque<Bytes>,
     pub(super) held: Option<Held>,
 }
 
@@ -190,13 +179,13 @@ impl Conversation {
         policies: Policies,
         info: ConnInfo,
     ) -> Conversation {
-        let client_limits = Limits {
+        let client_limits = framing::Limits {
             max_line: settings.preauth_line,
             max_literal: settings.literal,
             inline_literal: settings.inline_literal,
             nonsync_max: None,
         };
-        let upstream_limits = Limits {
+        let upstream_limits = framing::Limits {
             max_line: UPSTREAM_MAX_LINE,
             max_literal: u32::MAX,
             inline_literal: settings.inline_literal,
@@ -210,8 +199,12 @@ impl Conversation {
             to_upstream: Outbox::default(),
             state: ImapState::NotAuthenticated,
             mode: ClientMode::Commands,
+            wait: None,
+            current: None,
+            sasl: None,
             tls,
             pending: PendingTags::default(),
+            next_seq: 0,
             discard_client_message: false,
             starttls: StartTls::No,
             upstream_caps: None,
@@ -227,7 +220,6 @@ impl Conversation {
                 ..ConnCtx::default()
             },
             collecting: None,
-            gate: VecDeque::new(),
             held: None,
         };
         conv.sync_ctx();
@@ -242,12 +234,7 @@ impl Conversation {
 
     /// Brings `ctx` (what policies see) up to date.
     pub(super) fn sync_ctx(&mut self) {
-        let state = match self.state {
-            ImapState::NotAuthenticated => "not_authenticated",
-            ImapState::Authenticated => "authenticated",
-            ImapState::Selected => "selected",
-            ImapState::Logout => "logout",
-        };
+        let state = self.state.as_str();
         let info = &mut self.ctx.info;
         if info.tls == self.tls
             && info.state == state
@@ -280,14 +267,15 @@ impl Conversation {
     }
 
     /// When a delayed command is due, if one is held.
-    pub fn hold_deadline(&self) -> Option<std::time::Instant> {
+    pub fn hold_deadline(&self) -> Option<Instant> {
         self.held.as_ref().map(|h| h.until)
     }
 
-    /// Relays the delayed command (the driver calls this at its deadline).
+    /// The delayed command is due: it is judged again (the driver calls this at its deadline).
     pub fn release_held(&mut self) {
         if let Some(held) = self.held.take() {
-            self.forward(&held.command, held.out);
+            let set = self.policies.current();
+            self.judge_command(&set, held.command, held.literal, held.first_judged);
         }
     }
 
@@ -340,22 +328,25 @@ impl Conversation {
             .any(|c| matches!(c, Control::Close { .. }))
     }
 
-    /// Whether the driver should read from the client now: not while a STARTTLS waits for
-    /// earlier commands, not once closing, not while the upstream's queue is full.
+    /// Whether the driver should read from the client now: not while the upstream has yet to
+    /// confirm how the next bytes are to be read, not while a STARTTLS waits for earlier
+    /// commands, a delayed command is held or too many are in flight, not once closing, and
+    /// not while the upstream's queue is full.
     pub fn wants_client_input(&self) -> bool {
-        self.starttls == StartTls::No
+        self.wait.is_none()
+            && self.starttls == StartTls::No
+            && self.held.is_none()
+            && !self.pending.is_full()
             && !self.closing()
             && !self.to_upstream.is_full()
-            && self.gate.is_empty()
-            && self.held.is_none()
     }
 
     pub fn wants_upstream_input(&self) -> bool {
         !self.closing() && !self.to_client.is_full()
     }
 
-    /// True when no message is half-relayed in either direction: a BYE written now is read as
-    /// a response by the client.
+    /// True when no message is half-relayed to the client: a BYE written now is read as a
+    /// response by the client.
     pub fn client_at_boundary(&self) -> bool {
         !self.upstream_in.is_mid_message()
     }
@@ -363,14 +354,29 @@ impl Conversation {
     /// Ends the session with `* BYE text` (timeouts, shutdown); if a response is half-relayed the
     /// BYE cannot be placed and the connection is just closed.
     pub fn bye(&mut self, text: &str) {
+        self.close_with(None, text);
+    }
+
+    fn close_with(&mut self, code: Option<&str>, text: &str) {
         if self.closing() {
             return;
         }
         let flush = self.client_at_boundary();
         if flush {
-            self.reply(None, Status::Bye, None, text);
+            self.reply(None, Status::Bye, code, text);
         }
         self.controls.push(Control::Close { flush });
+    }
+
+    /// The upstream answered what imapgate never sent or asked for. Nothing more of it is
+    /// relayed: what it answers was not judged.
+    pub(super) fn desync(&mut self, what: &'static str) {
+        tracing::warn!(what, "desync between imapgate and the mail server; closing");
+        self.events.push(Event::Desync { what });
+        self.close_with(
+            Some("UNAVAILABLE"),
+            "The mail server's answer does not match this session; closing it",
+        );
     }
 
     // ----- greeting -----
@@ -434,11 +440,19 @@ impl Conversation {
                 start: false,
                 literal,
             } => {
-                if !self.discard_client_message {
-                    self.to_upstream.push(bytes);
-                } else if literal.is_none() {
-                    self.discard_client_message = false;
+                if self.discard_client_message {
+                    match literal {
+                        None => self.discard_client_message = false,
+                        // Nobody will ask for this literal: the command is over.
+                        Some(l) if l.sync => {
+                            self.client_in.refuse_literal();
+                            self.discard_client_message = false;
+                        }
+                        Some(_) => {}
+                    }
+                    return;
                 }
+                self.continue_message(bytes, literal);
             }
             Frame::Text {
                 bytes,
@@ -450,31 +464,6 @@ impl Conversation {
                 ClientMode::Commands => self.command(bytes, literal),
             },
         }
-    }
-
-    fn sasl_line(&mut self, bytes: Bytes) {
-        // The payload is a secret: it is relayed, never kept or logged. A malformed line is
-        // relayed too, so that the upstream ends the exchange with its own BAD.
-        if let Err(e) = command::parse_sasl_line(&bytes) {
-            self.events.push(Event::ParseError {
-                direction: Direction::Client,
-                error: format!("SASL response: {}", e.kind),
-            });
-        }
-        self.to_upstream.push(bytes);
-    }
-
-    fn idle_line(&mut self, bytes: Bytes) {
-        if command::parse_done(&bytes) != Ok(ClientLine::Done) {
-            self.events.push(Event::Violation {
-                direction: Direction::Client,
-                what: "a line other than DONE during IDLE".into(),
-            });
-        }
-        // After DONE the client may send commands before IDLE's tagged completion arrives.
-        self.mode = ClientMode::Commands;
-        self.client_in.set_line_only(false);
-        self.to_upstream.push(bytes);
     }
 
     fn command(&mut self, bytes: Bytes, literal: Option<Literal>) {
@@ -496,12 +485,17 @@ impl Conversation {
                 return;
             }
         };
+        let binary =
+            literal.is_some_and(|l| l.binary) || validity::has_binary_literal(&command.args);
+        if let Err(why) = validity::check(self.state, &command, binary, self.offers()) {
+            let text = why.to_string();
+            return self.refuse_command(&command, Status::Bad, Some("CLIENTBUG"), &text, literal);
+        }
         match command.name.kind {
             CommandKind::Starttls => return self.starttls(&command),
             CommandKind::Compress => {
-                self.events.push(Event::Rejected { name: command.name });
-                return self.refuse(
-                    Some(command.tag()),
+                return self.refuse_command(
+                    &command,
                     Status::No,
                     Some("CANNOT"),
                     "COMPRESS is not available through this proxy",
@@ -512,53 +506,90 @@ impl Conversation {
         }
         if self.policies.peek().hooks_command(command.name) {
             let set = self.policies.current();
-            return self.judge_command(&set, command, literal, false);
+            return self.judge_command(&set, command, literal, Instant::now());
         }
         let raw = command.raw.clone();
-        self.forward(&command, Outgoing::whole(raw));
+        self.forward(&command, raw, literal);
+    }
+
+    /// What the upstream offers that decides whether a command is valid.
+    fn offers(&self) -> ServerOffers {
+        ServerOffers {
+            binary: self.upstream_caps.as_ref().is_some_and(|c| c.has("BINARY")),
+        }
     }
 
     /// Relays a command (as `out`, which may differ from `command` when a policy rewrote it),
-    /// after noting what its completion will mean.
-    pub(super) fn forward(&mut self, command: &Command, out: Outgoing) {
+    /// after noting what its completion will mean. `literal` is the literal `out` ends with
+    /// when the command was cut at one (its octets still to come from the client).
+    pub(super) fn forward(
+        &mut self,
+        command: &Command,
+        out: Bytes,
+        literal: Option<Literal>,
+    ) -> u64 {
         let kind = match command.name.kind {
             CommandKind::Login => PendingKind::Login {
-                user: command
-                    .arg_string(0)
-                    .map(|u| String::from_utf8_lossy(&u).into_owned()),
+                user: command.arg_string(0).map(|u| lossy(&u)),
             },
-            CommandKind::Authenticate => {
-                self.mode = ClientMode::Sasl;
-                self.client_in.set_line_only(true);
-                PendingKind::Authenticate {
-                    user: sasl_plain_user(command),
-                }
-            }
-            CommandKind::Idle => {
-                self.mode = ClientMode::Idle;
-                self.client_in.set_line_only(true);
-                PendingKind::Idle
-            }
+            CommandKind::Authenticate => PendingKind::Authenticate {
+                user: super::modes::sasl_initial_user(command),
+            },
+            CommandKind::Idle => PendingKind::Idle,
             CommandKind::Select | CommandKind::Examine => PendingKind::Select {
                 mailbox: self.first_mailbox(command).unwrap_or_default(),
             },
             CommandKind::Close | CommandKind::Unselect => PendingKind::Unselect,
             CommandKind::Logout => PendingKind::Logout,
+            CommandKind::Enable => PendingKind::Enable,
             _ => PendingKind::Other,
         };
-        self.pending.push(Pending {
-            // A copy, not a slice: a slice would keep the whole read buffer the command came
-            // in alive for as long as the command is pending (an IDLE: hours).
-            tag: Bytes::copy_from_slice(&command.raw[command.tag.start..command.tag.end]),
-            name: command.name,
-            kind,
-            started: Instant::now(),
-        });
-        let mut segments = out.segments.into_iter();
-        if let Some(first) = segments.next() {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // A copy, not a slice: a slice would keep the whole read buffer the command came in
+        // alive for as long as the command is pending (an IDLE: hours).
+        let tag = Bytes::copy_from_slice(command.tag());
+        let end = super::modes::then_at_end(command.name.kind);
+        if command.name.kind == CommandKind::Authenticate {
+            self.sasl = Some(Sasl::new(seq, command));
+        }
+        self.pending
+            .push(Pending::new(seq, tag, command.name, kind));
+        self.send_piece(Current { seq, end }, out, literal);
+        seq
+    }
+
+    /// A later piece of the message being forwarded (after a streamed literal's octets).
+    fn continue_message(&mut self, bytes: Bytes, literal: Option<Literal>) {
+        match self.current.clone() {
+            Some(current) => self.send_piece(current, bytes, literal),
+            None => {
+                // Only a message imapgate began forwarding has later pieces.
+                self.events.push(Event::Violation {
+                    direction: Direction::Client,
+                    what: "a message piece outside any command".into(),
+                });
+                self.close_with(None, "Internal error");
+            }
+        }
+    }
+
+    /// Sends one piece of a client message upstream, cut so that every literal's octets go
+    /// only after the upstream's `+`, and notes what to wait for.
+    fn send_piece(&mut self, current: Current, piece: Bytes, literal: Option<Literal>) {
+        let mut parts = synchronizing_segments(piece).parts.into_iter();
+        if let Some(first) = parts.next() {
             self.to_upstream.push(first);
         }
-        self.gate.extend(segments);
+        let segments = parts.collect();
+        let then = match literal {
+            Some(l) => Then::LiteralData {
+                client_waits: l.sync,
+            },
+            None => current.end,
+        };
+        self.current = literal.is_some().then(|| current.clone());
+        self.wait = Wait::new(current.seq, segments, then);
     }
 
     fn first_mailbox(&self, command: &Command) -> Option<String> {
@@ -580,7 +611,7 @@ impl Conversation {
 
     /// STARTTLS on the client leg is imapgate's own: never relayed.
     fn starttls(&mut self, command: &Command) {
-        let tag = command.raw.slice(command.tag.start..command.tag.end);
+        let tag = Bytes::copy_from_slice(command.tag());
         if self.settings.listener_tls != ListenerTls::Starttls || self.tls {
             let text = if self.tls {
                 "TLS is already active"
@@ -626,16 +657,26 @@ impl Conversation {
         self.user = None;
     }
 
+    /// Refuses a parsed command with a tagged answer of imapgate's own.
     pub(super) fn refuse_command(
         &mut self,
-        tag: &[u8],
+        command: &Command,
         status: Status,
         code: Option<&str>,
         text: &str,
         literal: Option<Literal>,
     ) {
-        let tag = (!tag.is_empty()).then_some(tag);
-        self.refuse(tag, status, code, text, literal);
+        let user = match command.name.kind {
+            CommandKind::Login => command.arg_string(0).map(|u| lossy(&u)),
+            CommandKind::Authenticate => super::modes::sasl_initial_user(command),
+            _ => None,
+        };
+        self.events.push(Event::Rejected {
+            name: command.name,
+            user,
+        });
+        let tag = command.tag().to_vec();
+        self.refuse(Some(&tag), status, code, text, literal);
     }
 
     pub(super) fn reply_untagged_bye(&mut self, text: &str) {
@@ -664,17 +705,10 @@ impl Conversation {
         self.utf8
     }
 
-    /// Whether the upstream takes non-synchronizing literals of any size.
-    pub(super) fn upstream_literal_plus(&self) -> bool {
-        self.upstream_caps
-            .as_ref()
-            .is_some_and(CapabilitySet::literal_plus)
-    }
-
     /// Refuses a command with a tagged answer of imapgate's own. If the command announced a
     /// literal, its octets are dropped: a synchronizing one is never sent (no `+` came), a
     /// non-synchronizing one is skipped as it arrives.
-    fn refuse(
+    pub(super) fn refuse(
         &mut self,
         tag: Option<&[u8]>,
         status: Status,
@@ -682,6 +716,7 @@ impl Conversation {
         text: &str,
         literal: Option<Literal>,
     ) {
+        let tag = tag.filter(|t| !t.is_empty());
         self.reply(tag, status, code, text);
         match literal {
             Some(l) if l.sync => self.client_in.refuse_literal(),
@@ -775,6 +810,8 @@ impl Conversation {
                 }
             }
         }
+        // A response may have ended a wait: frame what the client sent meanwhile.
+        self.client_input();
     }
 
     fn upstream_frame(&mut self, frame: Frame) {
@@ -789,27 +826,10 @@ impl Conversation {
         };
         let response = match parse_response(bytes.clone()) {
             Ok(r) => r,
-            Err(e) => {
-                // Lenient in: what we cannot read, we relay and count.
-                self.events.push(Event::ParseError {
-                    direction: Direction::Server,
-                    error: e.to_string(),
-                });
-                self.to_client.push(bytes);
-                return;
-            }
+            Err(e) => return self.unparsable_response(bytes, e.to_string()),
         };
         match &response.kind {
-            ResponseKind::Continuation { .. } if !self.gate.is_empty() => {
-                // The client already had its "+" from imapgate: send the next segment instead.
-                if let Some(next) = self.gate.pop_front() {
-                    self.to_upstream.push(next);
-                }
-            }
-            ResponseKind::Data { kind, .. } if self.policies.peek().hooks_response(*kind) => {
-                let set = self.policies.current();
-                self.judge_response(&set, response);
-            }
+            ResponseKind::Continuation { .. } => self.continuation(response),
             ResponseKind::Status { tag: Some(_), .. } => self.tagged(response),
             ResponseKind::Status {
                 tag: None,
@@ -818,6 +838,10 @@ impl Conversation {
             } => {
                 self.upstream_said_bye = true;
                 self.to_client.push(bytes);
+            }
+            ResponseKind::Data { kind, .. } if self.policies.peek().hooks_response(*kind) => {
+                let set = self.policies.current();
+                self.untagged_for_policies(&set, response);
             }
             ResponseKind::Data {
                 kind: DataKind::Enabled,
@@ -836,46 +860,90 @@ impl Conversation {
         }
     }
 
+    /// A response that does not parse. Its tag, if it has one, must still answer a command
+    /// imapgate sent; untagged, it is relayed raw (lenient in), unless a policy judges
+    /// responses: then what it could not see is not shown (fail closed).
+    fn unparsable_response(&mut self, bytes: Bytes, error: String) {
+        self.events.push(Event::ParseError {
+            direction: Direction::Server,
+            error,
+        });
+        let tag = framing::tag_of(&bytes).filter(|t| *t != b"*" && *t != b"+");
+        if tag.is_some() || bytes.starts_with(b"+") {
+            // A tagged answer or a continuation that cannot be read: no way to know which
+            // command it ends or what it asks for.
+            return self.desync("an unreadable tagged response or continuation request");
+        }
+        if self.policies.peek().has_hook(Hook::Response) {
+            self.fail_owner();
+            self.events.push(Event::Hidden);
+            return;
+        }
+        self.to_client.push(bytes);
+    }
+
+    /// A policy could not judge an untagged response: the command it belongs to (the oldest
+    /// in flight) completes `NO [UNAVAILABLE]`.
+    pub(super) fn fail_owner(&mut self) {
+        if let Some(owner) = self.pending.oldest_mut() {
+            owner.failed = true;
+        }
+    }
+
     fn tagged(&mut self, response: Response) {
         let status = response.status().unwrap_or(Status::Bad);
         let tag = response.tag().unwrap_or_default();
-        if let Some(pending) = self.pending.take(tag) {
-            let name = pending.name;
-            self.complete(pending, status);
-            if self.policies.peek().hooks_complete(name.label()) {
-                let set = self.policies.current();
-                self.sync_ctx();
-                let tag = String::from_utf8_lossy(tag).into_owned();
-                set.on_complete(&mut self.ctx, &tag, name.label(), status);
-                self.take_decisions();
-            }
+        let Some(mut pending) = self.pending.take(tag) else {
+            return self.desync("a tagged response to a command imapgate never forwarded");
+        };
+        self.end_modes_of(&pending);
+        if let Some(inbox) = pending.held_inbox.take() {
+            let set = self.policies.current();
+            let mut filter = pending.list_filter.take();
+            self.judge_untagged(&set, inbox, filter.as_mut());
         }
-        let out = self
-            .rewrite_capabilities(&response)
-            .unwrap_or_else(|| response.raw.clone());
-        self.to_client.push(out);
+        self.complete(&pending, status);
+        if self.policies.peek().hooks_complete(pending.name.label()) {
+            let set = self.policies.current();
+            self.sync_ctx();
+            let tag = String::from_utf8_lossy(tag).into_owned();
+            set.on_complete(&mut self.ctx, &tag, pending.name.label(), status);
+            self.take_decisions();
+        }
+        if pending.failed {
+            self.reply(
+                Some(&pending.tag),
+                Status::No,
+                Some("UNAVAILABLE"),
+                "Policy check failed, try again later",
+            );
+        } else {
+            let out = self
+                .rewrite_capabilities(&response)
+                .unwrap_or_else(|| response.raw.clone());
+            self.to_client.push(out);
+        }
         self.maybe_start_tls();
     }
 
-    fn complete(&mut self, pending: Pending, status: Status) {
+    fn complete(&mut self, pending: &Pending, status: Status) {
         let ok = status == Status::Ok;
-        match pending.kind {
+        match &pending.kind {
             PendingKind::Login { user } | PendingKind::Authenticate { user } => {
-                if pending.name.kind == CommandKind::Authenticate {
-                    self.mode = ClientMode::Commands;
-                    self.client_in.set_line_only(false);
-                }
                 if ok {
                     self.state = ImapState::Authenticated;
-                    self.user = user.clone();
+                    self.user.clone_from(user);
                     self.authenticated();
                 }
-                self.events.push(Event::Login { ok, user });
+                self.events.push(Event::Login {
+                    ok,
+                    user: user.clone(),
+                });
             }
             PendingKind::Select { mailbox } => {
                 if ok {
                     self.state = ImapState::Selected;
-                    self.selected = Some(mailbox);
+                    self.selected = Some(mailbox.clone());
                 } else if self.state == ImapState::Selected {
                     // A failed SELECT leaves no mailbox selected (RFC 9051 6.3.2).
                     self.state = ImapState::Authenticated;
@@ -885,10 +953,6 @@ impl Conversation {
             PendingKind::Unselect if ok => {
                 self.state = ImapState::Authenticated;
                 self.selected = None;
-            }
-            PendingKind::Idle if self.mode == ClientMode::Idle => {
-                self.mode = ClientMode::Commands;
-                self.client_in.set_line_only(false);
             }
             PendingKind::Logout => self.state = ImapState::Logout,
             _ => {}
@@ -957,7 +1021,13 @@ impl Conversation {
     // ----- replies of imapgate's own -----
 
     /// Queues a status response of imapgate's own for the client, encoded from values.
-    fn reply(&mut self, tag: Option<&[u8]>, status: Status, code: Option<&str>, text: &str) {
+    pub(super) fn reply(
+        &mut self,
+        tag: Option<&[u8]>,
+        status: Status,
+        code: Option<&str>,
+        text: &str,
+    ) {
         let tag = tag.filter(|t| *t != b"*" && *t != b"+");
         let value = ResponseValue::Status {
             tag: tag.map(<[u8]>::to_vec),
@@ -983,23 +1053,15 @@ impl Conversation {
     }
 }
 
-/// The authentication identity of `AUTHENTICATE PLAIN <initial response>` (RFC 4616:
-/// `[authzid] NUL authcid NUL passwd`), read without keeping the password.
-fn sasl_plain_user(command: &Command) -> Option<String> {
-    let mechanism = command.arg_string(0)?;
-    if !mechanism.eq_ignore_ascii_case(b"PLAIN") {
-        return None;
-    }
-    let ir = command.arg_string(1)?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(&*ir)
-        .ok()?;
-    let mut fields = decoded.split(|&b| b == 0);
-    let _authzid = fields.next()?;
-    let authcid = fields.next()?;
-    std::str::from_utf8(authcid).ok().map(str::to_owned)
+/// A name the client gave, for logs and policies; never a secret.
+pub(super) fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "one_reading_tests.rs"]
+mod one_reading_tests;

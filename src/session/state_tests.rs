@@ -3,9 +3,9 @@
 
 use super::*;
 
-const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ STARTTLS AUTH=PLAIN AUTH=SCRAM-SHA-256-PLUS COMPRESS=DEFLATE] Dovecot ready.\r\n";
+pub(super) const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ STARTTLS AUTH=PLAIN AUTH=SCRAM-SHA-256-PLUS COMPRESS=DEFLATE] Dovecot ready.\r\n";
 
-fn conv(listener_tls: ListenerTls, tls: bool) -> Conversation {
+pub(super) fn conv(listener_tls: ListenerTls, tls: bool) -> Conversation {
     let settings = Settings {
         listener_tls,
         ..Settings::default()
@@ -20,32 +20,45 @@ fn conv(listener_tls: ListenerTls, tls: bool) -> Conversation {
 }
 
 /// The client sends `c`; returns (what reached the upstream, what the client got back).
-fn c(conv: &mut Conversation, c: &str) -> (String, String) {
+pub(super) fn c(conv: &mut Conversation, c: &str) -> (String, String) {
     conv.client_buffer().extend_from_slice(c.as_bytes());
     conv.client_input();
     drain(conv)
 }
 
 /// The upstream sends `s`; returns (what reached the upstream, what the client got).
-fn s(conv: &mut Conversation, s: &str) -> (String, String) {
+pub(super) fn s(conv: &mut Conversation, s: &str) -> (String, String) {
     conv.upstream_buffer().extend_from_slice(s.as_bytes());
     conv.upstream_input();
     drain(conv)
 }
 
-fn drain(conv: &mut Conversation) -> (String, String) {
+/// A connection over TLS where `alice` has logged in.
+pub(super) fn logged_in() -> Conversation {
+    let mut conv = conv(ListenerTls::Implicit, true);
+    drain(&mut conv);
+    assert_eq!(
+        upstream(c(&mut conv, "l1 LOGIN alice pw\r\n")),
+        "l1 LOGIN alice pw\r\n"
+    );
+    client(s(&mut conv, "l1 OK Logged in\r\n"));
+    assert_eq!(conv.state(), ImapState::Authenticated);
+    conv
+}
+
+pub(super) fn drain(conv: &mut Conversation) -> (String, String) {
     (
         String::from_utf8_lossy(&conv.to_upstream.drain_to_vec()).into_owned(),
         String::from_utf8_lossy(&conv.to_client.drain_to_vec()).into_owned(),
     )
 }
 
-fn upstream(out: (String, String)) -> String {
+pub(super) fn upstream(out: (String, String)) -> String {
     assert_eq!(out.1, "", "nothing for the client expected");
     out.0
 }
 
-fn client(out: (String, String)) -> String {
+pub(super) fn client(out: (String, String)) -> String {
     assert_eq!(out.0, "", "nothing for the upstream expected");
     out.1
 }
@@ -68,19 +81,29 @@ fn greeting_capabilities_are_rewritten() {
 fn untouched_messages_pass_byte_identical_and_pipelined() {
     let mut conv = conv(ListenerTls::Implicit, true);
     drain(&mut conv);
-    let cmds = "a1 NOOP\r\na2 LOGIN alice {7+}\r\nsecret!\r\na3 SELECT  INBOX\r\n";
-    assert_eq!(upstream(c(&mut conv, cmds)), cmds);
-    let resp = "a1 OK NOOP done\r\na2 OK Logged in\r\n* 3 EXISTS\r\n* FLAGS (\\Seen)\r\na3 OK [READ-WRITE] Selected\r\n";
-    assert_eq!(client(s(&mut conv, resp)), resp);
+    // LOGIN is a barrier: what follows it is read once its answer says which state we are in.
+    let cmds = "a1 NOOP\r\na2 LOGIN alice pw\r\na3 SELECT  INBOX\r\na4 NOOP\r\n";
+    assert_eq!(
+        upstream(c(&mut conv, cmds)),
+        "a1 NOOP\r\na2 LOGIN alice pw\r\n"
+    );
+    let resp = "a1 OK NOOP done\r\na2 OK Logged in\r\n";
+    assert_eq!(
+        s(&mut conv, resp),
+        ("a3 SELECT  INBOX\r\n".into(), resp.into())
+    );
+    let resp = "* 3 EXISTS\r\n* FLAGS (\\Seen)\r\na3 OK [READ-WRITE] Selected\r\n";
+    assert_eq!(s(&mut conv, resp), ("a4 NOOP\r\n".into(), resp.into()));
     assert_eq!(conv.state(), ImapState::Selected);
     assert_eq!(conv.user(), Some("alice"));
     assert_eq!(conv.selected(), Some("INBOX"));
+    let cmds = "a5 NOOP\r\na6 UID FETCH 1:* (FLAGS)\r\na7 CHECK\r\n";
+    assert_eq!(upstream(c(&mut conv, cmds)), cmds);
 }
 
 #[test]
 fn sync_literal_continuation_comes_from_the_upstream() {
-    let mut conv = conv(ListenerTls::Implicit, true);
-    drain(&mut conv);
+    let mut conv = logged_in();
     assert_eq!(
         upstream(c(&mut conv, "a1 APPEND INBOX {5}\r\n")),
         "a1 APPEND INBOX {5}\r\n"
@@ -120,8 +143,7 @@ fn capability_data_and_login_codes_are_rewritten() {
 
 #[test]
 fn compress_is_refused_and_never_relayed() {
-    let mut conv = conv(ListenerTls::Implicit, true);
-    drain(&mut conv);
+    let mut conv = logged_in();
     assert_eq!(
         client(c(&mut conv, "a1 COMPRESS DEFLATE\r\n")),
         "a1 NO [CANNOT] COMPRESS is not available through this proxy\r\n"
@@ -328,8 +350,7 @@ fn unparsable_command_gets_bad_and_is_not_relayed() {
 
 #[test]
 fn refused_command_with_sync_literal_does_not_eat_the_next_command() {
-    let mut conv = conv(ListenerTls::Implicit, true);
-    drain(&mut conv);
+    let mut conv = logged_in();
     let out = client(c(&mut conv, "a1 COMPRESS {7}\r\n"));
     assert!(out.starts_with("a1 NO [CANNOT]"), "{out}");
     assert_eq!(upstream(c(&mut conv, "a2 NOOP\r\n")), "a2 NOOP\r\n");
@@ -376,8 +397,9 @@ fn upstream_lost_mid_literal_just_closes() {
 
 #[test]
 fn large_literals_stream_without_being_held() {
-    let mut conv = conv(ListenerTls::Implicit, true);
-    drain(&mut conv);
+    let mut conv = logged_in();
+    c(&mut conv, "s1 SELECT INBOX\r\n");
+    s(&mut conv, "s1 OK selected\r\n");
     c(&mut conv, "a1 FETCH 1 BODY[]\r\n");
     let head = "* 1 FETCH (BODY[] {1000000}\r\n";
     assert_eq!(client(s(&mut conv, head)), head);

@@ -1,0 +1,200 @@
+//! Which commands are valid in which connection state (RFC 3501 sections 3 and 6, RFC 9051).
+//!
+//! A proxy that forwards a command the server is not in the state to accept lets the server
+//! decide how to read what follows: Dovecot refuses a pre-login IDLE and then runs the next
+//! line, which the proxy took for IDLE's `DONE`. So imapgate answers such commands itself and
+//! never forwards them; before authentication only the not-authenticated commands reach the
+//! server at all.
+
+use super::command::{Command, CommandKind};
+use super::syntax::Token;
+
+/// The IMAP connection state (RFC 9051 section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImapState {
+    NotAuthenticated,
+    Authenticated,
+    Selected,
+    Logout,
+}
+
+impl ImapState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImapState::NotAuthenticated => "not_authenticated",
+            ImapState::Authenticated => "authenticated",
+            ImapState::Selected => "selected",
+            ImapState::Logout => "logout",
+        }
+    }
+}
+
+/// Why a command is not valid now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{0} is not valid before authentication")]
+    NotAuthenticated(&'static str),
+    #[error("{0} is only valid before authentication")]
+    AlreadyAuthenticated(&'static str),
+    #[error("{0} needs a selected mailbox")]
+    NotSelected(&'static str),
+    #[error("UID is not valid before {0}")]
+    NotAUidCommand(String),
+    #[error("Binary literals (~{{n}}) need the BINARY extension, which the server does not offer")]
+    BinaryLiteral,
+    #[error("The connection is logging out")]
+    LoggingOut,
+}
+
+/// What the session knows of the server that changes which commands are valid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerOffers {
+    /// BINARY (RFC 3516) is advertised: `~{n}` literals may be sent.
+    pub binary: bool,
+}
+
+/// Whether `command` may be forwarded in `state`; `binary_literal` when the command (or the
+/// literal the framer cut it at) uses `~{n}`.
+pub fn check(
+    state: ImapState,
+    command: &Command,
+    binary_literal: bool,
+    offers: ServerOffers,
+) -> Result<(), Invalid> {
+    use CommandKind as K;
+    let kind = command.name.kind;
+    if command.name.uid && !kind.takes_uid() {
+        return Err(Invalid::NotAUidCommand(command.display_name().into_owned()));
+    }
+    let label = command.name.label();
+    if state == ImapState::Logout {
+        return Err(Invalid::LoggingOut);
+    }
+    let any_state = matches!(kind, K::Capability | K::Noop | K::Logout | K::Id);
+    let not_authenticated_only = matches!(kind, K::Starttls | K::Authenticate | K::Login);
+    let selected_only = command.name.uid
+        || matches!(
+            kind,
+            K::Check
+                | K::Close
+                | K::Unselect
+                | K::Expunge
+                | K::Search
+                | K::Fetch
+                | K::Store
+                | K::Copy
+                | K::Move
+                | K::Sort
+                | K::Thread
+        );
+    match state {
+        ImapState::NotAuthenticated if !(any_state || not_authenticated_only) => {
+            return Err(Invalid::NotAuthenticated(display(command, label)));
+        }
+        ImapState::Authenticated | ImapState::Selected if not_authenticated_only => {
+            return Err(Invalid::AlreadyAuthenticated(label));
+        }
+        ImapState::Authenticated if selected_only => {
+            return Err(Invalid::NotSelected(label));
+        }
+        _ => {}
+    }
+    if binary_literal && !offers.binary {
+        return Err(Invalid::BinaryLiteral);
+    }
+    Ok(())
+}
+
+/// The label, or "this command" for an unknown one (its name is the client's, not ours to
+/// echo in a fixed-set field).
+fn display(command: &Command, label: &'static str) -> &'static str {
+    if command.name.kind == CommandKind::Other {
+        "this command"
+    } else {
+        label
+    }
+}
+
+/// Whether any literal in the tokens is a binary literal (`~{n}`).
+pub fn has_binary_literal(tokens: &[Token]) -> bool {
+    tokens.iter().any(|t| match t {
+        Token::Literal { literal, .. } => literal.binary,
+        Token::List { items, .. } => has_binary_literal(items),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::command::parse_command;
+    use bytes::Bytes;
+
+    fn check_line(state: ImapState, line: &str) -> Result<(), Invalid> {
+        let command = parse_command(Bytes::copy_from_slice(line.as_bytes())).expect("parses");
+        let binary = has_binary_literal(&command.args);
+        check(state, &command, binary, ServerOffers::default())
+    }
+
+    use ImapState::*;
+
+    #[test]
+    fn before_login_only_the_not_authenticated_commands() {
+        for ok in [
+            "a CAPABILITY\r\n",
+            "a NOOP\r\n",
+            "a LOGOUT\r\n",
+            "a ID NIL\r\n",
+            "a STARTTLS\r\n",
+            "a LOGIN u p\r\n",
+            "a AUTHENTICATE PLAIN\r\n",
+        ] {
+            assert_eq!(check_line(NotAuthenticated, ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "a IDLE\r\n",
+            "a SELECT INBOX\r\n",
+            "a ENABLE UTF8=ACCEPT\r\n",
+            "a XCLIENT ADDR=1.2.3.4\r\n",
+            "a UID LOGIN u p\r\n",
+            "a UID AUTHENTICATE PLAIN\r\n",
+            "LOGIN user pass\r\n",
+        ] {
+            assert!(check_line(NotAuthenticated, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn after_login() {
+        assert_eq!(
+            check_line(Authenticated, "a AUTHENTICATE PLAIN\r\n"),
+            Err(Invalid::AlreadyAuthenticated("AUTHENTICATE"))
+        );
+        assert!(check_line(Selected, "a LOGIN u p\r\n").is_err());
+        assert_eq!(
+            check_line(Authenticated, "a FETCH 1 FLAGS\r\n"),
+            Err(Invalid::NotSelected("FETCH"))
+        );
+        assert!(check_line(Authenticated, "a UID FETCH 1 FLAGS\r\n").is_err());
+        assert_eq!(check_line(Selected, "a UID FETCH 1 FLAGS\r\n"), Ok(()));
+        assert_eq!(check_line(Authenticated, "a IDLE\r\n"), Ok(()));
+        assert_eq!(check_line(Authenticated, "a XYZZY\r\n"), Ok(()));
+        assert!(matches!(
+            check_line(Selected, "a UID XYZZY 1\r\n"),
+            Err(Invalid::NotAUidCommand(_))
+        ));
+    }
+
+    #[test]
+    fn binary_literals_need_binary() {
+        assert_eq!(
+            check_line(Authenticated, "a APPEND INBOX ~{3+}\r\nabc\r\n"),
+            Err(Invalid::BinaryLiteral)
+        );
+        let command =
+            parse_command(Bytes::from_static(b"a APPEND INBOX ~{3+}\r\nabc\r\n")).expect("parses");
+        let offers = ServerOffers { binary: true };
+        assert_eq!(check(Authenticated, &command, true, offers), Ok(()));
+        assert!(check(NotAuthenticated, &command, true, offers).is_err());
+    }
+}
