@@ -22,6 +22,10 @@ use crate::session::{self, Listener, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
 const BYE_GRACE: Duration = Duration::from_secs(5);
+/// Beyond the drain timeout and the BYE grace, how long a SIGTERM waits for an orderly exit
+/// before the process exits regardless (a session stuck in a policy's C call cannot be
+/// waited for).
+const EXIT_MARGIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -54,7 +58,7 @@ pub struct Server {
     metrics: Metrics,
     audit: Audit,
     health: HealthState,
-    metrics_endpoint: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    metrics_endpoint: Option<EndpointThread>,
     stop_accepting: watch::Sender<bool>,
     bye: watch::Sender<bool>,
     connections: Arc<Semaphore>,
@@ -112,18 +116,7 @@ impl Server {
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
         let health = HealthState::new();
         let metrics_endpoint = match &config.metrics {
-            Some(m) => {
-                let endpoint = crate::metrics::bind(m.bind, metrics.clone(), health.clone())
-                    .await
-                    .map_err(ServerError::Metrics)?;
-                let addr = endpoint.local_addr();
-                let task = tokio::spawn(async move {
-                    if let Err(e) = endpoint.run().await {
-                        tracing::error!(error = %e, "metrics endpoint failed");
-                    }
-                });
-                Some((addr, task))
-            }
+            Some(m) => Some(EndpointThread::start(m.bind, metrics.clone(), health.clone()).await?),
             None => None,
         };
         let policies =
@@ -222,7 +215,7 @@ impl Server {
 
     /// The bound address of the metrics endpoint, when one is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_endpoint.as_ref().map(|(a, _)| *a)
+        self.metrics_endpoint.as_ref().map(|e| e.addr)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -258,10 +251,65 @@ impl Server {
         if let Err(e) = self.audit.flush().await {
             tracing::warn!(error = %e, "audit log not flushed");
         }
-        if let Some((_, task)) = self.metrics_endpoint.take() {
-            task.abort();
+        if let Some(endpoint) = self.metrics_endpoint.take() {
+            endpoint.stop();
         }
         tracing::info!("stopped");
+    }
+}
+
+/// The metrics and health endpoint, on a thread and runtime of its own: `/healthz` must
+/// answer while every worker of the sessions' runtime is busy, and a load balancer must see
+/// the drain.
+struct EndpointThread {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl EndpointThread {
+    async fn start(
+        bind: SocketAddr,
+        metrics: Metrics,
+        health: HealthState,
+    ) -> Result<EndpointThread, ServerError> {
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServerError::Runtime)?;
+        std::thread::Builder::new()
+            .name("imapgate-metrics".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let endpoint = match crate::metrics::bind(bind, metrics, health).await {
+                        Ok(endpoint) => endpoint,
+                        Err(e) => {
+                            let _ = bound_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = bound_tx.send(Ok(endpoint.local_addr()));
+                    tokio::select! {
+                        result = endpoint.run() => {
+                            if let Err(e) = result {
+                                tracing::error!(error = %e, "metrics endpoint failed");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .map_err(ServerError::Runtime)?;
+        let addr = bound_rx
+            .await
+            .map_err(|_| ServerError::Runtime(std::io::Error::other("metrics thread ended")))?
+            .map_err(ServerError::Metrics)?;
+        Ok(EndpointThread { addr, stop })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
     }
 }
 
@@ -357,28 +405,68 @@ pub fn init_logging(config: &Config) {
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the
 /// policies from `config_path`.
+///
+/// Signals are taken by a thread of their own, not by the runtime: a SIGTERM must end the
+/// process within the drain timeout (plus the BYE grace and a margin) whatever the sessions
+/// are doing, even if every worker is stuck in a long call into a policy.
 pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), ServerError> {
+    use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
     init_logging(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    runtime.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
-        let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(ServerError::Signals)?;
+    let (signal_tx, mut signal_rx) = tokio::sync::mpsc::unbounded_channel();
+    let deadline = config.limits.drain_timeout() + BYE_GRACE + EXIT_MARGIN;
+    std::thread::Builder::new()
+        .name("imapgate-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    let _ = signal_tx.send(signal);
+                    continue;
+                }
+                if stopping {
+                    tracing::warn!("second SIGTERM/SIGINT: exiting now");
+                    std::process::exit(1);
+                }
+                stopping = true;
+                let _ = signal_tx.send(signal);
+                std::thread::spawn(move || {
+                    std::thread::sleep(deadline);
+                    tracing::error!(
+                        ?deadline,
+                        "sessions did not end within the drain timeout and grace: exiting anyway"
+                    );
+                    std::process::exit(0);
+                });
+            }
+        })
+        .map_err(ServerError::Runtime)?;
+    let result = runtime.block_on(async {
         let server = Server::start(config).await?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => reload(&server, &config_path),
+        while let Some(signal) = signal_rx.recv().await {
+            match signal {
+                SIGHUP => reload(&server, &config_path),
+                SIGTERM => {
+                    tracing::info!("SIGTERM: shutting down");
+                    break;
+                }
+                _ => {
+                    tracing::info!("SIGINT: shutting down");
+                    break;
+                }
             }
         }
         server.shutdown().await;
         Ok(())
-    })
+    });
+    // Workers stuck in a policy call are not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// SIGHUP: re-reads the config file and swaps in its policies, or keeps the old ones.
