@@ -226,7 +226,9 @@ impl Conversation {
         } else {
             None
         };
-        self.judge_untagged(set, response, filter.as_mut());
+        if self.judge_untagged(set, response, filter.as_mut()) == Judged::Failed {
+            self.fail_owner(list);
+        }
         if let Some(filter) = filter
             && let Some(owner) = self.pending.oldest_list_mut()
         {
@@ -236,12 +238,15 @@ impl Conversation {
 
     /// Shows an untagged response to the policies and relays what they leave of it; a LIST
     /// entry that no longer matches the client's own patterns (`filter`) is not relayed.
+    /// [`Judged::Failed`] when a policy could not judge it: the caller fails the command it
+    /// belongs to.
+    #[must_use]
     pub(super) fn judge_untagged(
         &mut self,
         set: &PolicySet,
         response: Response,
         filter: Option<&mut ListFilter>,
-    ) {
+    ) -> Judged {
         let kind = response.data_kind().unwrap_or(DataKind::Other);
         let mut slots = Vec::new();
         let mut spans = Vec::new();
@@ -252,9 +257,8 @@ impl Conversation {
                 .and_then(|raw| self.decode_mailbox(&raw));
             let Some(name) = decoded else {
                 // A name the upstream encoded wrongly cannot be judged, so is not shown.
-                self.fail_owner();
                 self.events.push(Event::Hidden);
-                return;
+                return Judged::Failed;
             };
             slots.push(MailboxSlot::new(m.role, name));
             spans.push(m.token.span());
@@ -273,18 +277,17 @@ impl Conversation {
             Verdict::Pass => {}
             Verdict::Drop => {
                 self.events.push(Event::Hidden);
-                return;
+                return Judged::Done;
             }
             Verdict::Close { text } => {
                 self.reply_untagged_bye(&text);
                 self.push_control(Control::Close { flush: true });
-                return;
+                return Judged::Done;
             }
             // A hook that failed (or answered what a response cannot): fail closed.
             Verdict::Reject { .. } | Verdict::Delay(_) => {
-                self.fail_owner();
                 self.events.push(Event::Hidden);
-                return;
+                return Judged::Failed;
             }
         }
         if let Some(filter) = filter
@@ -294,7 +297,7 @@ impl Conversation {
             let delimiter = view.delimiter.as_ref().and_then(|d| d.chars().next());
             if !filter.matches(&name.name, delimiter) {
                 self.events.push(Event::Hidden);
-                return;
+                return Judged::Done;
             }
         }
         match self.encode_response(&response, &view) {
@@ -302,10 +305,11 @@ impl Conversation {
             Ok(None) => self.to_client.push(response.raw),
             Err(e) => {
                 tracing::warn!(error = %e, "a policy rewrite of a response cannot be encoded");
-                self.fail_owner();
                 self.events.push(Event::Hidden);
+                return Judged::Failed;
             }
         }
+        Judged::Done
     }
 
     /// The response with the view's changes written in, `None` when nothing changed.
@@ -362,6 +366,15 @@ impl Conversation {
         };
         encode::splice(&response.raw, &edits, opts).map(|e| Some(Bytes::from(e.bytes)))
     }
+}
+
+/// Whether an untagged response could be judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Judged {
+    Done,
+    /// A policy failed on it (or it could not be read or encoded): not relayed, and the
+    /// command it belongs to must complete `NO [UNAVAILABLE]`.
+    Failed,
 }
 
 /// The client's own patterns of a LIST/LSUB whose reference or patterns a policy changed:

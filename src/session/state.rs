@@ -875,7 +875,7 @@ impl Conversation {
             return self.desync("an unreadable tagged response or continuation request");
         }
         if self.policies.peek().has_hook(Hook::Response) {
-            self.fail_owner();
+            self.fail_owner(false);
             self.events.push(Event::Hidden);
             return;
         }
@@ -883,9 +883,15 @@ impl Conversation {
     }
 
     /// A policy could not judge an untagged response: the command it belongs to (the oldest
-    /// in flight) completes `NO [UNAVAILABLE]`.
-    pub(super) fn fail_owner(&mut self) {
-        if let Some(owner) = self.pending.oldest_mut() {
+    /// LIST/LSUB in flight for a LIST entry, else the oldest command) completes
+    /// `NO [UNAVAILABLE]`.
+    pub(super) fn fail_owner(&mut self, list_entry: bool) {
+        let owner = if list_entry {
+            self.pending.oldest_list_mut()
+        } else {
+            self.pending.oldest_mut()
+        };
+        if let Some(owner) = owner {
             owner.failed = true;
         }
     }
@@ -900,7 +906,9 @@ impl Conversation {
         if let Some(inbox) = pending.held_inbox.take() {
             let set = self.policies.current();
             let mut filter = pending.list_filter.take();
-            self.judge_untagged(&set, inbox, filter.as_mut());
+            if self.judge_untagged(&set, inbox, filter.as_mut()) == super::judge::Judged::Failed {
+                pending.failed = true;
+            }
         }
         self.complete(&pending, status);
         if self.policies.peek().hooks_complete(pending.name.label()) {
