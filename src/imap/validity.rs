@@ -44,6 +44,10 @@ pub enum Invalid {
     BinaryLiteral,
     #[error("The connection is logging out")]
     LoggingOut,
+    #[error(
+        "ID fields x-originating-*, x-connected-*, x-session-*, x-forward-* and x-proxy-ttl are reserved for proxies"
+    )]
+    ProxyIdField,
 }
 
 /// What the session knows of the server that changes which commands are valid.
@@ -102,7 +106,41 @@ pub fn check(
     if binary_literal && !offers.binary {
         return Err(Invalid::BinaryLiteral);
     }
+    if kind == K::Id && has_proxy_id_field(command) {
+        return Err(Invalid::ProxyIdField);
+    }
     Ok(())
+}
+
+/// ID fields a server believes only from a trusted proxy (Dovecot's
+/// `login_trusted_networks`): the client's address and port, the session id, forwarded
+/// fields. From a client through imapgate they would be believed as imapgate's own word.
+const PROXY_ID_FIELDS: &[&str] = &[
+    "x-originating-ip",
+    "x-originating-port",
+    "x-connected-ip",
+    "x-connected-port",
+    "x-proxy-ttl",
+    "x-session-id",
+    "x-session-ext-id",
+    "x-client-transport",
+    "x-forward-",
+];
+
+/// Whether an `ID (field value ...)` list has a field only a proxy may send.
+fn has_proxy_id_field(command: &Command) -> bool {
+    let Some(items) = command.args.first().and_then(|t| t.items()) else {
+        return false;
+    };
+    items.iter().step_by(2).any(|key| {
+        let Some(key) = key.string(&command.raw) else {
+            return false;
+        };
+        let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
+        PROXY_ID_FIELDS
+            .iter()
+            .any(|f| key == *f || (f.ends_with('-') && key.starts_with(f)))
+    })
 }
 
 /// The label, or "this command" for an unknown one (its name is the client's, not ours to
@@ -183,6 +221,24 @@ mod tests {
             check_line(Selected, "a UID XYZZY 1\r\n"),
             Err(Invalid::NotAUidCommand(_))
         ));
+    }
+
+    #[test]
+    fn proxy_id_fields_are_not_the_clients_to_send() {
+        assert_eq!(
+            check_line(NotAuthenticated, "a ID (\"name\" \"mutt\")\r\n"),
+            Ok(())
+        );
+        for line in [
+            "a ID (\"name\" \"x\" \"X-Originating-IP\" \"203.0.113.7\")\r\n",
+            "a ID (\"x-forward-user\" \"root\")\r\n",
+            "a ID (\"x-session-id\" {3+}\r\nabc)\r\n",
+        ] {
+            assert!(
+                check_line(NotAuthenticated, line) == Err(Invalid::ProxyIdField),
+                "{line}"
+            );
+        }
     }
 
     #[test]
