@@ -299,6 +299,58 @@ impl Client {
         }
     }
 
+    /// Reads responses until the tagged one for `tag`, the end of the connection, or `limit`,
+    /// whichever comes first, and never panics: for hostile exchanges, where the test wants
+    /// to look at what the server did whatever the client got. Bytes of an unfinished
+    /// response are returned as a last element. Check [`Client::is_closed`] for the end.
+    pub async fn collect_until(&mut self, tag: &str, limit: Duration) -> Vec<String> {
+        let end = tokio::time::Instant::now() + limit;
+        let mut out = Vec::new();
+        loop {
+            while let Some(r) = self.buffered_response() {
+                let r = String::from_utf8_lossy(&r).into_owned();
+                let done = is_tagged(&r, tag);
+                out.push(r);
+                if done {
+                    return out;
+                }
+            }
+            let more = if self.eof {
+                None
+            } else {
+                tokio::time::timeout_at(end, self.read_some()).await.ok()
+            };
+            if !matches!(more, Some(n) if n > 0) {
+                if !self.buf.is_empty() {
+                    out.push(String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned());
+                }
+                return out;
+            }
+        }
+    }
+
+    /// One whole response taken from the buffer, if one is there (no read).
+    fn buffered_response(&mut self) -> Option<Vec<u8>> {
+        let mut scanned = 0;
+        loop {
+            let line_end = scanned + find_crlf(&self.buf[scanned..])?;
+            match announced_literal(&self.buf[..line_end]) {
+                Some((n, _)) => {
+                    let needed = line_end + 2 + n;
+                    if self.buf.len() < needed {
+                        return None;
+                    }
+                    scanned = needed;
+                }
+                None => {
+                    let mut response: Vec<u8> = self.buf.drain(..line_end + 2).collect();
+                    response.truncate(line_end);
+                    return Some(response);
+                }
+            }
+        }
+    }
+
     /// Reads one whole response (literals included), without its final CRLF.
     pub async fn read_response(&mut self) -> String {
         String::from_utf8_lossy(&self.read_response_bytes().await).into_owned()

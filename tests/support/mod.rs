@@ -2,7 +2,9 @@
 //!
 //! - [`pki`]: a test CA and leaf certificates (rcgen), as PEM strings and files;
 //! - [`dovecot`]: a private real Dovecot per test (or one shared per test binary);
-//! - [`client`]: a small async IMAP client whose tests read like transcripts.
+//! - [`client`]: a small async IMAP client whose tests read like transcripts;
+//! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received);
+//! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact.
 //!
 //! ```ignore
 //! mod support;
@@ -24,8 +26,10 @@
 
 pub mod client;
 pub mod dovecot;
+pub mod evidence;
 pub mod pki;
 pub mod proxy;
+pub mod tap;
 
 pub use client::{Client, assert_tagged, capabilities, insecure_tls_config, quote, tls_config};
 pub use dovecot::{Dovecot, DovecotOptions, generated_user};
