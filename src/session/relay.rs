@@ -447,6 +447,14 @@ impl Driver {
                     }
                     tracing::debug!(command = name.label(), "command answered by imapgate");
                 }
+                Event::Invalid { name } => {
+                    self.shared.metrics.command_completed(
+                        name.label(),
+                        CommandResult::Rejected,
+                        None,
+                    );
+                    tracing::debug!(command = name.label(), "command not valid in this state");
+                }
                 Event::Hidden => self.shared.metrics.response_hidden(),
                 Event::Desync { what } => {
                     self.shared.metrics.desync();

@@ -112,6 +112,8 @@ pub enum Event {
         name: CommandName,
         user: Option<String>,
     },
+    /// A command not valid in the current state, answered `BAD` by imapgate.
+    Invalid { name: CommandName },
     /// A policy hook ran.
     Policy(Decision),
     /// An untagged response was not relayed: a policy dropped it, or it did not match the
@@ -488,8 +490,11 @@ impl Conversation {
         let binary =
             literal.is_some_and(|l| l.binary) || validity::has_binary_literal(&command.args);
         if let Err(why) = validity::check(self.state, &command, binary, self.offers()) {
+            // Not a login attempt, whatever its name: a protocol error, answered here.
+            self.events.push(Event::Invalid { name: command.name });
+            let tag = command.tag().to_vec();
             let text = why.to_string();
-            return self.refuse_command(&command, Status::Bad, Some("CLIENTBUG"), &text, literal);
+            return self.refuse(Some(&tag), Status::Bad, Some("CLIENTBUG"), &text, literal);
         }
         match command.name.kind {
             CommandKind::Starttls => return self.starttls(&command),
