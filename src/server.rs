@@ -21,11 +21,11 @@ use crate::policy::{Policies, PolicyError};
 use crate::session::{self, Listener, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
-const BYE_GRACE: Duration = Duration::from_secs(5);
+const BYE_GRACE: Duration = Duration::from_secs(2);
 /// Beyond the drain timeout and the BYE grace, how long a SIGTERM waits for an orderly exit
 /// before the process exits regardless (a session stuck in a policy's C call cannot be
 /// waited for).
-const EXIT_MARGIN: Duration = Duration::from_secs(2);
+const EXIT_MARGIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
