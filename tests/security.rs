@@ -160,11 +160,8 @@ impl Gate {
 
     /// A client on the implicit-TLS listener, greeting read.
     pub async fn tls_client(&self) -> Client {
-        let mut c = Client::connect_tls(
-            self.proxy.addr(support::proxy::IMAPS),
-            dovecot().ca_pem(),
-        )
-        .await;
+        let mut c =
+            Client::connect_tls(self.proxy.addr(support::proxy::IMAPS), dovecot().ca_pem()).await;
         c.set_timeout(PATIENCE);
         c.read_greeting().await;
         c

@@ -138,7 +138,11 @@ async fn f07_pipelined_lists_cannot_exhaust_namespace_state() {
 
     // The server answered every LIST...
     let received = gate.server_received();
-    assert_eq!(count_ci(&received, " LIST "), 301, "LISTs that reached Dovecot");
+    assert_eq!(
+        count_ci(&received, " LIST "),
+        301,
+        "LISTs that reached Dovecot"
+    );
     // ...and each reached the client filtered by its own pattern.
     let mut since_last = Vec::new();
     let mut done = 0;
@@ -228,14 +232,18 @@ async fn f12_sync_client_through_shipped_defaults_loses_no_mail() {
     // The server still holds every message (getmail does not delete)...
     let mut check = direct(&user, &pass).await;
     for (folder, count) in &folders {
-        assert_eq!(server_messages(&mut check, folder).await, Some(*count as u32));
+        assert_eq!(
+            server_messages(&mut check, folder).await,
+            Some(*count as u32)
+        );
     }
     let fetched = ["new", "cur"]
         .iter()
         .map(|sub| std::fs::read_dir(maildir.join(sub)).map_or(0, |d| d.count()))
         .sum::<usize>();
     assert_eq!(
-        fetched, total,
+        fetched,
+        total,
         "getmail fetched {fetched} of {total} messages (exit {:?}):\n{said}",
         out.status.code()
     );
