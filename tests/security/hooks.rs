@@ -78,11 +78,13 @@ async fn plain_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> Clie
 /// ```
 ///
 /// while a third session's NOOPs must each answer within 100 ms (the bound the issue sets) and
-/// `/healthz` keeps answering. Today each LIST runs one `string.find` that backtracks for
-/// minutes in a single C call: the two attacks take both cores and every other session and
-/// `/healthz` stall.
+/// `/healthz` keeps answering. It runs alone among this binary's tests ([`crate::quiet`]), so
+/// that only the attack loads the cores. Today each LIST runs one `string.find` that
+/// backtracks for minutes in a single C call: the two attacks take both cores and every other
+/// session and `/healthz` stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
+    let _quiet = crate::quiet().await;
     let (user, pass) = user_with_a_long_folder().await;
     let tap = Tap::start(dovecot().addr()).await;
     let proxy = gate_process(tap.addr(), "");
