@@ -37,7 +37,7 @@ mod ratelimit;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use imapgate::config::{Config, MetricsConfig, OnError, PolicyConfig, UpstreamTls};
@@ -46,6 +46,7 @@ use support::evidence::{audit_records, scrape};
 use support::proxy::{Proxy, config_for};
 use support::tap::Tap;
 use support::{Client, Dovecot, DovecotOptions, quote};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 /// The namespace as a boundary: the client sees `INBOX.` with `.`, and everything it names
 /// lives under the server's `Jail/`. Outside the jail (e.g. `Private/Secret`) is off limits.
@@ -109,6 +110,16 @@ pub fn example_policies() -> Vec<PolicyConfig> {
         .policies
 }
 
+/// Held (shared) by every [`Gate`], and exclusively by the one test with a latency bound, so
+/// that the other tests of this binary (imaptest, getmail, pipelines) do not load the two
+/// cores while it measures.
+static QUIET: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
+
+/// Waits until no [`Gate`] is running and keeps new ones from starting until dropped.
+pub async fn quiet() -> OwnedRwLockWriteGuard<()> {
+    QUIET.clone().write_owned().await
+}
+
 /// imapgate in-process in front of the tap in front of [`dovecot`], with an audit log and a
 /// metrics endpoint.
 pub struct Gate {
@@ -117,15 +128,12 @@ pub struct Gate {
     pub audit: PathBuf,
     pub metrics: SocketAddr,
     _dir: tempfile::TempDir,
+    _running: OwnedRwLockReadGuard<()>,
 }
 
 impl Gate {
     pub async fn start(policies: Vec<PolicyConfig>) -> Gate {
-        Gate::start_with(policies, |_| {}).await
-    }
-
-    /// Like [`Gate::start`], with a last change to the config.
-    pub async fn start_with(policies: Vec<PolicyConfig>, edit: impl FnOnce(&mut Config)) -> Gate {
+        let running = QUIET.clone().read_owned().await;
         let dc = dovecot();
         let tap = Tap::start(dc.addr()).await;
         let dir = support::temp_dir();
@@ -137,7 +145,6 @@ impl Gate {
             bind: "127.0.0.1:0".parse().expect("address"),
         });
         config.log.audit = Some(audit.display().to_string());
-        edit(&mut config);
         let proxy = Proxy::start(config).await;
         let metrics = proxy.metrics_addr().expect("metrics endpoint");
         Gate {
@@ -146,11 +153,12 @@ impl Gate {
             audit,
             metrics,
             _dir: dir,
+            _running: running,
         }
     }
 
-    /// A client on `listener` (plain TCP, also for the implicit-TLS one: use
-    /// [`Gate::tls_client`]), greeting read, with the hostile-test timeout.
+    /// A plain-TCP client on `listener` (`imap` for STARTTLS, `plain`), greeting read, with
+    /// the hostile-test timeout. For the implicit-TLS listener see [`Gate::tls_client`].
     pub async fn client(&self, listener: &str) -> Client {
         let mut c = Client::connect(self.proxy.addr(listener)).await;
         c.set_timeout(PATIENCE);
@@ -160,11 +168,8 @@ impl Gate {
 
     /// A client on the implicit-TLS listener, greeting read.
     pub async fn tls_client(&self) -> Client {
-        let mut c = Client::connect_tls(
-            self.proxy.addr(support::proxy::IMAPS),
-            dovecot().ca_pem(),
-        )
-        .await;
+        let mut c =
+            Client::connect_tls(self.proxy.addr(support::proxy::IMAPS), dovecot().ca_pem()).await;
         c.set_timeout(PATIENCE);
         c.read_greeting().await;
         c

@@ -11,8 +11,8 @@ use crate::support::evidence::{http_get_within, poll, sum_samples};
 use crate::support::proxy::{ProxyProcess, toml_path};
 use crate::support::tap::Tap;
 use crate::{
-    COURIER, Gate, JAIL, PATIENCE, assert_answer, direct, dovecot, local_policy,
-    server_mailboxes, shipped,
+    COURIER, Gate, JAIL, PATIENCE, assert_answer, direct, dovecot, local_policy, server_mailboxes,
+    shipped,
 };
 
 /// The finding's LIST pattern: namespace.lua turns it into a backtracking Lua pattern.
@@ -21,7 +21,8 @@ const ATTACK: &str = "**************z";
 /// The imapgate binary with namespace.lua (README options) and `extra` policies, a plaintext
 /// listener `plain` and the metrics endpoint `metrics`, in front of `upstream`.
 fn gate_process(upstream: std::net::SocketAddr, extra: &str) -> ProxyProcess {
-    let namespace = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies/namespace.lua");
+    let namespace =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies/namespace.lua");
     let options = COURIER.replace('\n', ", ");
     let toml = format!(
         r#"
@@ -55,7 +56,8 @@ const DRAIN_S: u64 = 2;
 async fn user_with_a_long_folder() -> (String, String) {
     let (user, pass) = dovecot().fresh_user();
     let mut d = direct(&user, &pass).await;
-    d.ok(&format!("d1 CREATE Archive/{}", "a".repeat(120))).await;
+    d.ok(&format!("d1 CREATE Archive/{}", "a".repeat(120)))
+        .await;
     d.logout().await;
     (user, pass)
 }
@@ -76,11 +78,13 @@ async fn plain_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> Clie
 /// ```
 ///
 /// while a third session's NOOPs must each answer within 100 ms (the bound the issue sets) and
-/// `/healthz` keeps answering. Today each LIST runs one `string.find` that backtracks for
-/// minutes in a single C call: the two attacks take both cores and every other session and
-/// `/healthz` stall.
+/// `/healthz` keeps answering. It runs alone among this binary's tests ([`crate::quiet`]), so
+/// that only the attack loads the cores. Today each LIST runs one `string.find` that
+/// backtracks for minutes in a single C call: the two attacks take both cores and every other
+/// session and `/healthz` stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
+    let _quiet = crate::quiet().await;
     let (user, pass) = user_with_a_long_folder().await;
     let tap = Tap::start(dovecot().addr()).await;
     let proxy = gate_process(tap.addr(), "");
@@ -95,7 +99,10 @@ async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
         let done = Arc::new(AtomicUsize::new(0));
         let counted = done.clone();
         let task = tokio::spawn(async move {
-            let mut c = plain_login(plain, &user, &pass).await;
+            // Never panics: once the test has failed, imapgate is killed under it.
+            let mut c = Client::connect(plain).await;
+            c.send_line(&format!("l0 LOGIN {user} {pass}")).await;
+            c.collect_until("l0", PATIENCE).await;
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) && !c.is_closed() {
                 n += 1;
@@ -107,19 +114,24 @@ async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
         });
         attackers.push((task, done));
     }
-    // The attack is under way once the server has answered a LIST of each attacker:
-    // imapgate is judging the entries now.
-    poll("the server's answers to both attacks", Duration::from_secs(10), || {
-        let answered = (0..tap.connections())
-            .filter(|&i| String::from_utf8_lossy(&tap.to_client(i)).contains(" OK List completed"))
-            .count();
-        (answered >= 2).then_some(())
-    })
+    // The attack is under way once the server has answered an attacking LIST: imapgate is
+    // judging its entries now. (Today the second attack may not even get to the server: the
+    // first one's hook can hold the worker thread its session is queued on.)
+    poll(
+        "the server's answer to an attack",
+        Duration::from_secs(10),
+        || {
+            (0..tap.connections())
+                .any(|i| String::from_utf8_lossy(&tap.to_client(i)).contains(" OK List completed"))
+                .then_some(())
+        },
+    )
     .await;
 
     for i in 0..20 {
         let start = Instant::now();
-        let answer = tokio::time::timeout(Duration::from_secs(2), victim.cmd(&format!("n{i} NOOP"))).await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), victim.cmd(&format!("n{i} NOOP"))).await;
         let took = start.elapsed();
         assert!(
             answer.is_ok(),
@@ -151,7 +163,12 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // After the command name: state is field 0, utime field 11, stime field 12.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -180,7 +197,11 @@ return { name = "slow", commands = { "NOOP" },
   end }"#,
     );
     let rows = [
-        ("namespace.lua on the attack LIST", String::new(), format!("l1 LIST \"\" \"{ATTACK}\"")),
+        (
+            "namespace.lua on the attack LIST",
+            String::new(),
+            format!("l1 LIST \"\" \"{ATTACK}\""),
+        ),
         (
             "a policy stuck in string.find",
             format!("[[policy]]\nscript = {}\n", toml_path(&slow.script)),
@@ -192,11 +213,16 @@ return { name = "slow", commands = { "NOOP" },
         let mut c = plain_login(proxy.addr("plain"), &user, &pass).await;
         let before = cpu_seconds(proxy.pid());
         c.send_line(&line).await;
-        // The hook is busy once the process has burnt half a second of CPU since.
-        poll(&format!("{what}: the hook at work"), Duration::from_secs(30), || {
-            (cpu_seconds(proxy.pid()) - before > 0.5).then_some(())
-        })
-        .await;
+        let tag = crate::support::client::tag_of(line.as_bytes());
+        // The hook is at work once the process has burnt half a second of CPU since; a hook
+        // that is not slow (namespace.lua once fixed) answers instead, and the SIGTERM then
+        // meets an idle session.
+        let mut answered = Vec::new();
+        let end = Instant::now() + Duration::from_secs(30);
+        while cpu_seconds(proxy.pid()) - before <= 0.5 && answered.is_empty() {
+            assert!(Instant::now() < end, "{what}: neither busy nor answered");
+            answered = c.collect_until(&tag, Duration::from_millis(50)).await;
+        }
         proxy.signal("TERM");
         let limit = Duration::from_secs(DRAIN_S + 5);
         assert!(
@@ -206,10 +232,14 @@ return { name = "slow", commands = { "NOOP" },
     }
 }
 
-/// Runs one session through a gate with `policy` (and nothing else): a login, a CREATE, a
-/// LIST and a NOOP, tolerating refusals and BYE; returns everything the client got.
+/// Runs one session through `gate`: a login, a CAPABILITY and a NOOP, tolerating refusals,
+/// a BYE and even a missing greeting; returns everything the client got.
 async fn session_through(gate: &Gate, user: &str, pass: &str) -> Vec<String> {
-    let mut c = gate.tls_client().await;
+    let mut c = Client::connect_tls(
+        gate.proxy.addr(crate::support::proxy::IMAPS),
+        dovecot().ca_pem(),
+    )
+    .await;
     let mut got = Vec::new();
     for line in [
         format!("l1 LOGIN {user} {pass}"),
@@ -269,7 +299,10 @@ async fn f08_verdicts_a_hook_cannot_apply_are_counted_errors() {
 
     // Response hooks that reject or delay: the LIST data is not relayed.
     for (name, verdict) in [
-        ("rejects_responses", "imap.reject{ status = \"NO\", text = \"no\" }"),
+        (
+            "rejects_responses",
+            "imap.reject{ status = \"NO\", text = \"no\" }",
+        ),
         ("delays_responses", "imap.delay(10)"),
     ] {
         let gate = Gate::start(vec![local_policy(
@@ -295,7 +328,11 @@ async fn f08_verdicts_a_hook_cannot_apply_are_counted_errors() {
     // The other hooks: whatever they return is checked, not thrown away.
     for (hook, verdict, signature) in [
         ("on_connect", "imap.drop()", "ctx"),
-        ("on_capability", "imap.reject{ status = \"NO\", text = \"no\" }", "ctx, caps"),
+        (
+            "on_capability",
+            "imap.reject{ status = \"NO\", text = \"no\" }",
+            "ctx, caps",
+        ),
         ("on_complete", "imap.delay(10)", "ctx, cmd, status"),
     ] {
         let name = format!("returns_from_{hook}");

@@ -138,7 +138,11 @@ async fn f07_pipelined_lists_cannot_exhaust_namespace_state() {
 
     // The server answered every LIST...
     let received = gate.server_received();
-    assert_eq!(count_ci(&received, " LIST "), 301, "LISTs that reached Dovecot");
+    assert_eq!(
+        count_ci(&received, " LIST "),
+        301,
+        "LISTs that reached Dovecot"
+    );
     // ...and each reached the client filtered by its own pattern.
     let mut since_last = Vec::new();
     let mut done = 0;
@@ -190,6 +194,20 @@ async fn f12_sync_client_through_shipped_defaults_loses_no_mail() {
     for sub in ["cur", "new", "tmp"] {
         std::fs::create_dir_all(maildir.join(sub)).expect("Maildir");
     }
+    // getmail refuses to deliver as root: as root, it delivers as Dovecot's mail user.
+    let deliver_as = if is_root() {
+        let (uid, gid) = dovecot().mail_owner();
+        let status = std::process::Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(&maildir)
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        format!("user = {}\n", crate::support::dovecot::MAIL_USER)
+    } else {
+        String::new()
+    };
     let mailboxes: Vec<String> = folders
         .iter()
         .map(|(f, _)| format!("\"INBOX.{}\"", f.replace('/', ".")))
@@ -197,7 +215,7 @@ async fn f12_sync_client_through_shipped_defaults_loses_no_mail() {
     let rc = format!(
         "[retriever]\ntype = SimpleIMAPSSLRetriever\nserver = 127.0.0.1\nport = {port}\n\
          username = {user}\npassword = {pass}\nca_certs = {ca}\nmailboxes = ({boxes},)\n\
-         imap_search = ALL\n\n[destination]\ntype = Maildir\npath = {maildir}/\n\n\
+         imap_search = ALL\n\n[destination]\ntype = Maildir\npath = {maildir}/\n{deliver_as}\n\
          [options]\nread_all = true\ndelete = false\nverbose = 1\n",
         port = gate.proxy.addr(crate::support::proxy::IMAPS).port(),
         ca = dovecot().ca_pem_path().display(),
@@ -228,14 +246,18 @@ async fn f12_sync_client_through_shipped_defaults_loses_no_mail() {
     // The server still holds every message (getmail does not delete)...
     let mut check = direct(&user, &pass).await;
     for (folder, count) in &folders {
-        assert_eq!(server_messages(&mut check, folder).await, Some(*count as u32));
+        assert_eq!(
+            server_messages(&mut check, folder).await,
+            Some(*count as u32)
+        );
     }
     let fetched = ["new", "cur"]
         .iter()
         .map(|sub| std::fs::read_dir(maildir.join(sub)).map_or(0, |d| d.count()))
         .sum::<usize>();
     assert_eq!(
-        fetched, total,
+        fetched,
+        total,
         "getmail fetched {fetched} of {total} messages (exit {:?}):\n{said}",
         out.status.code()
     );
@@ -247,4 +269,11 @@ async fn f12_sync_client_through_shipped_defaults_loses_no_mail() {
         folders.len(),
         "SEARCHes that reached Dovecot"
     );
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -114,16 +114,16 @@ impl Tap {
     pub fn inject(&self, i: usize, bytes: &[u8]) {
         let conn = self.conn(i);
         conn.injected.lock().unwrap().extend_from_slice(bytes);
-        conn.inject.send(bytes.to_vec()).expect("tap connection gone");
+        conn.inject
+            .send(bytes.to_vec())
+            .expect("tap connection gone");
     }
 
     /// Waits (up to `limit`) until what the server sent on connection `i` satisfies `done`.
     pub async fn wait_to_client(&self, i: usize, limit: Duration, done: impl Fn(&str) -> bool) {
         let end = Instant::now() + limit;
         loop {
-            if self.connections() > i
-                && done(&String::from_utf8_lossy(&self.to_client(i)))
-            {
+            if self.connections() > i && done(&String::from_utf8_lossy(&self.to_client(i))) {
                 return;
             }
             assert!(
