@@ -169,4 +169,85 @@ mod tests {
             )
         );
     }
+
+    mod framed {
+        use super::super::*;
+        use crate::imap::framing::{Direction, Frame, Framer, Limits};
+        use proptest::prelude::*;
+
+        /// One argument: an atom, or a literal (`{n}`/`{n+}`) whose octets may hold anything,
+        /// announcements and CRLFs included.
+        fn argument() -> impl Strategy<Value = (bool, Vec<u8>)> {
+            prop_oneof![
+                "[a-z]{1,5}".prop_map(|a| (false, a.into_bytes())),
+                (
+                    any::<bool>(),
+                    proptest::collection::vec(
+                        prop_oneof![
+                            Just(b'x'),
+                            Just(b'\r'),
+                            Just(b'\n'),
+                            Just(b'{'),
+                            Just(b'}'),
+                            Just(b'+'),
+                            Just(b'5')
+                        ],
+                        0..12
+                    )
+                )
+                    .prop_map(|(nonsync, data)| (true, {
+                        let mut l =
+                            format!("{{{}{}}}\r\n", data.len(), if nonsync { "+" } else { "" })
+                                .into_bytes();
+                        l.extend_from_slice(&data);
+                        l
+                    })),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the literals hold, the cut agrees with the framer: pieces joined give
+            /// the message with every `{n+}` made `{n}`, each cut right after an announcement.
+            #[test]
+            fn cuts_agree_with_the_framer(args in proptest::collection::vec(argument(), 0..6)) {
+                let mut message = b"a X".to_vec();
+                let mut expected = b"a X".to_vec();
+                let mut cuts = 0;
+                for (literal, bytes) in &args {
+                    message.push(b' ');
+                    expected.push(b' ');
+                    message.extend_from_slice(bytes);
+                    if *literal {
+                        cuts += 1;
+                        let text = String::from_utf8_lossy(bytes);
+                        let head_end = bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+                        let head = text[..head_end].replace("+}", "}");
+                        expected.extend_from_slice(head.as_bytes());
+                        expected.extend_from_slice(&bytes[head_end..]);
+                    } else {
+                        expected.extend_from_slice(bytes);
+                    }
+                }
+                message.extend_from_slice(b"\r\n");
+                expected.extend_from_slice(b"\r\n");
+                // Everything held whole (as after imapgate collected it): one piece. The server
+                // direction's framer holds synchronizing literals too.
+                let mut framer = Framer::new(Direction::Server, Limits::default());
+                framer.push(&message);
+                let piece = match framer.next_frame() {
+                    Ok(Some(Frame::Text { bytes, literal: None, .. })) => bytes,
+                    other => return Err(TestCaseError::fail(format!("framed as {other:?}"))),
+                };
+                prop_assert_eq!(&piece[..], &message[..]);
+                let out = synchronizing_segments(piece);
+                prop_assert_eq!(out.parts.len(), cuts + 1);
+                prop_assert!(!out.ends_with_literal);
+                prop_assert_eq!(out.parts.concat(), expected);
+                for part in &out.parts[..cuts] {
+                    let announced = part.ends_with(b"}\r\n");
+                    prop_assert!(announced, "cut elsewhere: {:?}", part);
+                }
+            }
+        }
+    }
 }

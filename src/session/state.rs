@@ -113,7 +113,9 @@ pub enum Event {
         user: Option<String>,
     },
     /// A command not valid in the current state, answered `BAD` by imapgate.
-    Invalid { name: CommandName },
+    Invalid {
+        name: CommandName,
+    },
     /// A policy hook ran.
     Policy(Decision),
     /// An untagged response was not relayed: a policy dropped it, or it did not match the
