@@ -2,7 +2,8 @@
 //!
 //! - [`pki`]: a test CA and leaf certificates (rcgen), as PEM strings and files;
 //! - [`dovecot`]: a private real Dovecot per test (or one shared per test binary);
-//! - [`client`]: a small async IMAP client whose tests read like transcripts.
+//! - [`client`]: a small async IMAP client whose tests read like transcripts;
+//! - [`relay`]: a recording TCP relay to put between imapgate and its upstream.
 //!
 //! ```ignore
 //! mod support;
@@ -26,6 +27,7 @@ pub mod client;
 pub mod dovecot;
 pub mod pki;
 pub mod proxy;
+pub mod relay;
 
 pub use client::{Client, assert_tagged, capabilities, insecure_tls_config, quote, tls_config};
 pub use dovecot::{Dovecot, DovecotOptions, generated_user};
