@@ -270,14 +270,16 @@ impl Worker {
             failures.push(failure(format!("(b) relay: {}", f.class), f.detail.clone()));
         }
 
-        // Dovecot's log: the login process writes one last line per session (Login, or
-        // Disconnected / Aborted login) once the session has ended on its side.
+        // Dovecot's log, matched by the relay's port. Dovecot logs "Login:" before it sends
+        // "Logged in", which passes the relay: when the relay saw one, wait for the line (the
+        // log process may lag); otherwise take what is there.
         let mut dovecot_lines = Vec::new();
         if let Some(rport) = rport {
             let deadline = tokio::time::Instant::now() + SETTLE;
             loop {
                 dovecot_lines = check::dovecot_lines(&dc.log(), log_offset, rport);
-                if !dovecot_lines.is_empty() || tokio::time::Instant::now() >= deadline {
+                let logged = !check::logged_in_users(&dovecot_lines).is_empty();
+                if logged_in_at.is_none() || logged || tokio::time::Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -376,8 +376,10 @@ impl<'a> Gen<'a> {
     /// `\0user\0pass` in base64, remembered as a secret.
     fn plain_blob(&mut self, user: &str, pass: &str) -> String {
         let blob = base64(format!("\0{user}\0{pass}").as_bytes());
-        self.secrets
-            .push((format!("SASL PLAIN of {user}"), blob.clone().into_bytes()));
+        if !self.secrets.iter().any(|(_, s)| *s == blob.as_bytes()) {
+            self.secrets
+                .push((format!("SASL PLAIN of {user}"), blob.clone().into_bytes()));
+        }
         blob
     }
 
@@ -587,11 +589,17 @@ impl<'a> Gen<'a> {
         self.blind_command(&tag, format!("{tag} {command}\r\n").as_bytes());
         let hidden = self.rng.range(1, 2);
         for _ in 0..hidden {
-            let position = format!("line after {tag} {template} (sent without waiting)");
+            let verb = template.split(" @").next().unwrap_or(template);
+            let position = format!("line after {tag} {verb} (sent without waiting)");
             let line = self.canary(&position);
             self.blind(&line);
         }
-        let mut detail = format!("{template}, {hidden} hidden line(s)");
+        let shown = template
+            .replace("@IR@", "<SASL-IR of the user>")
+            .replace("@VIR@", "<SASL-IR of the victim>")
+            .replace("@MISSING@", "<a missing mailbox>")
+            .replace("@USER@ @PASS@", "<the user's credentials>");
+        let mut detail = format!("{shown}, {hidden} hidden line(s)");
         if self.rng.chance(35) {
             let end: &[u8] = match self.rng.below(3) {
                 0 => b"DONE\r\n",

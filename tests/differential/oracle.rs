@@ -68,6 +68,7 @@ enum Mode {
     Line,
     Literal {
         left: u64,
+        /// Whose literal, as the report names it (`a2's {5}`).
         owner: String,
         start: bool,
     },
@@ -102,8 +103,9 @@ struct Model<'c> {
     /// First words of lines imapgate sent that were not commands in this reading, and what
     /// they were, to explain an unknown tag.
     elsewhere: Vec<(String, String)>,
-    /// Tags already reported for bytes sent before their `+` (one finding per command).
-    reported_early: Vec<String>,
+    /// Tags already reported for bytes sent before their `+` (one finding per command), with
+    /// the index of that finding, so the upstream's eventual answer can be added to it.
+    reported_early: Vec<(String, usize)>,
     /// Commands the upstream answered before their line end arrived (Dovecot acts on a CR).
     answered_early: Vec<String>,
     out: Reading,
@@ -162,9 +164,13 @@ impl Model<'_> {
                     return;
                 }
                 Mode::Await { tag, why, reported } => {
-                    if !self.buf.is_empty() && !*reported && !self.reported_early.contains(tag) {
+                    if !self.buf.is_empty()
+                        && !*reported
+                        && !self.reported_early.iter().any(|(t, _)| t == tag)
+                    {
                         *reported = true;
-                        self.reported_early.push(tag.clone());
+                        let index = self.out.findings.len();
+                        self.reported_early.push((tag.clone(), index));
                         let what = match why {
                             Why::Literal(n) => format!("{tag}'s synchronizing literal {{{n}}}"),
                             Why::Idle => format!("{tag} IDLE"),
@@ -239,9 +245,13 @@ impl Model<'_> {
                                         reported: false,
                                     }
                                 } else {
+                                    let tilde = if lit.binary { "~" } else { "" };
                                     Mode::Literal {
                                         left: lit.len,
-                                        owner: tag,
+                                        owner: format!(
+                                            "{tag} (non-synchronizing {tilde}{{{}+}})",
+                                            lit.len
+                                        ),
                                         start: true,
                                     }
                                 };
@@ -366,6 +376,10 @@ impl Model<'_> {
             Kind::Untagged => {}
             Kind::Continuation => match std::mem::replace(&mut self.mode, Mode::Line) {
                 Mode::Await { tag, why, .. } => {
+                    self.resolve_early(
+                        &tag,
+                        "then the upstream sent \"+\": it read them as what the mode expects",
+                    );
                     self.mode = match why {
                         Why::Literal(n) => Mode::Literal {
                             left: n,
@@ -394,6 +408,14 @@ impl Model<'_> {
                     if status == "OK" && (name == "LOGIN" || name == "AUTHENTICATE") {
                         self.out.logins.push((at, tag.clone(), name.clone()));
                     }
+                    if matches!(&self.mode, Mode::Await { tag: t, .. } if t == tag) {
+                        let how = format!(
+                            "then the upstream answered {} instead of \"+\": it read the \
+                             bytes after it as commands",
+                            wire::escape_short(&resp.raw, 100)
+                        );
+                        self.resolve_early(tag, &how);
+                    }
                     let ends_mode = match &self.mode {
                         Mode::Await { tag: t, .. }
                         | Mode::DoneLine { tag: t }
@@ -410,6 +432,12 @@ impl Model<'_> {
                 } else if matches!(&self.mode, Mode::Await { tag: t, why: Why::Literal(_), .. } if t == tag)
                 {
                     // Refused before its "+": the command ends; later bytes are commands.
+                    let how = format!(
+                        "then the upstream answered {} instead of \"+\": it read the literal's \
+                         bytes as commands",
+                        wire::escape_short(&resp.raw, 100)
+                    );
+                    self.resolve_early(tag, &how);
                     self.cur.clear();
                     self.mode = Mode::Line;
                 } else {
@@ -432,6 +460,17 @@ impl Model<'_> {
             }
         }
         self.advance();
+    }
+
+    /// Adds how the upstream settled a mode to the finding about bytes sent before it did.
+    fn resolve_early(&mut self, tag: &str, how: &str) {
+        if let Some(&(_, i)) = self.reported_early.iter().find(|(t, _)| t == tag)
+            && let Some(f) = self.out.findings.get_mut(i)
+            && !f.detail.contains("; then the upstream")
+        {
+            f.detail.push_str("; ");
+            f.detail.push_str(how);
+        }
     }
 
     /// A credential-bearing message (a login command in any spelling, a SASL response, a
