@@ -21,7 +21,11 @@
 //! - a password or a SASL PLAIN blob reached the upstream before the client did TLS, in a
 //!   login command of any spelling (`UID LOGIN`, an untagged `LOGIN`), a SASL response, or a
 //!   base64 line of its own;
-//! - STARTTLS or COMPRESS reached the upstream (imapgate answers both itself).
+//! - STARTTLS or COMPRESS reached the upstream (imapgate answers both itself);
+//! - the upstream answered a command while its non-synchronizing literal was still being
+//!   read: Dovecot refuses some commands (literal8 before login, unknown commands, `UID` before
+//!   a command without a UID form) without reading the literal they announce, and reads its
+//!   bytes as commands. The model then does the same, so later answers still line up.
 
 use std::time::Instant;
 
@@ -55,6 +59,8 @@ pub const CANARY_UPSTREAM: &str = "a canary reached the upstream as a command";
 pub const SECRET_BEFORE_TLS: &str = "a credential reached the upstream before TLS";
 pub const FORWARDED: &str = "STARTTLS or COMPRESS reached the upstream";
 pub const CODEC: &str = "imap-codec and the model disagree";
+pub const LITERAL_UNREAD: &str =
+    "upstream ended a command without reading its non-synchronizing literal";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Why {
@@ -99,6 +105,9 @@ struct Model<'c> {
     cur: Vec<u8>,
     /// Stream position where `cur` began.
     cur_start: usize,
+    /// Where in `cur` the last non-synchronizing literal's data began: an upstream that ends
+    /// the command there reads what follows as commands.
+    cur_literal: Option<usize>,
     pending: Vec<(String, String)>,
     /// First words of lines imapgate sent that were not commands in this reading, and what
     /// they were, to explain an unknown tag.
@@ -127,6 +136,7 @@ pub fn read(rec: &Recording, case: &Case, tls_at: Option<Instant>) -> Reading {
         mode: Mode::Line,
         cur: Vec::new(),
         cur_start: 0,
+        cur_literal: None,
         pending: Vec::new(),
         elsewhere: Vec::new(),
         reported_early: Vec::new(),
@@ -245,6 +255,9 @@ impl Model<'_> {
                                         reported: false,
                                     }
                                 } else {
+                                    if self.cur_literal.is_none() {
+                                        self.cur_literal = Some(self.cur.len());
+                                    }
                                     let tilde = if lit.binary { "~" } else { "" };
                                     Mode::Literal {
                                         left: lit.len,
@@ -258,6 +271,7 @@ impl Model<'_> {
                                 continue;
                             }
                             let command = std::mem::take(&mut self.cur);
+                            self.cur_literal = None;
                             let start = self.cur_start;
                             self.command(&command, start);
                         }
@@ -427,6 +441,30 @@ impl Model<'_> {
                     } else if ends_mode {
                         self.mode = Mode::Line;
                     }
+                } else if let Some(at) = self
+                    .cur_literal
+                    .filter(|_| wire::first_word(&self.cur) == tag.as_bytes())
+                {
+                    // Ended before its literal was read: what followed the announcement is
+                    // read again, as commands.
+                    let rest = self.cur.split_off(at);
+                    let announced =
+                        String::from_utf8_lossy(wire::strip_eol(&self.cur)).into_owned();
+                    self.find(
+                        LITERAL_UNREAD,
+                        format!(
+                            "{} answered {}: the bytes after it are read as commands",
+                            wire::escape_short(announced.as_bytes(), 100),
+                            wire::escape_short(&resp.raw, 100)
+                        ),
+                    );
+                    self.offset -= rest.len();
+                    let mut buf = rest;
+                    buf.extend_from_slice(&self.buf);
+                    self.buf = buf;
+                    self.cur.clear();
+                    self.cur_literal = None;
+                    self.mode = Mode::Line;
                 } else if self.reading_with_cr(tag) {
                     self.answered_early.push(tag.clone());
                 } else if matches!(&self.mode, Mode::Await { tag: t, why: Why::Literal(_), .. } if t == tag)
@@ -439,6 +477,7 @@ impl Model<'_> {
                     );
                     self.resolve_early(tag, &how);
                     self.cur.clear();
+                    self.cur_literal = None;
                     self.mode = Mode::Line;
                 } else {
                     let sent_as: Vec<&str> = self
@@ -698,6 +737,23 @@ mod tests {
         ]);
         let r = read(&rec, &case(&[], &[]), None);
         assert!(r.findings.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_command_refused_before_its_nonsync_literal_is_read_again() {
+        // Dovecot refuses UID SEARCH with a literal8 at once; what imapgate sent after the
+        // announcement is read as commands.
+        let (rec, _) = recording(&[
+            "S: * OK ready\r\n",
+            "C: a5 UID SEARCH TEXT ~{32+}\r\n",
+            "S: a5 BAD literal8 not allowed here\r\n",
+            "C: a6 IDLE\r\n",
+            "S: + idling\r\n",
+            "C: DONE\r\n",
+            "S: a6 OK Idle completed\r\n",
+        ]);
+        let r = read(&rec, &case(&[], &[]), None);
+        assert_eq!(classes(&r), [LITERAL_UNREAD], "{r:?}");
     }
 
     #[test]
