@@ -4,6 +4,7 @@
 //! - [`dovecot`]: a private real Dovecot per test (or one shared per test binary);
 //! - [`client`]: a small async IMAP client whose tests read like transcripts;
 //! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received);
+//! - [`relay`]: a recording TCP relay with timings, for the differential test's replays;
 //! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact.
 //!
 //! ```ignore
@@ -29,6 +30,7 @@ pub mod dovecot;
 pub mod evidence;
 pub mod pki;
 pub mod proxy;
+pub mod relay;
 pub mod tap;
 
 pub use client::{Client, assert_tagged, capabilities, insecure_tls_config, quote, tls_config};
