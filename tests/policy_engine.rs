@@ -155,13 +155,13 @@ fn unhooked_commands_never_enter_lua() {
         );
     }
     assert!(policy_events(&mut conv).is_empty());
-    assert_eq!(policies.host().counters.get("calls"), None);
+    assert_eq!(policies.host().shared_value("count", "calls"), None);
     assert_eq!(send(&mut conv, "s1 SEARCH ALL\r\n").0, "s1 SEARCH ALL\r\n");
     assert_eq!(
         policy_events(&mut conv),
         [("on_command".into(), "pass".into())]
     );
-    assert_eq!(policies.host().counters.get("calls"), Some(1.0));
+    assert_eq!(policies.host().shared_value("count", "calls"), Some(1.0));
 }
 
 #[test]
@@ -355,4 +355,541 @@ fn ctx_carries_the_connection() {
         send(&mut conv, "a1 NOOP\r\n").1,
         "a1 NO 7 192.0.2.1 imaps true not_authenticated nil\r\n"
     );
+}
+
+// ----- the engine's API on its own (no session) -----
+
+use imapgate::imap::capability::CapabilitySet;
+use imapgate::imap::command::MailboxRole;
+use imapgate::imap::response::Status;
+use imapgate::policy::{CommandView, ConnCtx, ConnInfo, MailboxSlot, ResponseView, Verdict};
+
+/// Loads `(file name, source)` scripts in order, each with `on_error`.
+fn engine(scripts: &[(&str, &str)], on_error: OnError) -> (Scripts, Policies) {
+    let s = Scripts::new();
+    let configs: Vec<PolicyConfig> = scripts
+        .iter()
+        .map(|(name, source)| PolicyConfig {
+            on_error,
+            ..config(&s.write(name, source))
+        })
+        .collect();
+    let policies = load(&configs).expect("policies load");
+    (s, policies)
+}
+
+fn alice() -> ConnCtx {
+    ConnCtx::new(ConnInfo {
+        id: 1,
+        peer: "192.0.2.1:5555".into(),
+        listener: "imaps".into(),
+        tls: true,
+        user: Some("alice".into()),
+        state: "authenticated",
+        ..Default::default()
+    })
+}
+
+fn command(name: &'static str, mailboxes: &[(MailboxRole, &str)]) -> CommandView {
+    CommandView {
+        tag: "a1".into(),
+        name,
+        mailboxes: mailboxes
+            .iter()
+            .map(|(role, name)| MailboxSlot::new(*role, (*name).to_string()))
+            .collect(),
+        delayed_ms: 0,
+    }
+}
+
+fn list_entry(name: &str, flags: &[&str]) -> ResponseView {
+    ResponseView::new(
+        "LIST",
+        vec![MailboxSlot::new(MailboxRole::Mailbox, name.to_string())],
+        Some("/".into()),
+        None,
+    )
+    .with_flags(flags.iter().map(|f| (*f).to_string()).collect())
+}
+
+/// (hook, action, error) of the decisions made so far.
+fn decisions(ctx: &mut ConnCtx) -> Vec<(&'static str, &'static str, Option<String>)> {
+    ctx.decisions
+        .drain(..)
+        .map(|d| (d.hook.as_str(), d.action, d.error))
+        .collect()
+}
+
+fn reject_text(v: &Verdict) -> &str {
+    match v {
+        Verdict::Reject { text, .. } => text,
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+fn unavailable() -> Verdict {
+    Verdict::Reject {
+        status: Status::No,
+        code: Some("UNAVAILABLE".into()),
+        text: "Policy check failed, try again later".into(),
+    }
+}
+
+fn policy_failed() -> Verdict {
+    Verdict::Close {
+        text: "Policy check failed".into(),
+    }
+}
+
+const EVIL: &str = r#"
+-- Tries, at load and in every hook, to change anything another policy could be using.
+local function attack(ctx)
+  string.find = function() return 99 end
+  string.x = "leaked"
+  table.insert = function() error("hijacked") end
+  math.randomseed(1)
+  for _ = 1, 10 do math.random() end
+  pcall(function() getmetatable("").__index.upper = function() return "pwned" end end)
+  pcall(function() getmetatable("").__index.x = "leaked" end)
+  pcall(function() getmetatable(_ENV).__index.string.find = function() return 99 end end)
+  pcall(function() getmetatable(_ENV).__index.tostring = function() return "pwned" end end)
+  pcall(function() setmetatable(_ENV, { __index = function() return "pwned" end }) end)
+  if ctx then
+    pcall(rawset, ctx, "user", "root")
+    pcall(function() getmetatable(ctx).__index.user = "root" end)
+    ctx.vars.seen = 99
+    pcall(function() getmetatable(ctx.vars).__index = function() return 99 end end)
+    pcall(function() getmetatable(ctx.vars).__newindex = function() end end)
+    pcall(setmetatable, ctx.vars, {})
+  end
+  for _ = 1, 5 do imap.rate_limit("k", 0.001, 1) end
+  imap.shared.set("n", 99)
+end
+attack(nil)
+return {
+  name = "evil",
+  on_capability = function(ctx, caps)
+    attack(ctx)
+    pcall(function() getmetatable(caps).__index = function() return function() end end end)
+    pcall(function() getmetatable(caps).add = function() end end)
+  end,
+  on_command = function(ctx, cmd) attack(ctx) end,
+}
+"#;
+
+const VICTIM: &str = r#"
+math.randomseed(7)
+local expected = math.random(1000000)
+math.randomseed(7)
+local function report(ctx)
+  local t = {}
+  table.insert(t, tostring(string.find("abc", "b", 1, true)))
+  table.insert(t, ("abc"):upper())
+  table.insert(t, tostring(("abc"):find("c")))
+  table.insert(t, tostring(string.x) .. "/" .. tostring(("").x))
+  table.insert(t, tostring(getmetatable("")))
+  table.insert(t, tostring(getmetatable(ctx)))
+  table.insert(t, tostring(ctx.user))
+  table.insert(t, tostring(ctx.vars.seen))
+  table.insert(t, tostring(imap.shared.get("n")))
+  return table.concat(t, " ")
+end
+return {
+  name = "victim",
+  on_capability = function(ctx, caps)
+    caps:add("XVICTIM")
+    ctx.vars.caps = report(ctx)
+  end,
+  on_command = function(ctx, cmd)
+    local random = math.random(1000000) == expected and "same-random" or "other-random"
+    local limited = imap.rate_limit("k", 0.001, 1) and "bucket-full" or "bucket-drained"
+    return imap.reject{ code = "CHECK", text = ctx.vars.caps .. " | " .. report(ctx) .. " " .. random .. " " .. limited }
+  end,
+}
+"#;
+
+#[test]
+fn one_policy_cannot_change_what_another_runs() {
+    let (_s, policies) = engine(
+        &[("evil.lua", EVIL), ("victim.lua", VICTIM)],
+        OnError::Closed,
+    );
+    let set = policies.current();
+    let mut ctx = alice();
+    let mut caps = CapabilitySet::from_names(["IMAP4rev1", "IDLE"]);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), Verdict::Pass);
+    assert!(caps.has("XVICTIM"), "{caps:?}");
+    let v = set.on_command(&mut ctx, &mut command("SELECT", &[]));
+    let normal = "2 ABC 3 nil/nil false false alice nil nil";
+    assert_eq!(
+        reject_text(&v),
+        format!("{normal} | {normal} same-random bucket-full")
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action != "error"),
+        "the attacks run inside pcall and fail quietly"
+    );
+}
+
+#[test]
+fn finalizers_are_refused() {
+    let e = load_error("setmetatable({}, { __gc = function() while true do end end })\nreturn {}");
+    assert!(e.contains("__gc"), "{e}");
+}
+
+#[test]
+fn policy_names_are_unique() {
+    let s = Scripts::new();
+    let a = s.write("a.lua", "return { name = 'same' }");
+    let b = s.write("b.lua", "return { name = 'same' }");
+    let e = load(&[config(&a), config(&b)]).expect_err("two policies named alike");
+    assert!(e.to_string().contains("already named `same`"), "{e}");
+}
+
+#[test]
+fn verdicts_a_hook_cannot_apply_are_errors() {
+    let script = r#"return {
+      on_connect = function() return imap.reject{ text = "no" } end,
+      on_capability = function() return imap.drop() end,
+      on_command = function(ctx, cmd)
+        if cmd.name == "SELECT" then return imap.drop() end
+        return 42
+      end,
+      on_response = function(ctx, resp)
+        if resp.kind == "LIST" then return imap.reject{ code = "CANNOT" } end
+        return imap.delay(10)
+      end,
+      on_complete = function() return imap.delay(10) end,
+      on_disconnect = function() return imap.close("bye") end,
+    }"#;
+    let (_s, closed) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = closed.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), policy_failed());
+    let mut caps = CapabilitySet::from_names(["IMAP4rev1"]);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), policy_failed());
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SELECT", &[])),
+        unavailable()
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("NOOP", &[])),
+        unavailable()
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("x", &[])),
+        unavailable()
+    );
+    let mut status = ResponseView::new("STATUS", Vec::new(), None, None);
+    assert_eq!(set.on_response(&mut ctx, &mut status), unavailable());
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "SELECT", Status::Ok),
+        policy_failed()
+    );
+    set.on_disconnect(&mut ctx);
+    let seen = decisions(&mut ctx);
+    let expected_errors = [
+        ("on_connect", "on_connect cannot apply a reject verdict"),
+        ("on_capability", "on_capability cannot apply a drop verdict"),
+        ("on_command", "on_command cannot apply a drop verdict"),
+        (
+            "on_command",
+            "a hook returns nothing or an imap.* verdict, not integer",
+        ),
+        ("on_response", "on_response cannot apply a reject verdict"),
+        ("on_response", "on_response cannot apply a delay verdict"),
+        ("on_complete", "on_complete cannot apply a delay verdict"),
+        (
+            "on_disconnect",
+            "on_disconnect cannot apply a close verdict",
+        ),
+    ];
+    assert_eq!(seen.len(), expected_errors.len(), "{seen:?}");
+    for ((hook, action, error), (want_hook, want_error)) in seen.iter().zip(expected_errors) {
+        assert_eq!((*hook, *action), (want_hook, "error"));
+        let error = error.as_deref().unwrap_or_default();
+        assert!(error.contains(want_error), "{hook}: {error}");
+    }
+
+    // Fail open: every one of them passes, and is still counted as an error.
+    let (_s, open) = engine(&[("p.lua", script)], OnError::Open);
+    let set = open.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), Verdict::Pass);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), Verdict::Pass);
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SELECT", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("x", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "SELECT", Status::Ok),
+        Verdict::Pass
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action == "error")
+    );
+}
+
+#[test]
+fn verdicts_each_hook_can_apply() {
+    let script = r#"return {
+      on_connect = function(ctx) if ctx.peer_ip == "192.0.2.9" then return imap.close("go away") end end,
+      on_capability = function() end,
+      on_command = function(ctx, cmd)
+        if cmd.name == "SEARCH" then return imap.delay(250) end
+        if cmd.name == "LOGOUT" then return imap.close("bye") end
+        return imap.reject{ status = "BAD", code = "CLIENTBUG", text = "no " .. cmd.name }
+      end,
+      on_response = function(ctx, resp)
+        if resp.mailboxes[1] == "hidden" then return imap.drop() end
+        if resp.mailboxes[1] == "bye" then return imap.close("enough") end
+      end,
+      on_complete = function(ctx, cmd, status) if status == "BAD" then return imap.close("confused") end end,
+    }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = policies.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), Verdict::Pass);
+    let mut other = alice();
+    other.info.peer = "192.0.2.9:1".into();
+    assert_eq!(
+        set.on_connect(&mut other),
+        Verdict::Close {
+            text: "go away".into()
+        }
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SEARCH", &[])),
+        Verdict::Delay(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("LOGOUT", &[])),
+        Verdict::Close { text: "bye".into() }
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("NOOP", &[])),
+        Verdict::Reject {
+            status: Status::Bad,
+            code: Some("CLIENTBUG".into()),
+            text: "no NOOP".into()
+        }
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("shown", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("hidden", &[])),
+        Verdict::Drop
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("bye", &[])),
+        Verdict::Close {
+            text: "enough".into()
+        }
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "NOOP", Status::Ok),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "NOOP", Status::Bad),
+        Verdict::Close {
+            text: "confused".into()
+        }
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action != "error")
+    );
+}
+
+#[test]
+fn a_failing_response_hook_fails_closed() {
+    let script = r#"return { responses = { "LIST" }, on_response = function(ctx, resp)
+      resp.mailboxes[1] = "translated"
+      error("cannot translate")
+    end }"#;
+    let (_s, closed) = engine(&[("p.lua", script)], OnError::Closed);
+    let mut ctx = alice();
+    assert_eq!(
+        closed
+            .current()
+            .on_response(&mut ctx, &mut list_entry("Private/Secret", &[])),
+        unavailable()
+    );
+    let seen = decisions(&mut ctx);
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].0, seen[0].1), ("on_response", "error"));
+    assert!(
+        seen[0]
+            .2
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot translate"))
+    );
+    let (_s, open) = engine(&[("p.lua", script)], OnError::Open);
+    assert_eq!(
+        open.current()
+            .on_response(&mut alice(), &mut list_entry("Private/Secret", &[])),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn backtracking_patterns_on_client_input_fail_fast() {
+    let script = r#"return { commands = { "SELECT" }, on_command = function(ctx, cmd)
+      local s = cmd.mailboxes[1]
+      local bomb = ("x*"):rep(20) .. "y"
+      local out = {}
+      for _, call in ipairs({
+        function() return string.find(s, bomb) end,
+        function() return s:find(bomb) end,
+        function() return s:match(bomb) end,
+        function() return s:gsub(bomb, "") end,
+        function() for _ in s:gmatch(bomb) do end end,
+      }) do
+        local ok, err = pcall(call)
+        out[#out + 1] = tostring(ok) .. ":" .. tostring(err):gsub("^.-:%d+: ", "")
+      end
+      -- Plain searches and cheap patterns still work on the same subject.
+      out[#out + 1] = tostring(string.find(s, bomb, 1, true))
+      out[#out + 1] = tostring(select(2, s:gsub("x", "")))
+      return imap.reject{ text = table.concat(out, ";") }
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let long = "x".repeat(3000);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("SELECT", &[(MailboxRole::Mailbox, &long)]),
+    );
+    let refused = "false:pattern too complex for a subject of 3000 bytes";
+    assert_eq!(
+        reject_text(&v),
+        format!("{refused};{refused};{refused};{refused};{refused};nil;3000")
+    );
+
+    // Uncaught, the refusal is a hook error like any other.
+    let script = r#"return { commands = { "SELECT" }, on_command = function(ctx, cmd)
+      string.find(cmd.mailboxes[1], ("x*"):rep(20) .. "y")
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("SELECT", &[(MailboxRole::Mailbox, &long)]),
+    );
+    assert_eq!(v, unavailable());
+    let seen = decisions(&mut ctx);
+    assert!(
+        seen[0]
+            .2
+            .as_deref()
+            .is_some_and(|e| e.contains("p.lua:2: pattern too complex for a subject of 3000 bytes")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn list_match_is_the_linear_matcher() {
+    let script = r#"return { commands = { "LIST" }, on_command = function(ctx, cmd)
+      local m = imap.list_match
+      local out = {
+        m("INBOX.%", "INBOX.a", "."), m("INBOX.%", "INBOX.a.b", "."), m("inbox*", "INBOX.a.b", "."),
+        m("%", "a.b", nil), m("*z", cmd.mailboxes[1], "/"), m(("*"):rep(300) .. "z", cmd.mailboxes[1], "/"),
+        (pcall(m, "*", "x", "ab")),
+      }
+      for i, v in ipairs(out) do out[i] = tostring(v) end
+      return imap.reject{ text = table.concat(out, " ") }
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let long = "a".repeat(5000);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("LIST", &[(MailboxRole::Pattern, &long)]),
+    );
+    assert_eq!(
+        reject_text(&v),
+        "true false true true false false false",
+        "{:?}",
+        decisions(&mut ctx)
+    );
+}
+
+#[test]
+fn views_carry_delay_and_list_flags() {
+    let script = r#"return {
+      commands = { "SEARCH" },
+      on_command = function(ctx, cmd) return imap.reject{ text = "held " .. cmd.delayed_ms } end,
+      on_response = function(ctx, resp)
+        if resp.kind ~= "LIST" then resp.flags = {} return end
+        if resp.mailboxes[1] == "bad" then resp.flags = { "\\Has Children" } return end
+        if resp.mailboxes[1] == "same" then return end
+        local out = {}
+        for _, f in ipairs(resp.flags) do
+          if f:upper() ~= "\\HASNOCHILDREN" then out[#out + 1] = f end
+        end
+        out[#out + 1] = "\\HasChildren"
+        resp.flags = out
+      end,
+    }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = policies.current();
+    let mut ctx = alice();
+    let mut search = command("SEARCH", &[]);
+    search.delayed_ms = 1500;
+    assert_eq!(
+        reject_text(&set.on_command(&mut ctx, &mut search)),
+        "held 1500"
+    );
+
+    let mut entry = list_entry("INBOX", &["\\Marked", "\\HasNoChildren"]);
+    assert_eq!(set.on_response(&mut ctx, &mut entry), Verdict::Pass);
+    assert_eq!(entry.flags, ["\\Marked", "\\HasChildren"]);
+    assert!(entry.flags_changed());
+    let mut same = list_entry("same", &["\\HasNoChildren"]);
+    assert_eq!(set.on_response(&mut ctx, &mut same), Verdict::Pass);
+    assert!(!same.flags_changed());
+    let mut bad = list_entry("bad", &[]);
+    assert_eq!(set.on_response(&mut ctx, &mut bad), unavailable());
+    let mut status = ResponseView::new("STATUS", Vec::new(), None, None);
+    assert_eq!(set.on_response(&mut ctx, &mut status), unavailable());
+    let errors: Vec<String> = decisions(&mut ctx)
+        .into_iter()
+        .filter_map(|(_, _, e)| e)
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("is not a mailbox attribute"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("only on LIST and LSUB"), "{errors:?}");
+}
+
+#[test]
+fn vars_rate_limits_and_counters_are_per_policy() {
+    let writer = r#"return { name = "writer", commands = { "NOOP" }, on_command = function(ctx)
+      ctx.vars.x = "mine"
+      imap.shared.incr("calls")
+    end }"#;
+    let reader = r#"return { name = "reader", commands = { "NOOP" }, on_command = function(ctx)
+      return imap.reject{ text = tostring(ctx.vars.x) .. " " .. tostring(imap.shared.get("calls")) }
+    end }"#;
+    let (_s, policies) = engine(&[("w.lua", writer), ("r.lua", reader)], OnError::Closed);
+    let v = policies
+        .current()
+        .on_command(&mut alice(), &mut command("NOOP", &[]));
+    assert_eq!(reject_text(&v), "nil nil");
+    assert_eq!(policies.host().shared_value("writer", "calls"), Some(1.0));
+    assert_eq!(policies.host().shared_value("reader", "calls"), None);
 }

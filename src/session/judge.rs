@@ -170,6 +170,7 @@ impl Conversation {
             tag: String::from_utf8_lossy(command.tag()).into_owned(),
             name: command.name.label(),
             mailboxes: slots,
+            delayed_ms: 0,
         };
         Some((view, spans))
     }
@@ -262,7 +263,9 @@ impl Conversation {
         let verdict = set.on_response(&mut self.ctx, &mut view);
         self.take_decisions();
         match verdict {
-            Verdict::Drop => return,
+            // Reject: a failed hook under on_error = "closed"; never relay the untranslated
+            // response (completing its command NO [UNAVAILABLE] is the session's to wire).
+            Verdict::Drop | Verdict::Reject { .. } => return,
             Verdict::Close { text } => {
                 self.reply_untagged_bye(&text);
                 self.push_control(Control::Close { flush: true });

@@ -233,7 +233,7 @@ impl Conversation {
         conv.sync_ctx();
         let set = conv.policies.current();
         if set.has_hook(Hook::Connect) {
-            set.on_connect(&mut conv.ctx);
+            let _ = set.on_connect(&mut conv.ctx);
             conv.take_decisions();
         }
         conv.greeting(greeting);
@@ -846,7 +846,7 @@ impl Conversation {
                 let set = self.policies.current();
                 self.sync_ctx();
                 let tag = String::from_utf8_lossy(tag).into_owned();
-                set.on_complete(&mut self.ctx, &tag, name.label(), status);
+                let _ = set.on_complete(&mut self.ctx, &tag, name.label(), status);
                 self.take_decisions();
             }
         }
@@ -943,7 +943,7 @@ impl Conversation {
         let set = self.policies.current();
         if set.has_hook(Hook::Capability) {
             self.sync_ctx();
-            set.on_capability(&mut self.ctx, &mut caps);
+            let _ = set.on_capability(&mut self.ctx, &mut caps);
             self.take_decisions();
         }
         let literal_minus_only = upstream.has("LITERAL-") && !upstream.has("LITERAL+");
