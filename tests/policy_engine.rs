@@ -462,6 +462,10 @@ local function attack(ctx)
     pcall(function() getmetatable(ctx.vars).__newindex = function() end end)
     pcall(setmetatable, ctx.vars, {})
   end
+  pcall(function()
+    local _, e = pcall(imap.list_match, "*", "x", "ab")
+    getmetatable(e).__tostring = function() return "pwned" end
+  end)
   for _ = 1, 5 do imap.rate_limit("k", 0.001, 1) end
   imap.shared.set("n", 99)
 end
@@ -489,6 +493,9 @@ local function report(ctx)
   table.insert(t, tostring(string.x) .. "/" .. tostring(("").x))
   table.insert(t, tostring(getmetatable("")))
   table.insert(t, tostring(getmetatable(ctx)))
+  table.insert(t, tostring(getmetatable(ctx.vars)))
+  local _, e = pcall(imap.list_match, "*", "x", "ab")
+  table.insert(t, type(e) .. ":" .. tostring(getmetatable(e)))
   table.insert(t, tostring(ctx.user))
   table.insert(t, tostring(ctx.vars.seen))
   table.insert(t, tostring(imap.shared.get("n")))
@@ -498,7 +505,7 @@ return {
   name = "victim",
   on_capability = function(ctx, caps)
     caps:add("XVICTIM")
-    ctx.vars.caps = report(ctx)
+    ctx.vars.caps = report(ctx) .. " " .. tostring(getmetatable(caps))
   end,
   on_command = function(ctx, cmd)
     local random = math.random(1000000) == expected and "same-random" or "other-random"
@@ -520,10 +527,10 @@ fn one_policy_cannot_change_what_another_runs() {
     assert_eq!(set.on_capability(&mut ctx, &mut caps), Verdict::Pass);
     assert!(caps.has("XVICTIM"), "{caps:?}");
     let v = set.on_command(&mut ctx, &mut command("SELECT", &[]));
-    let normal = "2 ABC 3 nil/nil false false alice nil nil";
+    let normal = "2 ABC 3 nil/nil false false false userdata:false alice nil nil";
     assert_eq!(
         reject_text(&v),
-        format!("{normal} | {normal} same-random bucket-full")
+        format!("{normal} false | {normal} same-random bucket-full")
     );
     assert!(
         decisions(&mut ctx)
@@ -892,4 +899,373 @@ fn vars_rate_limits_and_counters_are_per_policy() {
     assert_eq!(reject_text(&v), "nil nil");
     assert_eq!(policies.host().shared_value("writer", "calls"), Some(1.0));
     assert_eq!(policies.host().shared_value("reader", "calls"), None);
+}
+
+// ----- the shipped policies, hook by hook -----
+
+fn shipped(file: &str, options: &str) -> Policies {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("policies")
+        .join(file);
+    let cfg = PolicyConfig {
+        options: toml::from_str(options).expect("options"),
+        ..config(&script)
+    };
+    load(&[cfg]).expect("shipped policy loads")
+}
+
+const COURIER: &str = r#"client_prefix = "INBOX."
+client_delimiter = "."
+upstream_prefix = ""
+upstream_delimiter = "/""#;
+
+const JAIL: &str = r#"client_prefix = "INBOX."
+client_delimiter = "."
+upstream_prefix = "Jail/"
+upstream_delimiter = "/""#;
+
+/// The names a command goes upstream with, or its refusal's code.
+fn translated(
+    set: &PolicySet,
+    ctx: &mut ConnCtx,
+    mut cmd: CommandView,
+) -> Result<Vec<String>, String> {
+    match set.on_command(ctx, &mut cmd) {
+        Verdict::Pass => Ok(cmd.mailboxes.into_iter().map(|m| m.name).collect()),
+        Verdict::Reject { code, .. } => Err(code.unwrap_or_default()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn mailbox(set: &PolicySet, ctx: &mut ConnCtx, name: &str) -> Result<String, String> {
+    translated(set, ctx, command("SELECT", &[(MailboxRole::Mailbox, name)])).map(|n| n[0].clone())
+}
+
+fn list(set: &PolicySet, ctx: &mut ConnCtx, reference: &str, pattern: &str) -> Vec<String> {
+    translated(
+        set,
+        ctx,
+        command(
+            "LIST",
+            &[
+                (MailboxRole::Reference, reference),
+                (MailboxRole::Pattern, pattern),
+            ],
+        ),
+    )
+    .expect("LIST is never refused")
+}
+
+/// The client's view of one upstream LIST entry: (name, delimiter, flags), or None if hidden.
+fn entry(
+    set: &PolicySet,
+    ctx: &mut ConnCtx,
+    name: &str,
+    flags: &[&str],
+) -> Option<(String, String, Vec<String>)> {
+    let mut view = list_entry(name, flags);
+    match set.on_response(ctx, &mut view) {
+        Verdict::Pass => Some((
+            view.mailboxes[0].name.clone(),
+            view.delimiter.clone().unwrap_or_default(),
+            view.flags.clone(),
+        )),
+        Verdict::Drop => None,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+use imapgate::policy::PolicySet;
+
+#[test]
+fn namespace_translates_names_one_to_one() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for (client, upstream) in [
+        ("INBOX", "INBOX"),
+        ("inbox", "INBOX"),
+        ("INBOX.Archive.2024", "Archive/2024"),
+        ("inbox.Archive", "Archive"),
+        ("INBOX.Entwürfe", "Entwürfe"),
+        ("INBOX.INBOXES", "INBOXES"),
+    ] {
+        assert_eq!(
+            mailbox(&set, ctx, client).as_deref(),
+            Ok(upstream),
+            "{client}"
+        );
+    }
+    for refused in [
+        "Foo",
+        "INBOX.",
+        "INBOX.INBOX",
+        "inbox.Inbox",
+        "INBOX.inbox.x",
+        "INBOX..x",
+        "INBOX.a..b",
+        "INBOX.a.",
+        "INBOX.a/b",
+        "INBOXES",
+    ] {
+        assert_eq!(
+            mailbox(&set, ctx, refused),
+            Err("CANNOT".to_string()),
+            "{refused}"
+        );
+    }
+    assert_eq!(
+        translated(
+            &set,
+            ctx,
+            command(
+                "RENAME",
+                &[
+                    (MailboxRole::Mailbox, "INBOX.a"),
+                    (MailboxRole::Mailbox, "INBOX.b.c")
+                ]
+            )
+        ),
+        Ok(vec!["a".to_string(), "b/c".to_string()])
+    );
+    // Upstream names without exactly one client form are hidden.
+    for (upstream, client) in [
+        ("INBOX", Some("INBOX")),
+        ("Archive/2024", Some("INBOX.Archive.2024")),
+        ("Entwürfe", Some("INBOX.Entwürfe")),
+        ("a.b", None),
+        ("Archive//x", None),
+        ("Archive/", None),
+        ("INBOX/x", None),
+        ("inbox", Some("INBOX")),
+    ] {
+        assert_eq!(
+            entry(&set, ctx, upstream, &[]).map(|e| e.0),
+            client.map(str::to_string),
+            "{upstream}"
+        );
+    }
+}
+
+#[test]
+fn namespace_jail_is_a_boundary() {
+    let policies = shipped("namespace.lua", JAIL);
+    let set = policies.current();
+    let ctx = &mut alice();
+    assert_eq!(mailbox(&set, ctx, "INBOX.Box").as_deref(), Ok("Jail/Box"));
+    assert_eq!(mailbox(&set, ctx, "INBOX").as_deref(), Ok("INBOX"));
+    assert_eq!(mailbox(&set, ctx, "Private/Secret"), Err("CANNOT".into()));
+    assert_eq!(mailbox(&set, ctx, "INBOX.INBOX"), Err("CANNOT".into()));
+    // Commands it cannot translate (NOTIFY, ESEARCH IN, URLAUTH...) parse as OTHER.
+    assert_eq!(
+        translated(&set, ctx, command("OTHER", &[])),
+        Err("CANNOT".into())
+    );
+    assert_eq!(entry(&set, ctx, "Private/Secret", &[]), None);
+    assert_eq!(entry(&set, ctx, "Jail", &["\\HasChildren"]), None);
+    assert_eq!(
+        entry(&set, ctx, "Jail/Box", &[]).map(|e| e.0).as_deref(),
+        Some("INBOX.Box")
+    );
+    // NAMESPACE shows the client's namespace only.
+    let personal = imapgate::policy::NamespaceEntry {
+        prefix: String::new(),
+        delimiter: Some("/".into()),
+    };
+    let mut ns = ResponseView::new(
+        "NAMESPACE",
+        Vec::new(),
+        None,
+        Some(imapgate::policy::Namespace {
+            personal: vec![personal.clone()],
+            other: vec![imapgate::policy::NamespaceEntry {
+                prefix: "Other/".into(),
+                ..personal.clone()
+            }],
+            shared: vec![imapgate::policy::NamespaceEntry {
+                prefix: "Shared/".into(),
+                ..personal
+            }],
+        }),
+    );
+    assert_eq!(set.on_response(ctx, &mut ns), Verdict::Pass);
+    let ns = ns.namespace.expect("namespace");
+    assert_eq!(ns.personal[0].prefix, "INBOX.");
+    assert_eq!(ns.personal[0].delimiter.as_deref(), Some("."));
+    assert!(ns.other.is_empty() && ns.shared.is_empty(), "{ns:?}");
+
+    // Without the boundary, unknown commands pass untouched.
+    let open = shipped("namespace.lua", &format!("{JAIL}\nboundary = false"));
+    assert_eq!(
+        translated(&open.current(), ctx, command("OTHER", &[])),
+        Ok(vec![])
+    );
+}
+
+#[test]
+fn namespace_list_patterns() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for (reference, pattern, upstream) in [
+        ("", "*", "*"),
+        ("", "%", "%"),
+        ("", "INBOX", "%"),
+        ("", "inbox", "%"),
+        ("", "INBOX*", "*"),
+        ("INBOX.", "%", "%"),
+        ("", "INBOX.%", "%"),
+        ("", "INBOX.Archive*", "Archive*"),
+        ("INBOX.Archive.", "%", "Archive/%"),
+        ("", "Foo*", "*"),
+        ("", "", ""),
+    ] {
+        assert_eq!(
+            list(&set, ctx, reference, pattern),
+            ["", upstream],
+            "{reference:?} {pattern:?}"
+        );
+    }
+    let jail = shipped("namespace.lua", JAIL);
+    let set = jail.current();
+    for (pattern, upstream) in [
+        ("*", "*"),
+        ("INBOX", "*"),
+        ("INBOX.%", "Jail/%"),
+        ("INBOX.Box.*", "Jail/Box/*"),
+        ("%.x", "Jail/*"),
+    ] {
+        assert_eq!(list(&set, ctx, "", pattern), ["", upstream], "{pattern:?}");
+    }
+}
+
+#[test]
+fn namespace_list_patterns_are_matched_in_linear_time() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    let stars = format!("{}z", "*".repeat(300));
+    assert_eq!(list(&set, ctx, "", &stars), ["", "*"]);
+    let inbox_stars = format!("INBOX.{stars}");
+    assert_eq!(list(&set, ctx, "", &inbox_stars), ["", stars.as_str()]);
+    let inbox_stars = format!("{}INBOX", "%*".repeat(300));
+    assert_eq!(list(&set, ctx, "", &inbox_stars), ["", "*"]);
+    let long = "x".repeat(4000);
+    let mut view = list_entry(&long, &["\\HasNoChildren"]);
+    assert_eq!(set.on_response(ctx, &mut view), Verdict::Pass);
+    assert_eq!(view.mailboxes[0].name, format!("INBOX.{long}"));
+}
+
+#[test]
+fn namespace_inbox_children_reflect_client_folders() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    // LIST "" INBOX went upstream as "%": the top level arrives, INBOX's entry last.
+    assert_eq!(list(&set, ctx, "", "INBOX"), ["", "%"]);
+    assert!(entry(&set, ctx, "Archive", &["\\HasChildren"]).is_some());
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\HasNoChildren"]).map(|e| e.2),
+        Some(vec!["\\HasChildren".to_string()])
+    );
+    assert_eq!(
+        set.on_complete(ctx, "a1", "LIST", Status::Ok),
+        Verdict::Pass
+    );
+    // An account with INBOX alone (and a folder without a client form).
+    assert_eq!(entry(&set, ctx, "a.b", &["\\HasNoChildren"]), None);
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\Marked", "\\HasChildren"]).map(|e| e.2),
+        Some(vec!["\\Marked".to_string(), "\\HasNoChildren".to_string()])
+    );
+    assert_eq!(
+        set.on_complete(ctx, "a2", "LSUB", Status::Ok),
+        Verdict::Pass
+    );
+    // Without child information, none is added.
+    assert_eq!(entry(&set, ctx, "Sent", &[]).map(|e| e.2), Some(vec![]));
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\Marked"]).map(|e| e.2),
+        Some(vec!["\\Marked".to_string()])
+    );
+}
+
+#[test]
+fn namespace_state_cannot_be_exhausted_by_pipelining() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for i in 0..1000 {
+        assert_eq!(
+            list(&set, ctx, "", &format!("INBOX.{i}*")),
+            ["", &format!("{i}*")]
+        );
+    }
+    for i in 0..1000 {
+        assert!(entry(&set, ctx, &format!("{i}"), &[]).is_some());
+    }
+    assert!(
+        decisions(ctx)
+            .iter()
+            .all(|(_, action, _)| *action == "pass")
+    );
+    let vars = ctx.vars.lock().expect("vars");
+    assert_eq!(vars.values().map(|v| v.len()).sum::<usize>(), 1, "{vars:?}");
+}
+
+#[test]
+fn search_rate_limit_delays_then_refuses() {
+    let policies = shipped("search_rate_limit.lua", "per_second = 1.0\nburst = 2");
+    let set = policies.current();
+    let ctx = &mut alice();
+    ctx.info.user = Some("USER1".into());
+    for name in ["SEARCH", "UID SORT"] {
+        assert_eq!(set.on_command(ctx, &mut command(name, &[])), Verdict::Pass);
+    }
+    // Same account, other spelling: same bucket.
+    let other = &mut alice();
+    other.info.user = Some("user1".into());
+    for name in ["THREAD", "UID THREAD", "SORT", "UID SEARCH"] {
+        match set.on_command(other, &mut command(name, &[])) {
+            Verdict::Delay(d) => {
+                assert!(
+                    d > std::time::Duration::ZERO && d <= std::time::Duration::from_secs(1),
+                    "{d:?}"
+                )
+            }
+            v => panic!("{name}: {v:?}"),
+        }
+    }
+    // Held long enough already: refused.
+    let mut held = command("SEARCH", &[]);
+    held.delayed_ms = 29_500;
+    match set.on_command(other, &mut held) {
+        Verdict::Reject { code, .. } => assert_eq!(code.as_deref(), Some("LIMIT")),
+        v => panic!("{v:?}"),
+    }
+    // FETCH is not a search.
+    assert_eq!(
+        set.on_command(other, &mut command("FETCH", &[])),
+        Verdict::Pass
+    );
+
+    let reject = shipped(
+        "search_rate_limit.lua",
+        "per_second = 0.001\nburst = 1\nmode = \"reject\"",
+    );
+    let set = reject.current();
+    assert_eq!(
+        set.on_command(ctx, &mut command("SEARCH", &[])),
+        Verdict::Pass
+    );
+    match set.on_command(ctx, &mut command("SEARCH", &[])) {
+        Verdict::Reject { code, text, .. } => {
+            assert_eq!(code.as_deref(), Some("LIMIT"));
+            assert!(
+                text.starts_with("Too many searches: try again in"),
+                "{text}"
+            );
+        }
+        v => panic!("{v:?}"),
+    }
 }
