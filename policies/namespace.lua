@@ -41,17 +41,17 @@ assert(type(cd) == "string" and type(ud) == "string" and #cd == 1 and #ud == 1,
   "namespace: delimiters must be one character")
 assert(type(boundary) == "boolean", "namespace: boundary is true or false")
 
-local function find(s, needle, init)
-  return string.find(s, needle, init or 1, true)
-end
+local sfind, sub, upper, byte = string.find, string.sub, string.upper, string.byte
 
 local function is_inbox(name)
-  return #name == 5 and string.upper(name) == "INBOX"
+  return #name == 5 and upper(name) == "INBOX"
 end
 
 -- Whether `name` begins with the component INBOX (any case) followed by `d` or its end.
 local function inbox_first(name, d)
-  return is_inbox(string.sub(name, 1, 5)) and (#name == 5 or string.sub(name, 6, 6) == d)
+  local b = byte(name, 1)
+  return (b == 73 or b == 105) -- I, i
+    and is_inbox(sub(name, 1, 5)) and (#name == 5 or sub(name, 6, 6) == d)
 end
 
 -- With a client prefix under INBOX, every client folder but INBOX sits under INBOX.
@@ -59,38 +59,57 @@ local inbox_rooted = inbox_first(cp, cd)
 
 -- INBOX is case-insensitive in IMAP, so a prefix whose first component is INBOX is too there.
 local function strip_prefix(name, prefix, d)
-  local head = string.sub(name, 1, #prefix)
+  local head = sub(name, 1, #prefix)
   if head == prefix then
-    return string.sub(name, #prefix + 1)
+    return sub(name, #prefix + 1)
   end
   if #head == #prefix and inbox_first(prefix, d) and inbox_first(head, d)
-      and string.sub(head, 6) == string.sub(prefix, 6) then
-    return string.sub(name, #prefix + 1)
+      and sub(head, 6) == sub(prefix, 6) then
+    return sub(name, #prefix + 1)
   end
   return nil
 end
 
--- A relative name with no empty component and no trailing delimiter.
-local function whole_components(rest, d)
-  return rest ~= "" and string.sub(rest, 1, 1) ~= d and string.sub(rest, -1) ~= d
-    and not find(rest, d .. d)
+-- A relative name split at `from` and joined with `to`; nil when a component is empty (a
+-- leading, doubled or trailing delimiter).
+local function convert(s, from, to)
+  local out, start = nil, 1
+  while true do
+    local i = sfind(s, from, start, true)
+    if i == start then
+      return nil
+    end
+    if not i then
+      if start > #s then
+        return nil
+      end
+      if out == nil then
+        return s
+      end
+      out[#out + 1] = sub(s, start)
+      return table.concat(out, to)
+    end
+    out = out or {}
+    out[#out + 1] = sub(s, start, i - 1)
+    start = i + 1
+  end
 end
 
+-- Like convert, for patterns (where nothing is refused).
 local function split_join(s, from, to)
   if from == to then
     return s
   end
   local out, start = {}, 1
   while true do
-    local i = find(s, from, start)
+    local i = sfind(s, from, start, true)
     if not i then
-      out[#out + 1] = string.sub(s, start)
-      break
+      out[#out + 1] = sub(s, start)
+      return table.concat(out, to)
     end
-    out[#out + 1] = string.sub(s, start, i - 1)
-    start = i + #from
+    out[#out + 1] = sub(s, start, i - 1)
+    start = i + 1
   end
-  return table.concat(out, to)
 end
 
 -- client form -> upstream form, or nil when the name has no upstream form.
@@ -102,7 +121,7 @@ local function to_upstream(name)
     return "INBOX"
   end
   local rest = strip_prefix(name, cp, cd)
-  if rest == nil or not whole_components(rest, cd) or (cd ~= ud and find(rest, ud)) then
+  if rest == nil or (cd ~= ud and sfind(rest, ud, 1, true)) then
     return nil
   end
   -- Under a client INBOX, a first component named INBOX would be a second name for INBOX or
@@ -110,7 +129,11 @@ local function to_upstream(name)
   if inbox_rooted and inbox_first(rest, cd) then
     return nil
   end
-  local mapped = up .. split_join(rest, cd, ud)
+  local converted = convert(rest, cd, ud)
+  if converted == nil then
+    return nil
+  end
+  local mapped = up .. converted
   if is_inbox(mapped) then
     return nil -- a second name for INBOX
   end
@@ -124,10 +147,14 @@ local function to_client(name)
     return "INBOX"
   end
   local rest = strip_prefix(name, up, ud)
-  if rest == nil or not whole_components(rest, ud) or (cd ~= ud and find(rest, cd)) then
+  if rest == nil or (cd ~= ud and sfind(rest, cd, 1, true)) then
     return nil
   end
-  local mapped = cp .. split_join(rest, ud, cd)
+  local converted = convert(rest, ud, cd)
+  if converted == nil then
+    return nil
+  end
+  local mapped = cp .. converted
   if to_upstream(mapped) ~= name then
     return nil
   end
@@ -143,11 +170,11 @@ local function pattern_to_upstream(pattern)
     end
     if inbox_rooted then
       -- INBOX's child flags depend on whether any client folder exists: the top level tells.
-      return find(pattern, "*") and "*" or "%"
+      return sfind(pattern, "*", 1, true) and "*" or "%"
     end
   end
   local rest = strip_prefix(pattern, cp, cd)
-  if rest == nil or (cd ~= ud and find(rest, ud)) then
+  if rest == nil or (cd ~= ud and sfind(rest, ud, 1, true)) then
     return up .. "*"
   end
   return up .. split_join(rest, cd, ud)
@@ -168,7 +195,7 @@ local untranslatable = {
 local function set_children(resp, children)
   local flag = children and "\\HasChildren" or "\\HasNoChildren"
   for i, f in ipairs(resp.flags) do
-    local u = string.upper(f)
+    local u = upper(f)
     if u == "\\HASCHILDREN" or u == "\\HASNOCHILDREN" then
       resp.flags[i] = flag
     end

@@ -4,7 +4,7 @@
 //! Rate-limit buckets and shared counters are keyed per policy (by name): a policy cannot drain
 //! another's buckets or change its counters.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
@@ -73,30 +73,27 @@ fn scoped(policy: &str, key: &str) -> String {
     k
 }
 
-/// The policy's name as used in logs and keys; settled once its table has been read.
+/// The policy's name as used in logs and keys: the file name until its table has been read
+/// (its top level runs before), then the table's `name`.
 #[derive(Clone, Debug)]
-pub struct PolicyName(Arc<Mutex<Arc<str>>>);
+pub struct PolicyName(Arc<(Arc<str>, OnceLock<Arc<str>>)>);
 
 impl PolicyName {
     pub fn new(name: &str) -> PolicyName {
-        PolicyName(Arc::new(Mutex::new(Arc::from(name))))
+        PolicyName(Arc::new((Arc::from(name), OnceLock::new())))
     }
 
+    /// Settles the name (once).
     pub fn set(&self, name: &str) {
-        if let Ok(mut n) = self.0.lock() {
-            *n = Arc::from(name);
-        }
+        let _ = self.0.1.set(Arc::from(name));
     }
 
-    fn get(&self) -> Arc<str> {
-        self.0
-            .lock()
-            .map(|n| n.clone())
-            .unwrap_or_else(|_| Arc::from(""))
+    fn get(&self) -> &str {
+        self.0.1.get().unwrap_or(&self.0.0)
     }
 
     fn scoped(&self, key: &str) -> String {
-        scoped(&self.get(), key)
+        scoped(self.get(), key)
     }
 }
 
@@ -176,7 +173,7 @@ pub fn imap_table(
         lua.create_function(move |_, (key, per_second, burst): (String, f64, u32)| {
             let d = limiter_host
                 .limiters
-                .check(&owner.scoped(&key), per_second, burst)
+                .check(owner.scoped(&key), per_second, burst)
                 .ok_or_else(|| {
                     mlua::Error::RuntimeError(
                         "rate_limit needs per_second > 0 and burst >= 1".into(),
