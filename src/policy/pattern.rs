@@ -42,7 +42,11 @@ pub fn check(subject: usize, pattern: &[u8], anchor: bool) -> Result<(), TooComp
 /// The worst-case steps of matching `pattern` against a subject of `subject` bytes, saturated
 /// just above [`MAX_STEPS`].
 pub fn steps(subject: usize, pattern: &[u8], anchor: bool) -> u128 {
-    let (anchored, levels) = levels(pattern, anchor);
+    let Levels {
+        anchored,
+        levels,
+        trailing,
+    } = levels(pattern, anchor);
     let n = subject as u128;
     let m = pattern.len() as u128;
     let q = u128::from(levels);
@@ -59,15 +63,28 @@ pub fn steps(subject: usize, pattern: &[u8], anchor: bool) -> u128 {
     calls
         .saturating_mul(m + 1)
         .saturating_add(scanning.saturating_mul(n + 1))
+        .saturating_add(if trailing { n + 1 } else { 0 })
         .min(MAX_STEPS + 1)
+}
+
+/// What [`steps`] needs to know of a pattern.
+#[derive(Debug, PartialEq, Eq)]
+struct Levels {
+    anchored: bool,
+    levels: u32,
+    /// The pattern ends with a quantified item (then only `)`): reaching it means the match
+    /// succeeds with its first choice, so it never backtracks; its scans end where the match
+    /// ends, where `gmatch`/`gsub` go on, so they add up to one pass over the subject.
+    trailing: bool,
 }
 
 /// Whether the pattern is anchored, and its levels. A malformed pattern is counted up to the
 /// malformation: the matcher raises its error on reaching it, so nothing after it can branch.
-fn levels(p: &[u8], anchor: bool) -> (bool, u32) {
+fn levels(p: &[u8], anchor: bool) -> Levels {
     let anchored = anchor && p.first() == Some(&b'^');
     let mut i = usize::from(anchored);
     let mut q: u32 = 0;
+    let mut trailing = false;
     while i < p.len() {
         let end = match p[i] {
             b'(' | b')' => {
@@ -108,13 +125,21 @@ fn levels(p: &[u8], anchor: bool) -> (bool, u32) {
             _ => i + 1,
         };
         if matches!(p.get(end), Some(b'*' | b'+' | b'-' | b'?')) {
+            if p[end + 1..].iter().all(|&b| b == b')') {
+                trailing = true;
+                break;
+            }
             q = q.saturating_add(1);
             i = end + 1;
         } else {
             i = end;
         }
     }
-    (anchored, q)
+    Levels {
+        anchored,
+        levels: q,
+        trailing,
+    }
 }
 
 /// The index after the `]` closing the set that opens at `open` (lstrlib.c `classEnd`).
@@ -159,20 +184,28 @@ mod tests {
 
     #[test]
     fn levels_follow_lstrlib() {
-        assert_eq!(levels(b"abc", true), (false, 0));
-        assert_eq!(levels(b"^a.*b$", true), (true, 1));
-        assert_eq!(levels(b"^a.*b$", false), (false, 1));
-        assert_eq!(levels(b"%a+%d-x?", true), (false, 3));
-        assert_eq!(levels(b"[%]*]*", true), (false, 1));
-        assert_eq!(levels(b"[^]]+", true), (false, 1));
-        assert_eq!(levels(b"%b()%1", true), (false, 2));
-        assert_eq!(levels(b"%f[%w]%w+", true), (false, 1));
-        assert_eq!(levels(b"%*%+%-%?", true), (false, 0));
-        assert_eq!(levels(b"()a*()", true), (false, 1));
+        let l = |p: &[u8], anchor| {
+            let l = levels(p, anchor);
+            (l.anchored, l.levels, l.trailing)
+        };
+        assert_eq!(l(b"abc", true), (false, 0, false));
+        assert_eq!(l(b"^a.*b$", true), (true, 1, false));
+        assert_eq!(l(b"^a.*b$", false), (false, 1, false));
+        assert_eq!(l(b"%a+%d-x?", true), (false, 2, true));
+        assert_eq!(l(b"%a+%d-x?$", true), (false, 3, false));
+        assert_eq!(l(b"[%]*]*x", true), (false, 1, false));
+        assert_eq!(l(b"[^]]+x", true), (false, 1, false));
+        assert_eq!(l(b"%b()%1", true), (false, 2, false));
+        assert_eq!(l(b"%f[%w]%w+", true), (false, 0, true));
+        assert_eq!(l(b"%*%+%-%?", true), (false, 0, false));
+        assert_eq!(l(b"()a*()", true), (false, 1, false));
+        assert_eq!(l(b"(a*)", true), (false, 0, true));
+        // utf8.charpattern
+        assert_eq!(l(b"[\0-\x7F\xC2-\xFD][\x80-\xBF]*", true), (false, 0, true));
         // Malformed: counted up to the malformation.
-        assert_eq!(levels(b"x*[abc", true), (false, 1));
-        assert_eq!(levels(b"x*%", true), (false, 1));
-        assert_eq!(levels(b"x*%f", true), (false, 1));
+        assert_eq!(l(b"x*[abc", true), (false, 1, false));
+        assert_eq!(l(b"x*%", true), (false, 1, false));
+        assert_eq!(l(b"x*%f", true), (false, 1, false));
     }
 
     #[test]
@@ -192,6 +225,8 @@ mod tests {
         assert!(check(200, b"^([^@]+)@(.+)$", true).is_ok());
         assert!(check(1000, b"^INBOX%.(.*)$", true).is_ok());
         assert!(check(100, b"(.-)%.(.*)", true).is_ok());
+        // Iterating over UTF-8 characters is linear.
+        assert!(check(1 << 20, b"[\0-\x7F\xC2-\xFD][\x80-\xBF]*", false).is_ok());
     }
 
     #[test]
