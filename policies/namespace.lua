@@ -143,6 +143,9 @@ end
 -- upstream form -> client form, or nil when it cannot be shown to the client: only a name the
 -- client could use to reach the same mailbox is shown.
 local function to_client(name)
+  if name == "" then
+    return "" -- server-wide metadata
+  end
   if is_inbox(name) then
     return "INBOX"
   end
