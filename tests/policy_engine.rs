@@ -177,13 +177,13 @@ fn unhooked_commands_never_enter_lua() {
         );
     }
     assert!(policy_events(&mut conv).is_empty());
-    assert_eq!(policies.host().counters.get("calls"), None);
+    assert_eq!(policies.host().shared_value("count", "calls"), None);
     assert_eq!(send(&mut conv, "s1 SEARCH ALL\r\n").0, "s1 SEARCH ALL\r\n");
     assert_eq!(
         policy_events(&mut conv),
         [("on_command".into(), "pass".into())]
     );
-    assert_eq!(policies.host().counters.get("calls"), Some(1.0));
+    assert_eq!(policies.host().shared_value("count", "calls"), Some(1.0));
 }
 
 #[test]
@@ -379,4 +379,917 @@ fn ctx_carries_the_connection() {
         send(&mut conv, "a1 NOOP\r\n").1,
         "a1 NO 7 192.0.2.1 imaps true not_authenticated nil\r\n"
     );
+}
+
+// ----- the engine's API on its own (no session) -----
+
+use imapgate::imap::capability::CapabilitySet;
+use imapgate::imap::command::MailboxRole;
+use imapgate::imap::response::Status;
+use imapgate::policy::{CommandView, ConnCtx, ConnInfo, MailboxSlot, ResponseView, Verdict};
+
+/// Loads `(file name, source)` scripts in order, each with `on_error`.
+fn engine(scripts: &[(&str, &str)], on_error: OnError) -> (Scripts, Policies) {
+    let s = Scripts::new();
+    let configs: Vec<PolicyConfig> = scripts
+        .iter()
+        .map(|(name, source)| PolicyConfig {
+            on_error,
+            ..config(&s.write(name, source))
+        })
+        .collect();
+    let policies = load(&configs).expect("policies load");
+    (s, policies)
+}
+
+fn alice() -> ConnCtx {
+    ConnCtx::new(ConnInfo {
+        id: 1,
+        peer: "192.0.2.1:5555".into(),
+        listener: "imaps".into(),
+        tls: true,
+        user: Some("alice".into()),
+        state: "authenticated",
+        ..Default::default()
+    })
+}
+
+fn command(name: &'static str, mailboxes: &[(MailboxRole, &str)]) -> CommandView {
+    CommandView {
+        tag: "a1".into(),
+        name,
+        mailboxes: mailboxes
+            .iter()
+            .map(|(role, name)| MailboxSlot::new(*role, (*name).to_string()))
+            .collect(),
+        delayed_ms: 0,
+    }
+}
+
+fn list_entry(name: &str, flags: &[&str]) -> ResponseView {
+    ResponseView::new(
+        "LIST",
+        vec![MailboxSlot::new(MailboxRole::Mailbox, name.to_string())],
+        Some("/".into()),
+        None,
+    )
+    .with_flags(flags.iter().map(|f| (*f).to_string()).collect())
+}
+
+/// (hook, action, error) of the decisions made so far.
+fn decisions(ctx: &mut ConnCtx) -> Vec<(&'static str, &'static str, Option<String>)> {
+    ctx.decisions
+        .drain(..)
+        .map(|d| (d.hook.as_str(), d.action, d.error))
+        .collect()
+}
+
+fn reject_text(v: &Verdict) -> &str {
+    match v {
+        Verdict::Reject { text, .. } => text,
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+fn unavailable() -> Verdict {
+    Verdict::Reject {
+        status: Status::No,
+        code: Some("UNAVAILABLE".into()),
+        text: "Policy check failed, try again later".into(),
+    }
+}
+
+fn policy_failed() -> Verdict {
+    Verdict::Close {
+        text: "Policy check failed".into(),
+    }
+}
+
+const EVIL: &str = r#"
+-- Tries, at load and in every hook, to change anything another policy could be using.
+local function attack(ctx)
+  string.find = function() return 99 end
+  string.x = "leaked"
+  table.insert = function() error("hijacked") end
+  math.randomseed(1)
+  for _ = 1, 10 do math.random() end
+  pcall(function() getmetatable("").__index.upper = function() return "pwned" end end)
+  pcall(function() getmetatable("").__index.x = "leaked" end)
+  pcall(function() getmetatable(_ENV).__index.string.find = function() return 99 end end)
+  pcall(function() getmetatable(_ENV).__index.tostring = function() return "pwned" end end)
+  pcall(function() setmetatable(_ENV, { __index = function() return "pwned" end }) end)
+  if ctx then
+    pcall(rawset, ctx, "user", "root")
+    pcall(function() getmetatable(ctx).__index.user = "root" end)
+    ctx.vars.seen = 99
+    pcall(function() getmetatable(ctx.vars).__index = function() return 99 end end)
+    pcall(function() getmetatable(ctx.vars).__newindex = function() end end)
+    pcall(setmetatable, ctx.vars, {})
+  end
+  pcall(function()
+    local _, e = pcall(imap.list_match, "*", "x", "ab")
+    getmetatable(e).__tostring = function() return "pwned" end
+  end)
+  for _ = 1, 5 do imap.rate_limit("k", 0.001, 1) end
+  imap.shared.set("n", 99)
+end
+attack(nil)
+return {
+  name = "evil",
+  on_capability = function(ctx, caps)
+    attack(ctx)
+    pcall(function() getmetatable(caps).__index = function() return function() end end end)
+    pcall(function() getmetatable(caps).add = function() end end)
+  end,
+  on_command = function(ctx, cmd) attack(ctx) end,
+}
+"#;
+
+const VICTIM: &str = r#"
+math.randomseed(7)
+local expected = math.random(1000000)
+math.randomseed(7)
+local function report(ctx)
+  local t = {}
+  table.insert(t, tostring(string.find("abc", "b", 1, true)))
+  table.insert(t, ("abc"):upper())
+  table.insert(t, tostring(("abc"):find("c")))
+  table.insert(t, tostring(string.x) .. "/" .. tostring(("").x))
+  table.insert(t, tostring(getmetatable("")))
+  table.insert(t, tostring(getmetatable(ctx)))
+  table.insert(t, tostring(getmetatable(ctx.vars)))
+  local _, e = pcall(imap.list_match, "*", "x", "ab")
+  table.insert(t, type(e) .. ":" .. tostring(getmetatable(e)))
+  table.insert(t, tostring(ctx.user))
+  table.insert(t, tostring(ctx.vars.seen))
+  table.insert(t, tostring(imap.shared.get("n")))
+  return table.concat(t, " ")
+end
+return {
+  name = "victim",
+  on_capability = function(ctx, caps)
+    caps:add("XVICTIM")
+    ctx.vars.caps = report(ctx) .. " " .. tostring(getmetatable(caps))
+  end,
+  on_command = function(ctx, cmd)
+    local random = math.random(1000000) == expected and "same-random" or "other-random"
+    local limited = imap.rate_limit("k", 0.001, 1) and "bucket-full" or "bucket-drained"
+    return imap.reject{ code = "CHECK", text = ctx.vars.caps .. " | " .. report(ctx) .. " " .. random .. " " .. limited }
+  end,
+}
+"#;
+
+#[test]
+fn one_policy_cannot_change_what_another_runs() {
+    let (_s, policies) = engine(
+        &[("evil.lua", EVIL), ("victim.lua", VICTIM)],
+        OnError::Closed,
+    );
+    let set = policies.current();
+    let mut ctx = alice();
+    let mut caps = CapabilitySet::from_names(["IMAP4rev1", "IDLE"]);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), Verdict::Pass);
+    assert!(caps.has("XVICTIM"), "{caps:?}");
+    let v = set.on_command(&mut ctx, &mut command("SELECT", &[]));
+    let normal = "2 ABC 3 nil/nil false false false userdata:false alice nil nil";
+    assert_eq!(
+        reject_text(&v),
+        format!("{normal} false | {normal} same-random bucket-full")
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action != "error"),
+        "the attacks run inside pcall and fail quietly"
+    );
+}
+
+#[test]
+fn finalizers_are_refused() {
+    let e = load_error("setmetatable({}, { __gc = function() while true do end end })\nreturn {}");
+    assert!(e.contains("__gc"), "{e}");
+}
+
+#[test]
+fn policy_names_are_unique() {
+    let s = Scripts::new();
+    let a = s.write("a.lua", "return { name = 'same' }");
+    let b = s.write("b.lua", "return { name = 'same' }");
+    let e = load(&[config(&a), config(&b)]).expect_err("two policies named alike");
+    assert!(e.to_string().contains("already named `same`"), "{e}");
+}
+
+#[test]
+fn verdicts_a_hook_cannot_apply_are_errors() {
+    let script = r#"return {
+      on_connect = function() return imap.reject{ text = "no" } end,
+      on_capability = function() return imap.drop() end,
+      on_command = function(ctx, cmd)
+        if cmd.name == "SELECT" then return imap.drop() end
+        return 42
+      end,
+      on_response = function(ctx, resp)
+        if resp.kind == "LIST" then return imap.reject{ code = "CANNOT" } end
+        return imap.delay(10)
+      end,
+      on_complete = function() return imap.delay(10) end,
+      on_disconnect = function() return imap.close("bye") end,
+    }"#;
+    let (_s, closed) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = closed.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), policy_failed());
+    let mut caps = CapabilitySet::from_names(["IMAP4rev1"]);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), policy_failed());
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SELECT", &[])),
+        unavailable()
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("NOOP", &[])),
+        unavailable()
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("x", &[])),
+        unavailable()
+    );
+    let mut status = ResponseView::new("STATUS", Vec::new(), None, None);
+    assert_eq!(set.on_response(&mut ctx, &mut status), unavailable());
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "SELECT", Status::Ok),
+        policy_failed()
+    );
+    set.on_disconnect(&mut ctx);
+    let seen = decisions(&mut ctx);
+    let expected_errors = [
+        ("on_connect", "on_connect cannot apply a reject verdict"),
+        ("on_capability", "on_capability cannot apply a drop verdict"),
+        ("on_command", "on_command cannot apply a drop verdict"),
+        (
+            "on_command",
+            "a hook returns nothing or an imap.* verdict, not integer",
+        ),
+        ("on_response", "on_response cannot apply a reject verdict"),
+        ("on_response", "on_response cannot apply a delay verdict"),
+        ("on_complete", "on_complete cannot apply a delay verdict"),
+        (
+            "on_disconnect",
+            "on_disconnect cannot apply a close verdict",
+        ),
+    ];
+    assert_eq!(seen.len(), expected_errors.len(), "{seen:?}");
+    for ((hook, action, error), (want_hook, want_error)) in seen.iter().zip(expected_errors) {
+        assert_eq!((*hook, *action), (want_hook, "error"));
+        let error = error.as_deref().unwrap_or_default();
+        assert!(error.contains(want_error), "{hook}: {error}");
+    }
+
+    // Fail open: every one of them passes, and is still counted as an error.
+    let (_s, open) = engine(&[("p.lua", script)], OnError::Open);
+    let set = open.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), Verdict::Pass);
+    assert_eq!(set.on_capability(&mut ctx, &mut caps), Verdict::Pass);
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SELECT", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("x", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "SELECT", Status::Ok),
+        Verdict::Pass
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action == "error")
+    );
+}
+
+#[test]
+fn verdicts_each_hook_can_apply() {
+    let script = r#"return {
+      on_connect = function(ctx) if ctx.peer_ip == "192.0.2.9" then return imap.close("go away") end end,
+      on_capability = function() end,
+      on_command = function(ctx, cmd)
+        if cmd.name == "SEARCH" then return imap.delay(250) end
+        if cmd.name == "LOGOUT" then return imap.close("bye") end
+        return imap.reject{ status = "BAD", code = "CLIENTBUG", text = "no " .. cmd.name }
+      end,
+      on_response = function(ctx, resp)
+        if resp.mailboxes[1] == "hidden" then return imap.drop() end
+        if resp.mailboxes[1] == "bye" then return imap.close("enough") end
+      end,
+      on_complete = function(ctx, cmd, status) if status == "BAD" then return imap.close("confused") end end,
+    }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = policies.current();
+    let mut ctx = alice();
+    assert_eq!(set.on_connect(&mut ctx), Verdict::Pass);
+    let mut other = alice();
+    other.info.peer = "192.0.2.9:1".into();
+    assert_eq!(
+        set.on_connect(&mut other),
+        Verdict::Close {
+            text: "go away".into()
+        }
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("SEARCH", &[])),
+        Verdict::Delay(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("LOGOUT", &[])),
+        Verdict::Close { text: "bye".into() }
+    );
+    assert_eq!(
+        set.on_command(&mut ctx, &mut command("NOOP", &[])),
+        Verdict::Reject {
+            status: Status::Bad,
+            code: Some("CLIENTBUG".into()),
+            text: "no NOOP".into()
+        }
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("shown", &[])),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("hidden", &[])),
+        Verdict::Drop
+    );
+    assert_eq!(
+        set.on_response(&mut ctx, &mut list_entry("bye", &[])),
+        Verdict::Close {
+            text: "enough".into()
+        }
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "NOOP", Status::Ok),
+        Verdict::Pass
+    );
+    assert_eq!(
+        set.on_complete(&mut ctx, "a1", "NOOP", Status::Bad),
+        Verdict::Close {
+            text: "confused".into()
+        }
+    );
+    assert!(
+        decisions(&mut ctx)
+            .iter()
+            .all(|(_, action, _)| *action != "error")
+    );
+}
+
+#[test]
+fn a_failing_response_hook_fails_closed() {
+    let script = r#"return { responses = { "LIST" }, on_response = function(ctx, resp)
+      resp.mailboxes[1] = "translated"
+      error("cannot translate")
+    end }"#;
+    let (_s, closed) = engine(&[("p.lua", script)], OnError::Closed);
+    let mut ctx = alice();
+    assert_eq!(
+        closed
+            .current()
+            .on_response(&mut ctx, &mut list_entry("Private/Secret", &[])),
+        unavailable()
+    );
+    let seen = decisions(&mut ctx);
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].0, seen[0].1), ("on_response", "error"));
+    assert!(
+        seen[0]
+            .2
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot translate"))
+    );
+    let (_s, open) = engine(&[("p.lua", script)], OnError::Open);
+    assert_eq!(
+        open.current()
+            .on_response(&mut alice(), &mut list_entry("Private/Secret", &[])),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn backtracking_patterns_on_client_input_fail_fast() {
+    let script = r#"return { commands = { "SELECT" }, on_command = function(ctx, cmd)
+      local s = cmd.mailboxes[1]
+      local bomb = ("x*"):rep(20) .. "y"
+      local out = {}
+      for _, call in ipairs({
+        function() return string.find(s, bomb) end,
+        function() return s:find(bomb) end,
+        function() return s:match(bomb) end,
+        function() return s:gsub(bomb, "") end,
+        function() for _ in s:gmatch(bomb) do end end,
+      }) do
+        local ok, err = pcall(call)
+        out[#out + 1] = tostring(ok) .. ":" .. tostring(err):gsub("^.-:%d+: ", "")
+      end
+      -- Plain searches and cheap patterns still work on the same subject.
+      out[#out + 1] = tostring(string.find(s, bomb, 1, true))
+      out[#out + 1] = tostring(select(2, s:gsub("x", "")))
+      return imap.reject{ text = table.concat(out, ";") }
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let long = "x".repeat(3000);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("SELECT", &[(MailboxRole::Mailbox, &long)]),
+    );
+    let refused = "false:pattern too complex for a subject of 3000 bytes";
+    assert_eq!(
+        reject_text(&v),
+        format!("{refused};{refused};{refused};{refused};{refused};nil;3000")
+    );
+
+    // Uncaught, the refusal is a hook error like any other.
+    let script = r#"return { commands = { "SELECT" }, on_command = function(ctx, cmd)
+      string.find(cmd.mailboxes[1], ("x*"):rep(20) .. "y")
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("SELECT", &[(MailboxRole::Mailbox, &long)]),
+    );
+    assert_eq!(v, unavailable());
+    let seen = decisions(&mut ctx);
+    assert!(
+        seen[0]
+            .2
+            .as_deref()
+            .is_some_and(|e| e.contains("p.lua:2: pattern too complex for a subject of 3000 bytes")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn list_match_is_the_linear_matcher() {
+    let script = r#"return { commands = { "LIST" }, on_command = function(ctx, cmd)
+      local m = imap.list_match
+      local out = {
+        m("INBOX.%", "INBOX.a", "."), m("INBOX.%", "INBOX.a.b", "."), m("inbox*", "INBOX.a.b", "."),
+        m("%", "a.b", nil), m("*z", cmd.mailboxes[1], "/"), m(("*"):rep(300) .. "z", cmd.mailboxes[1], "/"),
+        (pcall(m, "*", "x", "ab")),
+      }
+      for i, v in ipairs(out) do out[i] = tostring(v) end
+      return imap.reject{ text = table.concat(out, " ") }
+    end }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let long = "a".repeat(5000);
+    let mut ctx = alice();
+    let v = policies.current().on_command(
+        &mut ctx,
+        &mut command("LIST", &[(MailboxRole::Pattern, &long)]),
+    );
+    assert_eq!(
+        reject_text(&v),
+        "true false true true false false false",
+        "{:?}",
+        decisions(&mut ctx)
+    );
+}
+
+#[test]
+fn views_carry_delay_and_list_flags() {
+    let script = r#"return {
+      commands = { "SEARCH" },
+      on_command = function(ctx, cmd) return imap.reject{ text = "held " .. cmd.delayed_ms } end,
+      on_response = function(ctx, resp)
+        if resp.kind ~= "LIST" then resp.flags = {} return end
+        if resp.mailboxes[1] == "bad" then resp.flags = { "\\Has Children" } return end
+        if resp.mailboxes[1] == "same" then return end
+        local out = {}
+        for _, f in ipairs(resp.flags) do
+          if f:upper() ~= "\\HASNOCHILDREN" then out[#out + 1] = f end
+        end
+        out[#out + 1] = "\\HasChildren"
+        resp.flags = out
+      end,
+    }"#;
+    let (_s, policies) = engine(&[("p.lua", script)], OnError::Closed);
+    let set = policies.current();
+    let mut ctx = alice();
+    let mut search = command("SEARCH", &[]);
+    search.delayed_ms = 1500;
+    assert_eq!(
+        reject_text(&set.on_command(&mut ctx, &mut search)),
+        "held 1500"
+    );
+
+    let mut entry = list_entry("INBOX", &["\\Marked", "\\HasNoChildren"]);
+    assert_eq!(set.on_response(&mut ctx, &mut entry), Verdict::Pass);
+    assert_eq!(entry.flags, ["\\Marked", "\\HasChildren"]);
+    assert!(entry.flags_changed());
+    let mut same = list_entry("same", &["\\HasNoChildren"]);
+    assert_eq!(set.on_response(&mut ctx, &mut same), Verdict::Pass);
+    assert!(!same.flags_changed());
+    let mut bad = list_entry("bad", &[]);
+    assert_eq!(set.on_response(&mut ctx, &mut bad), unavailable());
+    let mut status = ResponseView::new("STATUS", Vec::new(), None, None);
+    assert_eq!(set.on_response(&mut ctx, &mut status), unavailable());
+    let errors: Vec<String> = decisions(&mut ctx)
+        .into_iter()
+        .filter_map(|(_, _, e)| e)
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("is not a mailbox attribute"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("only on LIST and LSUB"), "{errors:?}");
+}
+
+#[test]
+fn vars_rate_limits_and_counters_are_per_policy() {
+    let writer = r#"return { name = "writer", commands = { "NOOP" }, on_command = function(ctx)
+      ctx.vars.x = "mine"
+      imap.shared.incr("calls")
+    end }"#;
+    let reader = r#"return { name = "reader", commands = { "NOOP" }, on_command = function(ctx)
+      return imap.reject{ text = tostring(ctx.vars.x) .. " " .. tostring(imap.shared.get("calls")) }
+    end }"#;
+    let (_s, policies) = engine(&[("w.lua", writer), ("r.lua", reader)], OnError::Closed);
+    let v = policies
+        .current()
+        .on_command(&mut alice(), &mut command("NOOP", &[]));
+    assert_eq!(reject_text(&v), "nil nil");
+    assert_eq!(policies.host().shared_value("writer", "calls"), Some(1.0));
+    assert_eq!(policies.host().shared_value("reader", "calls"), None);
+}
+
+// ----- the shipped policies, hook by hook -----
+
+fn shipped(file: &str, options: &str) -> Policies {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("policies")
+        .join(file);
+    let cfg = PolicyConfig {
+        options: toml::from_str(options).expect("options"),
+        ..config(&script)
+    };
+    load(&[cfg]).expect("shipped policy loads")
+}
+
+const COURIER: &str = r#"client_prefix = "INBOX."
+client_delimiter = "."
+upstream_prefix = ""
+upstream_delimiter = "/""#;
+
+const JAIL: &str = r#"client_prefix = "INBOX."
+client_delimiter = "."
+upstream_prefix = "Jail/"
+upstream_delimiter = "/""#;
+
+/// The names a command goes upstream with, or its refusal's code.
+fn translated(
+    set: &PolicySet,
+    ctx: &mut ConnCtx,
+    mut cmd: CommandView,
+) -> Result<Vec<String>, String> {
+    match set.on_command(ctx, &mut cmd) {
+        Verdict::Pass => Ok(cmd.mailboxes.into_iter().map(|m| m.name).collect()),
+        Verdict::Reject { code, .. } => Err(code.unwrap_or_default()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn mailbox(set: &PolicySet, ctx: &mut ConnCtx, name: &str) -> Result<String, String> {
+    translated(set, ctx, command("SELECT", &[(MailboxRole::Mailbox, name)])).map(|n| n[0].clone())
+}
+
+fn list(set: &PolicySet, ctx: &mut ConnCtx, reference: &str, pattern: &str) -> Vec<String> {
+    translated(
+        set,
+        ctx,
+        command(
+            "LIST",
+            &[
+                (MailboxRole::Reference, reference),
+                (MailboxRole::Pattern, pattern),
+            ],
+        ),
+    )
+    .expect("LIST is never refused")
+}
+
+/// The client's view of one upstream LIST entry: (name, delimiter, flags), or None if hidden.
+fn entry(
+    set: &PolicySet,
+    ctx: &mut ConnCtx,
+    name: &str,
+    flags: &[&str],
+) -> Option<(String, String, Vec<String>)> {
+    let mut view = list_entry(name, flags);
+    match set.on_response(ctx, &mut view) {
+        Verdict::Pass => Some((
+            view.mailboxes[0].name.clone(),
+            view.delimiter.clone().unwrap_or_default(),
+            view.flags.clone(),
+        )),
+        Verdict::Drop => None,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+use imapgate::policy::PolicySet;
+
+#[test]
+fn namespace_translates_names_one_to_one() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for (client, upstream) in [
+        ("INBOX", "INBOX"),
+        ("inbox", "INBOX"),
+        ("INBOX.Archive.2024", "Archive/2024"),
+        ("inbox.Archive", "Archive"),
+        ("INBOX.Entwürfe", "Entwürfe"),
+        ("INBOX.INBOXES", "INBOXES"),
+    ] {
+        assert_eq!(
+            mailbox(&set, ctx, client).as_deref(),
+            Ok(upstream),
+            "{client}"
+        );
+    }
+    for refused in [
+        "Foo",
+        "INBOX.",
+        "INBOX.INBOX",
+        "inbox.Inbox",
+        "INBOX.inbox.x",
+        "INBOX..x",
+        "INBOX.a..b",
+        "INBOX.a.",
+        "INBOX.a/b",
+        "INBOXES",
+    ] {
+        assert_eq!(
+            mailbox(&set, ctx, refused),
+            Err("CANNOT".to_string()),
+            "{refused}"
+        );
+    }
+    assert_eq!(
+        translated(
+            &set,
+            ctx,
+            command(
+                "RENAME",
+                &[
+                    (MailboxRole::Mailbox, "INBOX.a"),
+                    (MailboxRole::Mailbox, "INBOX.b.c")
+                ]
+            )
+        ),
+        Ok(vec!["a".to_string(), "b/c".to_string()])
+    );
+    // Upstream names without exactly one client form are hidden.
+    for (upstream, client) in [
+        ("INBOX", Some("INBOX")),
+        ("Archive/2024", Some("INBOX.Archive.2024")),
+        ("Entwürfe", Some("INBOX.Entwürfe")),
+        ("a.b", None),
+        ("Archive//x", None),
+        ("Archive/", None),
+        ("INBOX/x", None),
+        ("inbox", Some("INBOX")),
+    ] {
+        assert_eq!(
+            entry(&set, ctx, upstream, &[]).map(|e| e.0),
+            client.map(str::to_string),
+            "{upstream}"
+        );
+    }
+}
+
+#[test]
+fn namespace_jail_is_a_boundary() {
+    let policies = shipped("namespace.lua", JAIL);
+    let set = policies.current();
+    let ctx = &mut alice();
+    assert_eq!(mailbox(&set, ctx, "INBOX.Box").as_deref(), Ok("Jail/Box"));
+    assert_eq!(mailbox(&set, ctx, "INBOX").as_deref(), Ok("INBOX"));
+    assert_eq!(mailbox(&set, ctx, "Private/Secret"), Err("CANNOT".into()));
+    assert_eq!(mailbox(&set, ctx, "INBOX.INBOX"), Err("CANNOT".into()));
+    // Commands it cannot translate (NOTIFY, ESEARCH IN, URLAUTH...) parse as OTHER.
+    assert_eq!(
+        translated(&set, ctx, command("OTHER", &[])),
+        Err("CANNOT".into())
+    );
+    assert_eq!(entry(&set, ctx, "Private/Secret", &[]), None);
+    assert_eq!(entry(&set, ctx, "Jail", &["\\HasChildren"]), None);
+    assert_eq!(
+        entry(&set, ctx, "Jail/Box", &[]).map(|e| e.0).as_deref(),
+        Some("INBOX.Box")
+    );
+    // NAMESPACE shows the client's namespace only.
+    let personal = imapgate::policy::NamespaceEntry {
+        prefix: String::new(),
+        delimiter: Some("/".into()),
+    };
+    let mut ns = ResponseView::new(
+        "NAMESPACE",
+        Vec::new(),
+        None,
+        Some(imapgate::policy::Namespace {
+            personal: vec![personal.clone()],
+            other: vec![imapgate::policy::NamespaceEntry {
+                prefix: "Other/".into(),
+                ..personal.clone()
+            }],
+            shared: vec![imapgate::policy::NamespaceEntry {
+                prefix: "Shared/".into(),
+                ..personal
+            }],
+        }),
+    );
+    assert_eq!(set.on_response(ctx, &mut ns), Verdict::Pass);
+    let ns = ns.namespace.expect("namespace");
+    assert_eq!(ns.personal[0].prefix, "INBOX.");
+    assert_eq!(ns.personal[0].delimiter.as_deref(), Some("."));
+    assert!(ns.other.is_empty() && ns.shared.is_empty(), "{ns:?}");
+
+    // Without the boundary, unknown commands pass untouched.
+    let open = shipped("namespace.lua", &format!("{JAIL}\nboundary = false"));
+    assert_eq!(
+        translated(&open.current(), ctx, command("OTHER", &[])),
+        Ok(vec![])
+    );
+}
+
+#[test]
+fn namespace_list_patterns() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for (reference, pattern, upstream) in [
+        ("", "*", "*"),
+        ("", "%", "%"),
+        ("", "INBOX", "%"),
+        ("", "inbox", "%"),
+        ("", "INBOX*", "*"),
+        ("INBOX.", "%", "%"),
+        ("", "INBOX.%", "%"),
+        ("", "INBOX.Archive*", "Archive*"),
+        ("INBOX.Archive.", "%", "Archive/%"),
+        ("", "Foo*", "*"),
+        ("", "", ""),
+    ] {
+        assert_eq!(
+            list(&set, ctx, reference, pattern),
+            ["", upstream],
+            "{reference:?} {pattern:?}"
+        );
+    }
+    let jail = shipped("namespace.lua", JAIL);
+    let set = jail.current();
+    for (pattern, upstream) in [
+        ("*", "*"),
+        ("INBOX", "*"),
+        ("INBOX.%", "Jail/%"),
+        ("INBOX.Box.*", "Jail/Box/*"),
+        ("%.x", "Jail/*"),
+    ] {
+        assert_eq!(list(&set, ctx, "", pattern), ["", upstream], "{pattern:?}");
+    }
+}
+
+#[test]
+fn namespace_list_patterns_are_matched_in_linear_time() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    let stars = format!("{}z", "*".repeat(300));
+    assert_eq!(list(&set, ctx, "", &stars), ["", "*"]);
+    let inbox_stars = format!("INBOX.{stars}");
+    assert_eq!(list(&set, ctx, "", &inbox_stars), ["", stars.as_str()]);
+    let inbox_stars = format!("{}INBOX", "%*".repeat(300));
+    assert_eq!(list(&set, ctx, "", &inbox_stars), ["", "*"]);
+    let long = "x".repeat(4000);
+    let mut view = list_entry(&long, &["\\HasNoChildren"]);
+    assert_eq!(set.on_response(ctx, &mut view), Verdict::Pass);
+    assert_eq!(view.mailboxes[0].name, format!("INBOX.{long}"));
+}
+
+#[test]
+fn namespace_inbox_children_reflect_client_folders() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    // LIST "" INBOX went upstream as "%": the top level arrives, INBOX's entry last.
+    assert_eq!(list(&set, ctx, "", "INBOX"), ["", "%"]);
+    assert!(entry(&set, ctx, "Archive", &["\\HasChildren"]).is_some());
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\HasNoChildren"]).map(|e| e.2),
+        Some(vec!["\\HasChildren".to_string()])
+    );
+    assert_eq!(
+        set.on_complete(ctx, "a1", "LIST", Status::Ok),
+        Verdict::Pass
+    );
+    // An account with INBOX alone (and a folder without a client form).
+    assert_eq!(entry(&set, ctx, "a.b", &["\\HasNoChildren"]), None);
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\Marked", "\\HasChildren"]).map(|e| e.2),
+        Some(vec!["\\Marked".to_string(), "\\HasNoChildren".to_string()])
+    );
+    assert_eq!(
+        set.on_complete(ctx, "a2", "LSUB", Status::Ok),
+        Verdict::Pass
+    );
+    // Without child information, none is added.
+    assert_eq!(entry(&set, ctx, "Sent", &[]).map(|e| e.2), Some(vec![]));
+    assert_eq!(
+        entry(&set, ctx, "INBOX", &["\\Marked"]).map(|e| e.2),
+        Some(vec!["\\Marked".to_string()])
+    );
+}
+
+#[test]
+fn namespace_state_cannot_be_exhausted_by_pipelining() {
+    let policies = shipped("namespace.lua", COURIER);
+    let set = policies.current();
+    let ctx = &mut alice();
+    for i in 0..1000 {
+        assert_eq!(
+            list(&set, ctx, "", &format!("INBOX.{i}*")),
+            ["", &format!("{i}*")]
+        );
+    }
+    for i in 0..1000 {
+        assert!(entry(&set, ctx, &format!("{i}"), &[]).is_some());
+    }
+    assert!(
+        decisions(ctx)
+            .iter()
+            .all(|(_, action, _)| *action == "pass")
+    );
+    let vars = ctx.vars.lock().expect("vars");
+    assert_eq!(vars.values().map(|v| v.len()).sum::<usize>(), 1, "{vars:?}");
+}
+
+#[test]
+fn search_rate_limit_delays_then_refuses() {
+    let policies = shipped("search_rate_limit.lua", "per_second = 1.0\nburst = 2");
+    let set = policies.current();
+    let ctx = &mut alice();
+    ctx.info.user = Some("USER1".into());
+    for name in ["SEARCH", "UID SORT"] {
+        assert_eq!(set.on_command(ctx, &mut command(name, &[])), Verdict::Pass);
+    }
+    // Same account, other spelling: same bucket.
+    let other = &mut alice();
+    other.info.user = Some("user1".into());
+    for name in ["THREAD", "UID THREAD", "SORT", "UID SEARCH"] {
+        match set.on_command(other, &mut command(name, &[])) {
+            Verdict::Delay(d) => {
+                assert!(
+                    d > std::time::Duration::ZERO && d <= std::time::Duration::from_secs(1),
+                    "{d:?}"
+                )
+            }
+            v => panic!("{name}: {v:?}"),
+        }
+    }
+    // Held long enough already: refused.
+    let mut held = command("SEARCH", &[]);
+    held.delayed_ms = 29_500;
+    match set.on_command(other, &mut held) {
+        Verdict::Reject { code, .. } => assert_eq!(code.as_deref(), Some("LIMIT")),
+        v => panic!("{v:?}"),
+    }
+    // FETCH is not a search.
+    assert_eq!(
+        set.on_command(other, &mut command("FETCH", &[])),
+        Verdict::Pass
+    );
+
+    let reject = shipped(
+        "search_rate_limit.lua",
+        "per_second = 0.001\nburst = 1\nmode = \"reject\"",
+    );
+    let set = reject.current();
+    assert_eq!(
+        set.on_command(ctx, &mut command("SEARCH", &[])),
+        Verdict::Pass
+    );
+    match set.on_command(ctx, &mut command("SEARCH", &[])) {
+        Verdict::Reject { code, text, .. } => {
+            assert_eq!(code.as_deref(), Some("LIMIT"));
+            assert!(
+                text.starts_with("Too many searches: try again in"),
+                "{text}"
+            );
+        }
+        v => panic!("{v:?}"),
+    }
 }

@@ -448,6 +448,7 @@ fn every_command_parses_with_its_name_arguments_and_mailboxes() {
                     MailboxRole::Mailbox => "M",
                     MailboxRole::Reference => "R",
                     MailboxRole::Pattern => "P",
+                    MailboxRole::Url => "U",
                 };
                 let s = m.token.string(&parsed.raw).expect("a string");
                 (role, mutf7::decode(&s).expect("modified UTF-7"))

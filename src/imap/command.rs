@@ -139,6 +139,9 @@ pub enum MailboxRole {
     Reference,
     /// A LIST or LSUB pattern (may hold `*` and `%`).
     Pattern,
+    /// An IMAP URL (RFC 5092) naming a mailbox, e.g. in APPEND's CATENATE (RFC 4469): passed
+    /// to policies as is, never decoded as a name.
+    Url,
 }
 
 /// A mailbox-bearing argument: where it is and what it means.
@@ -218,7 +221,6 @@ impl Command {
             | K::Subscribe
             | K::Unsubscribe
             | K::Status
-            | K::Append
             | K::GetQuotaRoot
             | K::GetAcl
             | K::SetAcl
@@ -229,6 +231,28 @@ impl Command {
             K::Rename => {
                 push(MailboxRole::Mailbox, 0);
                 push(MailboxRole::Mailbox, 1);
+            }
+            K::Append => {
+                push(MailboxRole::Mailbox, 0);
+                // RFC 4469: APPEND mailbox [flags] [date] CATENATE (URL url / TEXT literal ...)
+                let catenate = self.args.windows(2).filter_map(|pair| {
+                    let is_catenate = matches!(pair[0], Token::Atom(_))
+                        && pair[0].raw(&self.raw).eq_ignore_ascii_case(b"CATENATE");
+                    is_catenate.then(|| pair[1].items()).flatten()
+                });
+                for parts in catenate {
+                    for part in parts.chunks(2) {
+                        let is_url = matches!(part[0], Token::Atom(_))
+                            && part[0].raw(&self.raw).eq_ignore_ascii_case(b"URL");
+                        if let (true, Some(url)) = (is_url, part.get(1).filter(|t| string_like(t)))
+                        {
+                            out.push(MailboxArg {
+                                role: MailboxRole::Url,
+                                token: url,
+                            });
+                        }
+                    }
+                }
             }
             K::Copy | K::Move => push(MailboxRole::Mailbox, 1),
             K::GetMetadata => {
@@ -412,6 +436,10 @@ mod tests {
             (
                 "a APPEND Drafts (\\Seen) {3+}\r\nabc\r\n",
                 vec![m(M, "Drafts")],
+            ),
+            (
+                "a APPEND Box CATENATE (URL \"/Private;UID=1\" TEXT {2+}\r\nhi)\r\n",
+                vec![m(M, "Box"), m(MailboxRole::Url, "/Private;UID=1")],
             ),
             ("a COPY 1:3 Trash\r\n", vec![m(M, "Trash")]),
             ("a MOVE 1 Trash\r\n", vec![m(M, "Trash")]),

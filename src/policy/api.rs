@@ -1,7 +1,10 @@
 //! The `imap` table every policy gets: verdicts, rate limits, shared counters, logging,
-//! modified UTF-7 and the policy's options.
+//! modified UTF-7, LIST wildcard matching and the policy's options.
+//!
+//! Rate-limit buckets and shared counters are keyed per policy (by name): a policy cannot drain
+//! another's buckets or change its counters.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
@@ -9,6 +12,7 @@ use mlua::{Lua, Table, Value};
 use super::Verdict;
 use super::ratelimit::{Limiters, SharedCounters};
 use crate::imap::encode::is_valid_atom;
+use crate::imap::list_match::ListPattern;
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Status};
 use crate::metrics::Metrics;
@@ -53,23 +57,43 @@ pub struct HostShared {
     pub metrics: Option<Metrics>,
 }
 
-/// The policy's name as used in logs; settled once its table has been read.
+impl HostShared {
+    /// A shared counter of one policy (`imap.shared.get(key)` in that policy).
+    pub fn shared_value(&self, policy: &str, key: &str) -> Option<f64> {
+        self.counters.get(&scoped(policy, key))
+    }
+}
+
+/// The key of a policy's bucket or counter in the maps all policies share.
+fn scoped(policy: &str, key: &str) -> String {
+    let mut k = String::with_capacity(policy.len() + 1 + key.len());
+    k.push_str(policy);
+    k.push('\u{1f}');
+    k.push_str(key);
+    k
+}
+
+/// The policy's name as used in logs and keys: the file name until its table has been read
+/// (its top level runs before), then the table's `name`.
 #[derive(Clone, Debug)]
-pub struct PolicyName(Arc<Mutex<String>>);
+pub struct PolicyName(Arc<(Arc<str>, OnceLock<Arc<str>>)>);
 
 impl PolicyName {
     pub fn new(name: &str) -> PolicyName {
-        PolicyName(Arc::new(Mutex::new(name.to_string())))
+        PolicyName(Arc::new((Arc::from(name), OnceLock::new())))
     }
 
+    /// Settles the name (once).
     pub fn set(&self, name: &str) {
-        if let Ok(mut n) = self.0.lock() {
-            *n = name.to_string();
-        }
+        let _ = self.0.1.set(Arc::from(name));
     }
 
-    fn get(&self) -> String {
-        self.0.lock().map(|n| n.clone()).unwrap_or_default()
+    fn get(&self) -> &str {
+        self.0.1.get().unwrap_or(&self.0.0)
+    }
+
+    fn scoped(&self, key: &str) -> String {
+        scoped(self.get(), key)
     }
 }
 
@@ -143,12 +167,13 @@ pub fn imap_table(
     )?;
 
     let limiter_host = shared.clone();
+    let owner = name.clone();
     imap.set(
         "rate_limit",
         lua.create_function(move |_, (key, per_second, burst): (String, f64, u32)| {
             let d = limiter_host
                 .limiters
-                .check(&key, per_second, burst)
+                .check(owner.scoped(&key), per_second, burst)
                 .ok_or_else(|| {
                     mlua::Error::RuntimeError(
                         "rate_limit needs per_second > 0 and burst >= 1".into(),
@@ -160,24 +185,29 @@ pub fn imap_table(
 
     let shared_table = lua.create_table()?;
     let host = shared.clone();
+    let owner = name.clone();
     shared_table.set(
         "get",
-        lua.create_function(move |_, key: String| Ok(host.counters.get(&key)))?,
+        lua.create_function(move |_, key: String| Ok(host.counters.get(&owner.scoped(&key))))?,
     )?;
     let host = shared.clone();
+    let owner = name.clone();
     shared_table.set(
         "set",
         lua.create_function(move |_, (key, value, ttl): (String, f64, Option<f64>)| {
-            Ok(host.counters.set(&key, value, ttl_of(ttl)?))
+            Ok(host.counters.set(&owner.scoped(&key), value, ttl_of(ttl)?))
         })?,
     )?;
     imap.set("metrics", metrics_table(lua, shared.metrics.clone())?)?;
     let host = shared;
+    let owner = name;
     shared_table.set(
         "incr",
         lua.create_function(
             move |_, (key, by, ttl): (String, Option<f64>, Option<f64>)| {
-                Ok(host.counters.incr(&key, by.unwrap_or(1.0), ttl_of(ttl)?))
+                Ok(host
+                    .counters
+                    .incr(&owner.scoped(&key), by.unwrap_or(1.0), ttl_of(ttl)?))
             },
         )?,
     )?;
@@ -198,6 +228,7 @@ pub fn imap_table(
         })?,
     )?;
     imap.set("mutf7", m)?;
+    imap.set("list_match", list_match_fn(lua)?)?;
     imap.set(
         "ip_in",
         lua.create_function(|_, (ip, network): (String, String)| Ok(ip_in(&ip, &network)))?,
@@ -207,6 +238,43 @@ pub fn imap_table(
         toml_to_lua(lua, &toml::Value::Table(options.clone()))?,
     )?;
     Ok(imap)
+}
+
+/// `imap.list_match(pattern, name, delimiter)`: LIST wildcard matching in linear time
+/// (`crate::imap::list_match`); `delimiter` is one character, or nil for a flat namespace. The
+/// last compiled pattern is kept, since a policy typically matches many names against one.
+fn list_match_fn(lua: &Lua) -> mlua::Result<mlua::Function> {
+    let last: Mutex<Option<(String, Option<char>, ListPattern)>> = Mutex::new(None);
+    lua.create_function(
+        move |_, (pattern, name, delimiter): (String, String, Option<String>)| {
+            let delimiter = match delimiter.as_deref().map(|d| {
+                let mut chars = d.chars();
+                (chars.next(), chars.next())
+            }) {
+                None => None,
+                Some((Some(c), None)) => Some(c),
+                Some(_) => {
+                    return Err(mlua::Error::RuntimeError(
+                        "list_match: the delimiter is one character or nil".into(),
+                    ));
+                }
+            };
+            let mut last = last
+                .lock()
+                .map_err(|_| mlua::Error::RuntimeError("list_match unavailable".into()))?;
+            if let Some((p, d, compiled)) = last.as_ref()
+                && *p == pattern
+                && *d == delimiter
+            {
+                return Ok(compiled.matches(&name));
+            }
+            let compiled = ListPattern::new(&pattern, delimiter)
+                .map_err(|e| mlua::Error::RuntimeError(e.to_string()))?;
+            let matched = compiled.matches(&name);
+            *last = Some((pattern, delimiter, compiled));
+            Ok(matched)
+        },
+    )
 }
 
 /// Whether `ip` lies in `network` (`addr/len`, or a single address); `None` when `network`

@@ -1,8 +1,8 @@
 //! The Lua host: a small pool of sandboxed Lua 5.4 VMs, the policies loaded into each, and the
 //! calls into their hooks under an instruction budget and a memory limit.
 //!
-//! Every VM holds every policy, each in an environment of its own (so one policy cannot see or
-//! change another's globals). A connection always uses the same VM (`id % vms`), so the VMs'
+//! Every VM holds every policy, each in an environment of its own with its own copies of the
+//! libraries (see [`super::sandbox`]), so one policy cannot see or change what another runs. A connection always uses the same VM (`id % vms`), so the VMs'
 //! locks are rarely contended. The budget is checked by a count hook every 1,000 instructions;
 //! once exceeded it stays exceeded for the rest of the call, so `pcall` cannot swallow it: the
 //! next check outside the `pcall` fails again.
@@ -19,7 +19,8 @@ use mlua::{
 };
 
 use super::api::{self, HostShared};
-use super::views::{CommandView, Namespace, NamespaceEntry, ResponseView};
+use super::sandbox::Sandbox;
+use super::views::{CommandView, Namespace, NamespaceEntry, ResponseView, is_list_flag};
 use super::{ConnCtx, Decision, Hook, PolicyError, Var, Verdict, path_name};
 use crate::config::{LuaConfig, OnError, PolicyConfig};
 use crate::imap::capability::CapabilitySet;
@@ -229,6 +230,16 @@ impl PolicySet {
             }
             vms.push(vm);
         }
+        let mut names = HashSet::new();
+        for (m, c) in meta.iter().zip(configs) {
+            // Names key metrics, the audit log, ctx.vars, rate limits and shared counters.
+            if !names.insert(m.name.clone()) {
+                return Err(PolicyError::Contract {
+                    path: path_name(&c.script),
+                    message: format!("another policy is already named `{}`", m.name),
+                });
+            }
+        }
         let mut command_hooked = HashSet::new();
         let mut complete_hooked = HashSet::new();
         let mut response_hooked = HashSet::new();
@@ -309,27 +320,34 @@ impl PolicySet {
         self.vms.get((ctx.info.id % n) as usize)
     }
 
-    /// This connection's `ctx` table in its VM: built once, refreshed when the connection's
-    /// info changed. Lua reads it as a plain table (fast), through a read-only proxy.
-    fn ctx_table(&self, vm: &Vm, ctx: &mut ConnCtx) -> mlua::Result<Table> {
+    /// This connection's `ctx` table for one policy in its VM: built once, refreshed when the
+    /// connection's info changed. Lua reads it as a plain table (fast), through a read-only
+    /// proxy; each policy has its own proxy (holding its own `ctx.vars`), so not even `rawset`
+    /// on ctx reaches another policy.
+    fn ctx_table(&self, vm: &Vm, ctx: &mut ConnCtx, policy: usize) -> mlua::Result<Table> {
         if let Some(c) = &ctx.lua
             && c.set == self.generation
             && c.version == ctx.version
+            && let Some(proxy) = c.proxies.get(policy)
         {
-            return Ok(c.proxy.clone());
+            return Ok(proxy.clone());
         }
-        let (proxy, real) = match ctx.lua.take() {
-            Some(c) if c.set == self.generation => (c.proxy, c.real),
+        let (proxies, real) = match ctx.lua.take() {
+            Some(c) if c.set == self.generation => (c.proxies, c.real),
             _ => {
                 let real = vm.lua.create_table()?;
-                real.raw_set("vars", VarsHandle(ctx.vars.clone()))?;
                 let mt = vm.lua.create_table()?;
                 mt.raw_set("__index", real.clone())?;
                 mt.raw_set("__newindex", vm.readonly.clone())?;
                 mt.raw_set("__metatable", false)?;
-                let proxy = vm.lua.create_table()?;
-                proxy.set_metatable(Some(mt))?;
-                (proxy, real)
+                let mut proxies = Vec::with_capacity(self.meta.len());
+                for meta in &self.meta {
+                    let proxy = vm.lua.create_table()?;
+                    proxy.raw_set("vars", VarsHandle(ctx.vars.clone(), meta.name.clone()))?;
+                    proxy.set_metatable(Some(mt.clone()))?;
+                    proxies.push(proxy);
+                }
+                (proxies, real)
             }
         };
         let info = &ctx.info;
@@ -342,32 +360,50 @@ impl PolicySet {
         real.raw_set("user", info.user.as_deref())?;
         real.raw_set("state", info.state)?;
         real.raw_set("selected", info.selected.as_deref())?;
+        let proxy = proxies
+            .get(policy)
+            .cloned()
+            .ok_or_else(|| mlua::Error::RuntimeError("no such policy".into()))?;
         ctx.lua = Some(LuaCtx {
             set: self.generation,
             version: ctx.version,
-            proxy: proxy.clone(),
+            proxies,
             real,
         });
         Ok(proxy)
     }
 
-    /// Runs one hook of one policy and records the decision; `Err` carries the hook's error.
+    /// Runs one hook of one policy and records the decision. `Ok` carries a verdict the hook
+    /// can apply; `Err` a failure (a Lua error, an exceeded budget, or a verdict the hook
+    /// cannot apply), already recorded as action `error`.
     fn call(
         &self,
         ctx: &mut ConnCtx,
         policy: usize,
         hook: Hook,
         command: Option<&'static str>,
-        run: impl FnOnce(&Vm, &Function, Table) -> mlua::Result<Verdict>,
+        run: &mut dyn FnMut(&Vm, &Function, Table) -> mlua::Result<Verdict>,
     ) -> Option<Result<Verdict, String>> {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
         arm_budget(&vm.lua, &vm.budget, self.instructions, self.time);
         let result = self
-            .ctx_table(vm, ctx)
+            .ctx_table(vm, ctx, policy)
             .and_then(|c| run(vm, f, c))
-            .map_err(|e| flatten_error(&e));
+            .map_err(|e| flatten_error(&e))
+            .and_then(|v| {
+                if hook.allows(&v) {
+                    Ok(v)
+                } else {
+                    Err(format!(
+                        "{} cannot apply a {} verdict (it may return {})",
+                        hook.as_str(),
+                        v.action(),
+                        hook.verdicts()
+                    ))
+                }
+            });
         let elapsed = started.elapsed();
         let meta = &self.meta[policy];
         let (action, code, error) = match &result {
@@ -396,97 +432,107 @@ impl PolicySet {
         Some(result)
     }
 
-    pub fn on_connect(&self, ctx: &mut ConnCtx) {
-        self.simple(ctx, Hook::Connect);
-    }
-
-    pub fn on_disconnect(&self, ctx: &mut ConnCtx) {
-        self.simple(ctx, Hook::Disconnect);
-    }
-
-    fn simple(&self, ctx: &mut ConnCtx, hook: Hook) {
+    /// Runs one hook of every interested policy in order: rewrites compose, the first verdict
+    /// other than pass wins, and a failure is handled by the failing policy's `on_error`.
+    fn chain(
+        &self,
+        ctx: &mut ConnCtx,
+        hook: Hook,
+        command: Option<&'static str>,
+        wants: impl Fn(&PolicyMeta) -> bool,
+        run: &mut dyn FnMut(&Vm, &Function, Table) -> mlua::Result<Verdict>,
+    ) -> Verdict {
         if !self.has_hook(hook) {
-            return;
+            return Verdict::Pass;
         }
         for i in 0..self.meta.len() {
-            self.call(ctx, i, hook, None, |_, f, c| {
-                f.call::<Value>(c)?;
-                Ok(Verdict::Pass)
-            });
-        }
-    }
-
-    pub fn on_capability(&self, ctx: &mut ConnCtx, caps: &mut CapabilitySet) {
-        if !self.has_hook(Hook::Capability) {
-            return;
-        }
-        for i in 0..self.meta.len() {
-            self.call(ctx, i, Hook::Capability, None, |vm, f, c| {
-                vm.lua.scope(|scope| {
-                    let caps = scope.create_userdata_ref_mut(&mut *caps)?;
-                    f.call::<Value>((c, caps))?;
-                    Ok(Verdict::Pass)
-                })
-            });
-        }
-    }
-
-    /// Runs `on_command` of every interested policy in order: rewrites compose, the first
-    /// verdict other than pass wins.
-    pub fn on_command(&self, ctx: &mut ConnCtx, cmd: &mut CommandView) -> Verdict {
-        for i in 0..self.meta.len() {
-            if !self.meta[i]
-                .commands
-                .as_ref()
-                .is_none_or(|c| c.contains(cmd.name))
-            {
+            if !self.meta[i].has[hook_index(hook)] || !wants(&self.meta[i]) {
                 continue;
             }
-            let name = cmd.name;
-            let result = self.call(ctx, i, Hook::Command, Some(name), |vm, f, c| {
-                let lua = &vm.lua;
-                let mut args = MultiValue::with_capacity(5 + 2 * cmd.mailboxes.len());
-                args.push_back(Value::Function(f.clone()));
-                args.push_back(Value::Table(c));
-                args.push_back(Value::String(lua.create_string(&cmd.tag)?));
-                args.push_back(Value::String(lua.create_string(cmd.name)?));
-                push_slots(lua, &mut args, &cmd.mailboxes)?;
-                let mut ret = vm.command_shim.call::<MultiValue>(args)?;
-                let verdict = ret.pop_front().unwrap_or(Value::Nil);
-                read_back_names(ret, &mut cmd.mailboxes)?;
-                verdict_of(verdict)
-            });
-            match result {
+            match self.call(ctx, i, hook, command, run) {
                 None | Some(Ok(Verdict::Pass)) => {}
                 Some(Ok(v)) => return v,
-                Some(Err(_)) => match self.meta[i].on_error {
-                    OnError::Open => {}
-                    OnError::Closed => {
-                        return Verdict::Reject {
-                            status: Status::No,
-                            code: Some("UNAVAILABLE".into()),
-                            text: "Policy check failed, try again later".into(),
-                        };
+                Some(Err(_)) => {
+                    if let Some(v) = failed(hook, self.meta[i].on_error) {
+                        return v;
                     }
-                },
+                }
             }
         }
         Verdict::Pass
     }
 
-    /// Runs `on_response` of every interested policy; `Drop` and `Close` win.
-    pub fn on_response(&self, ctx: &mut ConnCtx, resp: &mut ResponseView) -> Verdict {
-        for i in 0..self.meta.len() {
-            if !self.meta[i]
-                .responses
-                .as_ref()
-                .is_none_or(|r| r.contains(resp.kind))
-            {
-                continue;
-            }
-            let result = self.call(ctx, i, Hook::Response, None, |vm, f, c| {
+    /// `on_connect`: [`Verdict::Pass`] or [`Verdict::Close`].
+    #[must_use]
+    pub fn on_connect(&self, ctx: &mut ConnCtx) -> Verdict {
+        self.chain(ctx, Hook::Connect, None, |_| true, &mut |_, f, c| {
+            verdict_of(f.call::<Value>(c)?)
+        })
+    }
+
+    /// `on_disconnect`: the connection is gone, nothing can be applied (a verdict returned is
+    /// still recorded as an error).
+    pub fn on_disconnect(&self, ctx: &mut ConnCtx) {
+        let _ = self.chain(ctx, Hook::Disconnect, None, |_| true, &mut |_, f, c| {
+            verdict_of(f.call::<Value>(c)?)
+        });
+    }
+
+    /// `on_capability`, which may change `caps`: [`Verdict::Pass`] or [`Verdict::Close`].
+    #[must_use]
+    pub fn on_capability(&self, ctx: &mut ConnCtx, caps: &mut CapabilitySet) -> Verdict {
+        self.chain(ctx, Hook::Capability, None, |_| true, &mut |vm, f, c| {
+            vm.lua.scope(|scope| {
+                let caps = scope.create_userdata_ref_mut(&mut *caps)?;
+                verdict_of(f.call::<Value>((c, caps))?)
+            })
+        })
+    }
+
+    /// `on_command`, which may change the view's mailbox names: [`Verdict::Pass`],
+    /// [`Verdict::Reject`], [`Verdict::Close`] or [`Verdict::Delay`].
+    #[must_use]
+    pub fn on_command(&self, ctx: &mut ConnCtx, cmd: &mut CommandView) -> Verdict {
+        let name = cmd.name;
+        self.chain(
+            ctx,
+            Hook::Command,
+            Some(name),
+            |m| m.commands.as_ref().is_none_or(|c| c.contains(name)),
+            &mut |vm, f, c| {
                 let lua = &vm.lua;
-                let mut args = MultiValue::with_capacity(6 + 2 * resp.mailboxes.len());
+                let mut args = MultiValue::with_capacity(6 + 2 * cmd.mailboxes.len());
+                args.push_back(Value::Function(f.clone()));
+                args.push_back(Value::Table(c));
+                args.push_back(Value::String(lua.create_string(&cmd.tag)?));
+                args.push_back(Value::String(lua.create_string(cmd.name)?));
+                args.push_back(Value::Integer(
+                    i64::try_from(cmd.delayed_ms).unwrap_or(i64::MAX),
+                ));
+                push_slots(lua, &mut args, &cmd.mailboxes)?;
+                let mut ret = vm.command_shim.call::<MultiValue>(args)?;
+                let verdict = ret.pop_front().unwrap_or(Value::Nil);
+                read_back_names(ret, &mut cmd.mailboxes)?;
+                verdict_of(verdict)
+            },
+        )
+    }
+
+    /// `on_response`, which may change the view: [`Verdict::Pass`], [`Verdict::Drop`],
+    /// [`Verdict::Close`], or, when a hook failed under `on_error = "closed"`,
+    /// [`Verdict::Reject`] (drop the response, complete its command with that status).
+    #[must_use]
+    pub fn on_response(&self, ctx: &mut ConnCtx, resp: &mut ResponseView) -> Verdict {
+        let kind = resp.kind;
+        let listing = kind == "LIST" || kind == "LSUB";
+        self.chain(
+            ctx,
+            Hook::Response,
+            None,
+            |m| m.responses.as_ref().is_none_or(|r| r.contains(kind)),
+            &mut |vm, f, c| {
+                let lua = &vm.lua;
+                let mut args = MultiValue::with_capacity(7 + 2 * resp.mailboxes.len());
                 args.push_back(Value::Function(f.clone()));
                 args.push_back(Value::Table(c));
                 args.push_back(Value::String(lua.create_string(resp.kind)?));
@@ -497,6 +543,11 @@ impl PolicySet {
                 args.push_back(match &resp.namespace {
                     Some(ns) => Value::Table(namespace_to_lua(lua, ns)?),
                     None => Value::Nil,
+                });
+                args.push_back(if listing {
+                    Value::Table(lua.create_sequence_from(resp.flags.iter().map(String::as_str))?)
+                } else {
+                    Value::Nil
                 });
                 push_slots(lua, &mut args, &resp.mailboxes)?;
                 let mut ret = vm.response_shim.call::<MultiValue>(args)?;
@@ -515,37 +566,57 @@ impl PolicySet {
                 if resp.namespace.is_some() {
                     resp.namespace = Some(namespace_from_lua(namespace)?);
                 }
+                let flags = ret.pop_front().unwrap_or(Value::Nil);
+                read_back_flags(flags, listing, &mut resp.flags)?;
                 read_back_names(ret, &mut resp.mailboxes)?;
                 verdict_of(verdict)
-            });
-            if let Some(Ok(v @ (Verdict::Drop | Verdict::Close { .. }))) = result {
-                return v;
-            }
-        }
-        Verdict::Pass
+            },
+        )
     }
 
-    pub fn on_complete(&self, ctx: &mut ConnCtx, tag: &str, name: &'static str, status: Status) {
-        if !self.has_hook(Hook::Complete) {
-            return;
-        }
-        for i in 0..self.meta.len() {
-            let meta = &self.meta[i];
-            if !meta
-                .completes
-                .as_ref()
-                .or(meta.commands.as_ref())
-                .is_none_or(|c| c.contains(name))
-            {
-                continue;
-            }
-            self.call(ctx, i, Hook::Complete, Some(name), |vm, f, c| {
+    /// `on_complete` (the tagged response to a command was seen): [`Verdict::Pass`] or
+    /// [`Verdict::Close`].
+    #[must_use]
+    pub fn on_complete(
+        &self,
+        ctx: &mut ConnCtx,
+        tag: &str,
+        name: &'static str,
+        status: Status,
+    ) -> Verdict {
+        self.chain(
+            ctx,
+            Hook::Complete,
+            Some(name),
+            |m| {
+                m.completes
+                    .as_ref()
+                    .or(m.commands.as_ref())
+                    .is_none_or(|c| c.contains(name))
+            },
+            &mut |vm, f, c| {
                 let cmd = vm.lua.create_table()?;
                 cmd.raw_set("tag", tag)?;
                 cmd.raw_set("name", name)?;
-                f.call::<Value>((c, cmd, status.as_str()))?;
-                Ok(Verdict::Pass)
-            });
+                verdict_of(f.call::<Value>((c, cmd, status.as_str()))?)
+            },
+        )
+    }
+}
+
+/// What a failed hook means under the policy's `on_error`: `None` to go on as if it passed.
+fn failed(hook: Hook, on_error: OnError) -> Option<Verdict> {
+    match (on_error, hook) {
+        (OnError::Open, _) | (OnError::Closed, Hook::Disconnect) => None,
+        (OnError::Closed, Hook::Command | Hook::Response) => Some(Verdict::Reject {
+            status: Status::No,
+            code: Some("UNAVAILABLE".into()),
+            text: "Policy check failed, try again later".into(),
+        }),
+        (OnError::Closed, Hook::Connect | Hook::Capability | Hook::Complete) => {
+            Some(Verdict::Close {
+                text: "Policy check failed".into(),
+            })
         }
     }
 }
@@ -559,17 +630,17 @@ local function split(n, ...)
   for i = 1, n do roles[i] = mailboxes[n + i]; mailboxes[n + i] = nil end
   return mailboxes, roles
 end
-local function command(f, ctx, tag, name, n, ...)
+local function command(f, ctx, tag, name, delayed_ms, n, ...)
   local mailboxes, roles = split(n, ...)
-  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles }
+  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles, delayed_ms = delayed_ms }
   local verdict = f(ctx, cmd)
   return verdict, unpack(cmd.mailboxes, 1, n)
 end
-local function response(f, ctx, kind, delimiter, namespace, n, ...)
+local function response(f, ctx, kind, delimiter, namespace, flags, n, ...)
   local mailboxes, roles = split(n, ...)
-  local resp = { kind = kind, mailboxes = mailboxes, roles = roles, delimiter = delimiter, namespace = namespace }
+  local resp = { kind = kind, mailboxes = mailboxes, roles = roles, delimiter = delimiter, namespace = namespace, flags = flags }
   local verdict = f(ctx, resp)
-  return verdict, resp.delimiter, resp.namespace, unpack(resp.mailboxes, 1, n)
+  return verdict, resp.delimiter, resp.namespace, resp.flags, unpack(resp.mailboxes, 1, n)
 end
 return command, response
 "#;
@@ -607,12 +678,64 @@ fn read_back_names(values: MultiValue, slots: &mut [super::MailboxSlot]) -> mlua
     Ok(())
 }
 
+/// `resp.flags` back from Lua: a list of `\\atom` or atom strings on LIST/LSUB, absent elsewhere.
+fn read_back_flags(value: Value, listing: bool, flags: &mut Vec<String>) -> mlua::Result<()> {
+    let err = |m: String| Err(mlua::Error::RuntimeError(m));
+    let t = match value {
+        Value::Nil if !listing => return Ok(()),
+        Value::Table(t) if listing => t,
+        other if listing => {
+            return err(format!(
+                "resp.flags must stay a list of strings, not {}",
+                other.type_name()
+            ));
+        }
+        _ => return err("resp.flags exists only on LIST and LSUB responses".into()),
+    };
+    let mut same = t.raw_len() == flags.len();
+    if same {
+        for (i, flag) in flags.iter().enumerate() {
+            match t.raw_get::<Value>(i + 1)? {
+                Value::String(s) if s.as_bytes() == flag.as_bytes() => {}
+                _ => {
+                    same = false;
+                    break;
+                }
+            }
+        }
+    }
+    if same {
+        return Ok(());
+    }
+    let mut changed = Vec::with_capacity(t.raw_len());
+    for value in t.sequence_values::<Value>() {
+        let flag = match value? {
+            Value::String(s) => s.to_str()?.to_string(),
+            other => {
+                return err(format!(
+                    "resp.flags holds strings, not {}",
+                    other.type_name()
+                ));
+            }
+        };
+        if !is_list_flag(&flag) {
+            return err(format!(
+                "{flag:?} is not a mailbox attribute (\\atom or atom)"
+            ));
+        }
+        changed.push(flag);
+    }
+    *flags = changed;
+    Ok(())
+}
+
 /// The Lua side of a connection's `ctx`.
 #[derive(Debug)]
 pub(crate) struct LuaCtx {
     set: u64,
     version: u64,
-    proxy: Table,
+    /// One read-only proxy per policy, all reading `real`.
+    proxies: Vec<Table>,
     real: Table,
 }
 
@@ -642,7 +765,7 @@ fn load_vm(
         LuaOptions::default(),
     )
     .map_err(|e| PolicyError::Lua(e.to_string()))?;
-    let safe = sandbox(&lua).map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let sandbox = Sandbox::new(&lua).map_err(|e| PolicyError::Lua(e.to_string()))?;
     let budget = Arc::new(Budget {
         remaining: AtomicI64::new(i64::MAX),
         deadline_ns: AtomicU64::new(u64::MAX),
@@ -663,10 +786,7 @@ fn load_vm(
             path: path.clone(),
             message: flatten_error(&e),
         };
-        let env = lua.create_table().map_err(load_err)?;
-        let mt = lua.create_table().map_err(load_err)?;
-        mt.set("__index", safe.clone()).map_err(load_err)?;
-        env.set_metatable(Some(mt)).map_err(load_err)?;
+        let env = sandbox.env(&lua).map_err(load_err)?;
         let default_name = c
             .script
             .file_stem()
@@ -720,43 +840,6 @@ fn load_vm(
         },
         metas,
     ))
-}
-
-/// Builds the table of globals policies may use, and removes what could escape the sandbox
-/// from the shared libraries (string.dump is reachable through every string's metatable).
-fn sandbox(lua: &Lua) -> mlua::Result<Table> {
-    let globals = lua.globals();
-    if let Ok(string) = globals.get::<Table>("string") {
-        string.set("dump", Value::Nil)?;
-    }
-    let safe = lua.create_table()?;
-    for name in [
-        "assert",
-        "error",
-        "ipairs",
-        "next",
-        "pairs",
-        "pcall",
-        "select",
-        "tonumber",
-        "tostring",
-        "type",
-        "xpcall",
-        "rawequal",
-        "rawget",
-        "rawset",
-        "rawlen",
-        "setmetatable",
-        "getmetatable",
-        "string",
-        "table",
-        "math",
-        "utf8",
-        "_VERSION",
-    ] {
-        safe.set(name, globals.get::<Value>(name)?)?;
-    }
-    Ok(safe)
 }
 
 /// Checks the table a policy file returned against the hook contract.
@@ -955,9 +1038,9 @@ fn peer_ip(peer: &str) -> &str {
 }
 
 /// `ctx.vars`: reads and writes go to the connection's Rust-side map, which outlives reloads.
-struct VarsHandle(super::Vars);
+struct VarsHandle(super::Vars, Arc<str>);
 
-/// Most variables one connection may keep.
+/// Most variables one policy may keep per connection.
 const MAX_VARS: usize = 256;
 
 impl UserData for VarsHandle {
@@ -967,7 +1050,7 @@ impl UserData for VarsHandle {
                 .0
                 .lock()
                 .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
-            Ok(match map.get(&key) {
+            Ok(match map.get(&this.1).and_then(|vars| vars.get(&key)) {
                 None => Value::Nil,
                 Some(Var::Bool(b)) => Value::Boolean(*b),
                 Some(Var::Int(i)) => Value::Integer(*i),
@@ -997,13 +1080,16 @@ impl UserData for VarsHandle {
                     .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
                 match var {
                     None => {
-                        map.remove(&key);
+                        if let Some(vars) = map.get_mut(&this.1) {
+                            vars.remove(&key);
+                        }
                     }
                     Some(v) => {
-                        if map.len() >= MAX_VARS && !map.contains_key(&key) {
+                        let vars = map.entry(this.1.clone()).or_default();
+                        if vars.len() >= MAX_VARS && !vars.contains_key(&key) {
                             return Err(mlua::Error::RuntimeError("too many ctx.vars".into()));
                         }
-                        map.insert(key, v);
+                        vars.insert(key, v);
                     }
                 }
                 Ok(())

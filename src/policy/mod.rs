@@ -8,7 +8,9 @@
 
 pub mod api;
 pub mod lua;
+pub mod pattern;
 pub mod ratelimit;
+mod sandbox;
 mod views;
 
 use std::collections::HashMap;
@@ -25,12 +27,15 @@ use crate::metrics::Metrics;
 pub use lua::PolicySet;
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
 
-/// What a hook decided.
+/// What a hook decided. Each hook has its own set (see [`Hook::allows`]); a verdict a hook
+/// cannot apply is a hook error, handled by the policy's `on_error`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Go on (with any rewrites the hook made to the view).
     Pass,
-    /// Answer the command with this status instead of relaying it.
+    /// `on_command`: answer the command with this status instead of relaying it.
+    /// `on_response` (only from a failed hook under `on_error = "closed"`): do not relay the
+    /// response, and complete the command it belongs to with this status and code.
     Reject {
         status: Status,
         code: Option<String>,
@@ -38,7 +43,7 @@ pub enum Verdict {
     },
     /// `* BYE text`, then close.
     Close { text: String },
-    /// Hold the command this long, then go on.
+    /// Hold the command this long, then judge it again (from its original form).
     Delay(Duration),
     /// Do not relay this response (e.g. a LIST entry outside the client's namespace).
     Drop,
@@ -78,6 +83,26 @@ impl Hook {
             Hook::Disconnect => "on_disconnect",
         }
     }
+
+    /// Whether this hook can apply the verdict.
+    pub fn allows(self, verdict: &Verdict) -> bool {
+        match verdict {
+            Verdict::Pass => true,
+            Verdict::Close { .. } => self != Hook::Disconnect,
+            Verdict::Reject { .. } | Verdict::Delay(_) => self == Hook::Command,
+            Verdict::Drop => self == Hook::Response,
+        }
+    }
+
+    /// What a policy's hook may return, for error messages.
+    pub fn verdicts(self) -> &'static str {
+        match self {
+            Hook::Connect | Hook::Capability | Hook::Complete => "nothing or imap.close()",
+            Hook::Command => "nothing, imap.reject{...}, imap.close() or imap.delay(ms)",
+            Hook::Response => "nothing, imap.drop() or imap.close()",
+            Hook::Disconnect => "nothing",
+        }
+    }
 }
 
 /// A per-connection value kept for policies across messages and reloads.
@@ -89,8 +114,9 @@ pub enum Var {
     Str(String),
 }
 
-/// `ctx.vars`: shared between the connection and whichever VM runs its hooks.
-pub type Vars = Arc<Mutex<HashMap<String, Var>>>;
+/// `ctx.vars`: kept per connection and per policy (by name, so they survive a reload), shared
+/// between the connection and whichever VM runs its hooks. One policy never sees another's.
+pub type Vars = Arc<Mutex<HashMap<Arc<str>, HashMap<String, Var>>>>;
 
 /// What a policy knows about the connection (`ctx` in Lua).
 #[derive(Clone, Debug, Default)]
@@ -134,6 +160,13 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
+    pub fn new(info: ConnInfo) -> ConnCtx {
+        ConnCtx {
+            info,
+            ..ConnCtx::default()
+        }
+    }
+
     /// Call after changing `info`.
     pub fn changed(&mut self) {
         self.version = self.version.wrapping_add(1);

@@ -40,7 +40,7 @@ pub struct RateDecision {
 impl Limiters {
     /// Takes one token for `key` from the bucket of `per_second` tokens a second holding at
     /// most `burst`. Returns `None` for a rate or burst that makes no bucket.
-    pub fn check(&self, key: &str, per_second: f64, burst: u32) -> Option<RateDecision> {
+    pub fn check(&self, key: String, per_second: f64, burst: u32) -> Option<RateDecision> {
         if !(per_second.is_finite() && per_second > 0.0) {
             return None;
         }
@@ -56,7 +56,7 @@ impl Limiters {
         if limiter.len() > SWEEP_AT {
             limiter.retain_recent();
         }
-        Some(match limiter.check_key(&key.to_string()) {
+        Some(match limiter.check_key(&key) {
             Ok(()) => RateDecision {
                 allowed: true,
                 wait: Duration::ZERO,
@@ -132,15 +132,15 @@ mod tests {
     fn bucket_allows_burst_then_refuses_with_a_wait() {
         let l = Limiters::default();
         for _ in 0..3 {
-            assert!(l.check("alice", 1.0, 3).is_some_and(|d| d.allowed));
+            assert!(l.check("alice".into(), 1.0, 3).is_some_and(|d| d.allowed));
         }
-        let d = l.check("alice", 1.0, 3).expect("valid quota");
+        let d = l.check("alice".into(), 1.0, 3).expect("valid quota");
         assert!(!d.allowed);
         assert!(d.wait > Duration::ZERO && d.wait <= Duration::from_secs(1));
         // Keys are independent.
-        assert!(l.check("bob", 1.0, 3).is_some_and(|d| d.allowed));
-        assert!(l.check("x", 0.0, 3).is_none());
-        assert!(l.check("x", 1.0, 0).is_none());
+        assert!(l.check("bob".into(), 1.0, 3).is_some_and(|d| d.allowed));
+        assert!(l.check("x".into(), 0.0, 3).is_none());
+        assert!(l.check("x".into(), 1.0, 0).is_none());
     }
 
     #[test]

@@ -34,6 +34,7 @@ impl MailboxSlot {
             MailboxRole::Mailbox => "mailbox",
             MailboxRole::Reference => "reference",
             MailboxRole::Pattern => "pattern",
+            MailboxRole::Url => "url",
         }
     }
 }
@@ -45,6 +46,9 @@ pub struct CommandView {
     /// The fixed label, e.g. `UID SEARCH`.
     pub name: &'static str,
     pub mailboxes: Vec<MailboxSlot>,
+    /// How long delay verdicts have held the command so far (0 when first judged): a delayed
+    /// command is judged again, from its original form, when its delay ends.
+    pub delayed_ms: u64,
 }
 
 /// One namespace descriptor: `("prefix" "delimiter")`.
@@ -75,6 +79,9 @@ pub struct ResponseView {
     /// NAMESPACE data.
     pub namespace: Option<Namespace>,
     original_namespace: Option<Namespace>,
+    /// LIST/LSUB mailbox attributes as written (`\HasNoChildren`); empty for other kinds.
+    pub flags: Vec<String>,
+    original_flags: Vec<String>,
 }
 
 impl ResponseView {
@@ -91,7 +98,21 @@ impl ResponseView {
             delimiter,
             original_namespace: namespace.clone(),
             namespace,
+            flags: Vec::new(),
+            original_flags: Vec::new(),
         }
+    }
+
+    /// The LIST/LSUB mailbox attributes of the response.
+    pub fn with_flags(mut self, flags: Vec<String>) -> ResponseView {
+        self.original_flags.clone_from(&flags);
+        self.flags = flags;
+        self
+    }
+
+    /// Whether a policy changed the attributes (each then is `\atom` or an atom).
+    pub fn flags_changed(&self) -> bool {
+        self.flags != self.original_flags
     }
 
     pub fn delimiter_changed(&self) -> bool {
@@ -100,5 +121,35 @@ impl ResponseView {
 
     pub fn namespace_changed(&self) -> bool {
         self.namespace != self.original_namespace
+    }
+}
+
+/// A mailbox attribute a policy may write: `\` atom, or an atom (RFC 3501 `flag-extension`,
+/// `flag-keyword`); ATOM-CHAR excludes `(){ %*"\]`, space and controls.
+pub(crate) fn is_list_flag(flag: &str) -> bool {
+    let atom = flag.strip_prefix('\\').unwrap_or(flag);
+    // A bare NIL would read as nil, not as an atom.
+    !atom.is_empty()
+        && !flag.eq_ignore_ascii_case("NIL")
+        && atom.bytes().all(|b| {
+            (0x21..0x7f).contains(&b)
+                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_list_flag;
+
+    #[test]
+    fn list_flags() {
+        for ok in ["\\HasChildren", "\\Noselect", "$Junk", "x"] {
+            assert!(is_list_flag(ok), "{ok}");
+        }
+        for bad in [
+            "", "\\", "\\\\x", "a b", "a]", "a)", "\\x\r\n", "*", "\\Has\"C", "nil",
+        ] {
+            assert!(!is_list_flag(bad), "{bad:?}");
+        }
     }
 }

@@ -37,7 +37,7 @@ impl Conversation {
         {
             return self.start_collecting(command, l);
         }
-        let Some((mut view, spans)) = self.command_view(&command) else {
+        let Some((mut view, spans)) = self.command_view(&command, first_judged) else {
             return self.refuse_command(
                 &command,
                 Status::Bad,
@@ -155,7 +155,11 @@ impl Conversation {
     }
 
     /// The policy view of a command: its mailbox arguments decoded, and where each lies.
-    fn command_view(&self, command: &Command) -> Option<(CommandView, Vec<Span>)> {
+    fn command_view(
+        &self,
+        command: &Command,
+        first_judged: Instant,
+    ) -> Option<(CommandView, Vec<Span>)> {
         let mut slots = Vec::new();
         let mut spans = Vec::new();
         for arg in command.mailbox_args() {
@@ -170,6 +174,7 @@ impl Conversation {
             tag: String::from_utf8_lossy(command.tag()).into_owned(),
             name: command.name.label(),
             mailboxes: slots,
+            delayed_ms: u64::try_from(first_judged.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         Some((view, spans))
     }
@@ -270,6 +275,9 @@ impl Conversation {
             .then(|| namespace_of(&response))
             .flatten();
         let mut view = ResponseView::new(kind.as_str(), slots, delimiter, namespace);
+        if matches!(kind, DataKind::List | DataKind::Lsub) {
+            view = view.with_flags(list_flags(&response));
+        }
         self.sync_ctx();
         let verdict = set.on_response(&mut self.ctx, &mut view);
         self.take_decisions();
@@ -346,6 +354,19 @@ impl Conversation {
                     .map_or(Value::Nil, |d| Value::String(d.as_bytes().to_vec())),
             });
         }
+        if view.flags_changed()
+            && let Some(token) = args.first()
+        {
+            edits.push(Edit {
+                span: token.span(),
+                value: Value::List(
+                    view.flags
+                        .iter()
+                        .map(|f| Value::Atom(f.as_bytes().to_vec()))
+                        .collect(),
+                ),
+            });
+        }
         if view.namespace_changed()
             && let Some(ns) = &view.namespace
         {
@@ -402,6 +423,21 @@ fn list_filter(command: &Command, view: &CommandView) -> Option<ListFilter> {
         .map(|m| format!("{reference}{}", m.original()))
         .collect();
     Some(ListFilter::new(patterns))
+}
+
+/// The mailbox attributes of a LIST/LSUB entry (`\HasChildren`, `\Noselect`, ...).
+fn list_flags(response: &Response) -> Vec<String> {
+    response
+        .args()
+        .first()
+        .and_then(Token::items)
+        .map(|items| {
+            items
+                .iter()
+                .map(|t| String::from_utf8_lossy(t.raw(&response.raw)).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether a LIST/LSUB entry names INBOX.

@@ -30,7 +30,7 @@ use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
 use crate::imap::validity::{self, ServerOffers};
-use crate::policy::{ConnCtx, ConnInfo, Decision, Hook, Policies};
+use crate::policy::{ConnCtx, ConnInfo, Decision, Hook, Policies, Verdict};
 
 pub use crate::imap::validity::ImapState;
 
@@ -229,8 +229,13 @@ impl Conversation {
         conv.sync_ctx();
         let set = conv.policies.current();
         if set.has_hook(Hook::Connect) {
-            set.on_connect(&mut conv.ctx);
+            let verdict = set.on_connect(&mut conv.ctx);
             conv.take_decisions();
+            if let Verdict::Close { text } = verdict {
+                // Instead of the greeting: the client never saw the server.
+                conv.close_with(None, &text);
+                return conv;
+            }
         }
         conv.greeting(greeting);
         conv
@@ -918,12 +923,16 @@ impl Conversation {
             }
         }
         self.complete(&pending, status);
+        let mut close_after = None;
         if self.policies.peek().hooks_complete(pending.name.label()) {
             let set = self.policies.current();
             self.sync_ctx();
             let tag = String::from_utf8_lossy(tag).into_owned();
-            set.on_complete(&mut self.ctx, &tag, pending.name.label(), status);
+            let verdict = set.on_complete(&mut self.ctx, &tag, pending.name.label(), status);
             self.take_decisions();
+            if let Verdict::Close { text } = verdict {
+                close_after = Some(text);
+            }
         }
         if pending.failed {
             self.reply(
@@ -937,6 +946,9 @@ impl Conversation {
                 .rewrite_capabilities(&response)
                 .unwrap_or_else(|| response.raw.clone());
             self.to_client.push(out);
+        }
+        if let Some(text) = close_after {
+            return self.close_with(None, &text);
         }
         self.maybe_start_tls();
     }
@@ -1022,8 +1034,13 @@ impl Conversation {
         let set = self.policies.current();
         if set.has_hook(Hook::Capability) {
             self.sync_ctx();
-            set.on_capability(&mut self.ctx, &mut caps);
+            let verdict = set.on_capability(&mut self.ctx, &mut caps);
             self.take_decisions();
+            if let Verdict::Close { text } = verdict {
+                // The response is not relayed: the capabilities it lists were not judged.
+                self.close_with(None, &text);
+                return Some(Bytes::new());
+            }
         }
         let literal_minus_only = upstream.has("LITERAL-") && !upstream.has("LITERAL+");
         let mut limits = self.client_in.limits();
