@@ -398,17 +398,11 @@ pub(super) enum Judged {
     Failed,
 }
 
-/// The client's own patterns of a LIST/LSUB whose reference or patterns a policy changed:
-/// the answers must still match what the client asked for.
+/// The client's own patterns of a LIST/LSUB a policy judged: the answers must match what the
+/// client asked for, whatever the policy sent upstream. (A pattern sent unchanged may still
+/// mean something else upstream: the client's `%` stops at the client's delimiter.)
 fn list_filter(command: &Command, view: &CommandView) -> Option<ListFilter> {
     if !matches!(command.name.kind, CommandKind::List | CommandKind::Lsub) {
-        return None;
-    }
-    let rewritten = view
-        .mailboxes
-        .iter()
-        .any(|m| m.changed() && m.role != MailboxRole::Mailbox);
-    if !rewritten {
         return None;
     }
     let reference = view
