@@ -69,9 +69,13 @@ struct VmPolicy {
 struct Budget {
     remaining: AtomicI64,
     deadline_ns: AtomicU64,
+    /// When the current call began (since `base`), for [`super::detach::DETACH_AFTER`].
+    started_ns: AtomicU64,
     base: Instant,
     /// The hook runs at every instruction: the budget ran out during this call.
     lowered: std::sync::atomic::AtomicBool,
+    /// This call already left the runtime's worker threads.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 impl Budget {
@@ -80,7 +84,13 @@ impl Budget {
             i64::try_from(instructions).unwrap_or(i64::MAX),
             Ordering::Relaxed,
         );
-        let deadline = self.base.elapsed() + time;
+        let now = self.base.elapsed();
+        self.started_ns.store(
+            u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.detached.store(false, Ordering::Relaxed);
+        let deadline = now + time;
         self.deadline_ns.store(
             u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -93,6 +103,12 @@ impl Budget {
             .fetch_sub(i64::from(CHECK_EVERY), Ordering::Relaxed)
             - i64::from(CHECK_EVERY);
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let running = now.saturating_sub(self.started_ns.load(Ordering::Relaxed));
+        if running > super::detach::DETACH_AFTER.as_nanos() as u64
+            && !self.detached.swap(true, Ordering::Relaxed)
+        {
+            super::detach::leave_workers();
+        }
         left < 0 || now > self.deadline_ns.load(Ordering::Relaxed)
     }
 }
@@ -132,6 +148,8 @@ fn arm_budget(lua: &Lua, budget: &Arc<Budget>, instructions: u64, time: Duration
 }
 
 struct Vm {
+    /// One hook call at a time per VM; held for the whole call, budget included.
+    turn: std::sync::Mutex<()>,
     lua: Lua,
     budget: Arc<Budget>,
     policies: Vec<VmPolicy>,
@@ -139,6 +157,21 @@ struct Vm {
     response_shim: Function,
     /// `__newindex` of every ctx proxy: ctx is read-only to policies.
     readonly: Function,
+}
+
+impl Vm {
+    /// Exclusive use of the VM for one call (its budget is per VM). When another session's
+    /// call holds it, the wait (and this call) happen off the runtime's worker threads.
+    fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        use std::sync::TryLockError;
+        match self.turn.try_lock() {
+            Ok(turn) => turn,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                super::detach::off_workers(|| self.turn.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+        }
+    }
 }
 
 /// A loaded set of policies.
@@ -387,6 +420,7 @@ impl PolicySet {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
+        let _turn = vm.take_turn();
         arm_budget(&vm.lua, &vm.budget, self.instructions, self.time);
         let result = self
             .ctx_table(vm, ctx, policy)
@@ -769,8 +803,11 @@ fn load_vm(
     let budget = Arc::new(Budget {
         remaining: AtomicI64::new(i64::MAX),
         deadline_ns: AtomicU64::new(u64::MAX),
+        started_ns: AtomicU64::new(0),
         base: Instant::now(),
         lowered: std::sync::atomic::AtomicBool::new(false),
+        // Loading runs no session: nothing to leave.
+        detached: std::sync::atomic::AtomicBool::new(true),
     });
     let hook_budget = budget.clone();
     lua.set_hook(
@@ -831,6 +868,7 @@ fn load_vm(
         .map_err(|e| PolicyError::Lua(e.to_string()))?;
     Ok((
         Vm {
+            turn: std::sync::Mutex::new(()),
             lua,
             budget,
             policies,

@@ -7,6 +7,7 @@
 //! from their next message on, and their `ctx.vars` (kept in Rust) survive.
 
 pub mod api;
+mod detach;
 pub mod lua;
 pub mod pattern;
 pub mod ratelimit;

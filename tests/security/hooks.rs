@@ -154,6 +154,62 @@ async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
     }
 }
 
+/// A slow hook stalls only its own session. Two sessions each run a hook that spins in Lua
+/// for its whole time budget (1.5 s here) at once, one per core, while a third session's
+/// NOOPs (no policy wants NOOP) must each answer within 100 ms:
+///
+/// ```text
+/// (session 1) C: s1 STATUS INBOX (MESSAGES)     the policy spins 1.5 s, then NO [UNAVAILABLE]
+/// (session 2) C: s1 STATUS INBOX (MESSAGES)     the same, at the same time
+/// (session 3) C: n0 NOOP ... n9 NOOP            each answered within 100 ms
+/// ```
+///
+/// A hook runs on the thread of the session that called it; without handing that worker's
+/// other sessions to another thread, two such hooks hold both workers of a 2-core machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_hook_stalls_only_its_own_session() {
+    let _quiet = crate::quiet().await;
+    let (user, pass) = dovecot().fresh_user();
+    let dir = crate::support::temp_dir();
+    let spin = local_policy(
+        dir.path(),
+        "spin",
+        r#"return { name = "spin", commands = { "STATUS" },
+  on_command = function(ctx, cmd) while true do end end }"#,
+    );
+    let extra = format!(
+        "[[policy]]\nscript = {}\n\n[lua]\ntime_ms = 1500\ninstructions = 1000000000000\n",
+        toml_path(&spin.script)
+    );
+    let proxy = gate_process(dovecot().addr(), &extra);
+    let plain = proxy.addr("plain");
+    let mut victim = plain_login(plain, &user, &pass).await;
+    // Both spinners' STATUS go out together, then the victim's NOOPs.
+    let mut writers = Vec::new();
+    for _ in 0..2 {
+        let mut c = plain_login(plain, &user, &pass).await;
+        c.send_line("s1 STATUS INBOX (MESSAGES)").await;
+        writers.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let start = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), victim.cmd(&format!("n{i} NOOP"))).await;
+        assert!(answer.is_ok(), "NOOP {i} got no answer within 5 s");
+        slowest = slowest.max(start.elapsed());
+    }
+    for mut c in writers {
+        let r = c.collect_until("s1", Duration::from_secs(30)).await;
+        assert_answer(&r, "s1", "NO [UNAVAILABLE]");
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a NOOP of another session took {slowest:?} while two hooks spun (limit 100 ms)"
+    );
+}
+
 /// The CPU time (user + system) of process `pid` so far, in seconds (USER_HZ = 100).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
