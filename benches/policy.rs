@@ -48,11 +48,16 @@ fn conversation(policies: Policies) -> Conversation {
         policies,
         info,
     );
-    conv.client_buffer()
-        .extend_from_slice(b"a LOGIN alice secret\r\n");
-    conv.client_input();
-    conv.upstream_buffer().extend_from_slice(b"a OK done\r\n");
-    conv.upstream_input();
+    // Logged in with a mailbox selected: SEARCH is only valid then.
+    for (command, answer) in [
+        (&b"a LOGIN alice secret\r\n"[..], &b"a OK done\r\n"[..]),
+        (b"b SELECT INBOX\r\n", b"b OK [READ-WRITE] done\r\n"),
+    ] {
+        conv.client_buffer().extend_from_slice(command);
+        conv.client_input();
+        conv.upstream_buffer().extend_from_slice(answer);
+        conv.upstream_input();
+    }
     conv.to_upstream.drain_to_vec();
     conv.to_client.drain_to_vec();
     conv.events.clear();

@@ -12,6 +12,8 @@
 //! The cut is made on the message as the client framer framed it, with the same rule for where
 //! a literal is announced ([`super::framing`]), so both readings agree by construction.
 
+use std::collections::VecDeque;
+
 use bytes::{Bytes, BytesMut};
 
 use super::framing::literal_at_end;
@@ -19,9 +21,11 @@ use super::framing::literal_at_end;
 /// A piece of a client message, cut after each literal announcement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segments {
-    /// The first is sent at once; each further one after the upstream's `+` for the literal
-    /// announced at the end of the one before.
-    pub parts: Vec<Bytes>,
+    /// Sent at once.
+    pub first: Bytes,
+    /// Each sent after the upstream's `+` for the literal announced at the end of the part
+    /// before (empty, without an allocation, for the usual message without literals).
+    pub rest: VecDeque<Bytes>,
     /// The piece ends with the announcement of a literal whose octets are not in it (they
     /// stream from the client); one more `+` is needed before they may follow.
     pub ends_with_literal: bool,
@@ -61,15 +65,16 @@ pub fn synchronizing_segments(piece: Bytes) -> Segments {
     }
     if cuts.is_empty() {
         return Segments {
-            parts: vec![piece],
+            first: piece,
+            rest: VecDeque::new(),
             ends_with_literal: false,
         };
     }
-    let mut parts = Vec::with_capacity(cuts.len() + 1);
+    let mut parts = VecDeque::with_capacity(cuts.len() + 1);
     let needs_copy = cuts.iter().any(|(_, plus)| plus.is_some());
     let mut at = 0;
     for &(cut, plus) in &cuts {
-        parts.push(match (needs_copy, plus) {
+        parts.push_back(match (needs_copy, plus) {
             (true, Some(plus)) => {
                 let mut b = BytesMut::with_capacity(cut - at - 1);
                 b.extend_from_slice(&piece[at..plus]);
@@ -81,10 +86,11 @@ pub fn synchronizing_segments(piece: Bytes) -> Segments {
         at = cut;
     }
     if at < piece.len() {
-        parts.push(piece.slice(at..));
+        parts.push_back(piece.slice(at..));
     }
     Segments {
-        parts,
+        first: parts.pop_front().unwrap_or_default(),
+        rest: parts,
         ends_with_literal,
     }
 }
@@ -96,8 +102,8 @@ mod tests {
     fn seg(s: &str) -> (Vec<String>, bool) {
         let out = synchronizing_segments(Bytes::copy_from_slice(s.as_bytes()));
         (
-            out.parts
-                .iter()
+            std::iter::once(&out.first)
+                .chain(&out.rest)
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .collect(),
             out.ends_with_literal,
@@ -240,10 +246,11 @@ mod tests {
                 };
                 prop_assert_eq!(&piece[..], &message[..]);
                 let out = synchronizing_segments(piece);
-                prop_assert_eq!(out.parts.len(), cuts + 1);
+                let parts: Vec<Bytes> = std::iter::once(out.first).chain(out.rest).collect();
+                prop_assert_eq!(parts.len(), cuts + 1);
                 prop_assert!(!out.ends_with_literal);
-                prop_assert_eq!(out.parts.concat(), expected);
-                for part in &out.parts[..cuts] {
+                prop_assert_eq!(parts.concat(), expected);
+                for part in &parts[..cuts] {
                     let announced = part.ends_with(b"}\r\n");
                     prop_assert!(announced, "cut elsewhere: {:?}", part);
                 }

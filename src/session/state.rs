@@ -589,11 +589,8 @@ impl Conversation {
     /// Sends one piece of a client message upstream, cut so that every literal's octets go
     /// only after the upstream's `+`, and notes what to wait for.
     fn send_piece(&mut self, current: Current, piece: Bytes, literal: Option<Literal>) {
-        let mut parts = synchronizing_segments(piece).parts.into_iter();
-        if let Some(first) = parts.next() {
-            self.to_upstream.push(first);
-        }
-        let segments = parts.collect();
+        let segments = synchronizing_segments(piece);
+        self.to_upstream.push(segments.first);
         let then = match literal {
             Some(l) => Then::LiteralData {
                 client_waits: l.sync,
@@ -601,7 +598,7 @@ impl Conversation {
             None => current.end,
         };
         self.current = literal.is_some().then(|| current.clone());
-        self.wait = Wait::new(current.seq, segments, then);
+        self.wait = Wait::new(current.seq, segments.rest, then);
     }
 
     fn first_mailbox(&self, command: &Command) -> Option<String> {
