@@ -29,6 +29,7 @@ use protocol_support::{Framed, frame_pieces};
 fn small_limits() -> Limits {
     Limits {
         max_line: 200,
+        max_id_line: 0,
         max_literal: 100_000,
         inline_literal: 48,
         nonsync_max: None,
