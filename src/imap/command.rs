@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use super::syntax::{Cx, Span, SyntaxError, SyntaxErrorKind, Token};
+use super::syntax::{Cx, PError, PResult, Span, SyntaxError, SyntaxErrorKind, Token};
 
 macro_rules! command_kinds {
     ($($variant:ident => $name:literal,)*) => {
@@ -260,27 +260,45 @@ impl Command {
 /// ```abnf
 /// command = tag SP (command-any / command-auth / command-nonauth / command-select) CRLF
 /// uid     = "UID" SP (copy / move / fetch / search / store / uid-expunge)
+/// ; the name is an atom followed by SP or CRLF (Dovecot reads the name up to SP, so
+/// ; "SELECT(x)" is an unknown command there, never SELECT)
 /// ```
-/// Arguments are parsed as a lenient token tree; an unknown command name is not an error.
+/// Arguments are parsed as a token tree with the upstream's token boundaries (see
+/// [`Cx::command`]); an unknown command name is not an error.
 pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
-    let cx = Cx::new(&raw);
+    let cx = Cx::command(&raw);
     let (rest, tag) = cx.tag(&raw).map_err(|e| CommandError {
         tag: None,
         error: cx.error(e),
     })?;
+    if !matches!(rest.first(), Some(b' ' | b'\r')) {
+        // The client's tag runs on to the SP (Dovecot reads it so): answering with the valid
+        // part of it would answer a tag the client never sent.
+        return Err(CommandError {
+            tag: None,
+            error: SyntaxError {
+                kind: SyntaxErrorKind::Expected("tag"),
+                offset: cx.pos(rest),
+            },
+        });
+    }
     let fail = |e| CommandError {
         tag: Some(raw.slice(tag.start..tag.end)),
         error: cx.error(e),
     };
     let (rest, ()) = cx.sp(rest).map_err(fail)?;
-    let (mut rest, mut name_span) = cx.word(rest).map_err(fail)?;
+    let (mut rest, mut name_span) = name(&cx, rest).map_err(fail)?;
     let mut uid = false;
     if name_span.of(&raw).eq_ignore_ascii_case(b"UID") && rest.first() == Some(&b' ') {
-        let (r, span) = cx.word(&rest[1..]).map_err(fail)?;
+        let (r, span) = name(&cx, &rest[1..]).map_err(fail)?;
         rest = r;
         name_span = span;
         uid = true;
     }
+    let kind = CommandKind::from_name(name_span.of(&raw));
+    let cx = cx
+        .with_sections(kind == CommandKind::Fetch)
+        .with_literal8(kind == CommandKind::Append && !uid);
     let (rest, args) = cx.arguments(rest).map_err(fail)?;
     if !rest.is_empty() {
         return Err(CommandError {
@@ -291,7 +309,7 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
             },
         });
     }
-    let mut kind = CommandKind::from_name(name_span.of(&raw));
+    let mut kind = kind;
     if uid && !kind.takes_uid() {
         kind = CommandKind::Other;
     }
@@ -302,6 +320,20 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
         args,
         raw,
     })
+}
+
+/// ```abnf
+/// command-name = atom (SP / CRLF)
+/// ```
+fn name<'a>(cx: &Cx, i: &'a [u8]) -> PResult<'a, Span> {
+    let (rest, span) = cx.word(i)?;
+    match rest.first() {
+        Some(b' ' | b'\r') => Ok((rest, span)),
+        _ => Err(nom::Err::Error(PError {
+            input: rest,
+            kind: SyntaxErrorKind::Expected("SP"),
+        })),
+    }
 }
 
 /// A client line that is not a command: a SASL response during AUTHENTICATE, or IDLE's DONE.
@@ -458,6 +490,147 @@ mod tests {
         let err = parse_command(Bytes::from_static(b"\r\n")).expect_err("empty");
         assert_eq!(err.tag, None);
         assert!(parse_command(Bytes::from_static(b"a8\r\n")).is_err());
+        // A tag with an octet a tag may not hold is not answered as a shorter tag.
+        let err = parse_command(Bytes::from_static(b"a9] NOOP\r\n")).expect_err("bad tag");
+        assert_eq!((err.tag, err.error.offset), (None, 2));
+    }
+
+    fn args(raw: &str) -> Vec<String> {
+        let c = cmd(raw);
+        c.args
+            .iter()
+            .map(|t| String::from_utf8_lossy(t.raw(&c.raw)).into_owned())
+            .collect()
+    }
+
+    fn refused(raw: &str) -> SyntaxErrorKind {
+        parse_command(Bytes::copy_from_slice(raw.as_bytes()))
+            .map(|c| panic!("{raw:?} parsed: {c:?}"))
+            .unwrap_or_else(|e| e.error.kind)
+    }
+
+    #[test]
+    fn brackets_are_atom_chars_outside_fetch() {
+        // ATOM-CHAR includes "[" and ASTRING-CHAR "]": these are mailbox names, not sections.
+        assert_eq!(mailboxes("a SELECT x[y]z\r\n"), vec![m(M, "x[y]z")]);
+        assert_eq!(
+            mailboxes("a LIST \"\" x[y%*\r\n"),
+            vec![m(R, ""), m(P, "x[y%*")]
+        );
+        assert_eq!(mailboxes("a CREATE ]a[\r\n"), vec![m(M, "]a[")]);
+        // A "[" does not swallow the spaces up to a "]": two atoms, as Dovecot reads them.
+        assert_eq!(args("a RENAME x[y z] w\r\n"), ["x[y", "z]", "w"]);
+        assert_eq!(args("a STATUS x[y (MESSAGES)\r\n"), ["x[y", "(MESSAGES)"]);
+    }
+
+    #[test]
+    fn every_atom_char_is_accepted_in_an_astring() {
+        let chars: String = (0x21u8..0x7f)
+            .filter(|b| !b"(){\"".contains(b))
+            .map(char::from)
+            .collect();
+        let raw = format!("a SELECT {chars}\r\n");
+        assert_eq!(mailboxes(&raw), vec![m(M, &chars)]);
+    }
+
+    #[test]
+    fn nil_is_a_mailbox_name_in_a_command() {
+        // Dovecot's `CREATE NIL` creates a mailbox called NIL: a policy must see it.
+        assert_eq!(mailboxes("a CREATE NIL\r\n"), vec![m(M, "NIL")]);
+        assert_eq!(
+            mailboxes("a RENAME nil \"NIL\"\r\n"),
+            vec![m(M, "nil"), m(M, "NIL")]
+        );
+        assert!(matches!(cmd("a ID NIL\r\n").args[0], Token::Atom(_)));
+    }
+
+    #[test]
+    fn fetch_sections_are_one_token() {
+        assert_eq!(
+            args(
+                "a UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)\r\n"
+            ),
+            [
+                "1:*",
+                "(FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)"
+            ]
+        );
+        assert_eq!(
+            args("a FETCH 1 (BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[])\r\n"),
+            ["1", "(BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[])"]
+        );
+        // A section opens with atom octets: Dovecot reads "BODY[{1+}" as a broken atom and
+        // the literal's octets as the next command.
+        assert_eq!(
+            refused("a FETCH 1 BODY[{1+}\r\nx]\r\n"),
+            SyntaxErrorKind::Expected("section")
+        );
+        assert_eq!(
+            refused("a FETCH 1 BODY[(A)]\r\n"),
+            SyntaxErrorKind::Expected("section")
+        );
+    }
+
+    #[test]
+    fn what_dovecot_reads_differently_is_refused() {
+        for raw in [
+            // An atom running into a literal, a string or a list: Dovecot refuses the atom
+            // and then reads a non-synchronizing literal's octets as a command.
+            "a SELECT x{1+}\r\na\r\n",
+            "a SELECT x\"y\"\r\n",
+            "a STATUS INBOX(MESSAGES)\r\n",
+            "a FETCH 1 BODY[]<0.5>(FLAGS)\r\n",
+            // Tokens without SP between them: not RFC syntax.
+            "a LOGIN \"a\"\"b\"\r\n",
+            "a STATUS \"INBOX\"(MESSAGES)\r\n",
+            "a STATUS {5+}\r\nINBOX(MESSAGES)\r\n",
+            "a STORE 1 +FLAGS (\\Seen)(x)\r\n",
+            // The command name runs to SP or CRLF.
+            "a SELECT(x)\r\n",
+            "a SELECT\"INBOX\"\r\n",
+            "a NOOP% x\r\n",
+            "a UID FETCH(1)\r\n",
+        ] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Expected("SP"), "{raw:?}");
+        }
+        // 8-bit octets and DEL are not CHAR: Dovecot says "8bit data in atom".
+        assert_eq!(
+            refused("a SELECT \u{e9}t\u{e9}\r\n"),
+            SyntaxErrorKind::Expected("atom")
+        );
+        assert_eq!(
+            refused("a SELECT x\u{e9}\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        assert_eq!(
+            refused("a SELECT x\x7f\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        // RFC 3501 allows "]" in a tag, Dovecot does not (untagged BAD, the command unanswered).
+        assert_eq!(refused("a] NOOP\r\n"), SyntaxErrorKind::Expected("tag"));
+        assert_eq!(refused("] NOOP\r\n"), SyntaxErrorKind::Expected("tag"));
+        // A ")" that closes nothing.
+        assert_eq!(refused("a SELECT INBOX )\r\n"), SyntaxErrorKind::Unbalanced);
+    }
+
+    #[test]
+    fn literal8_only_in_append() {
+        let c = cmd("a APPEND INBOX ~{3+}\r\nabc\r\n");
+        assert!(matches!(&c.args[1], Token::Literal { literal, .. } if literal.binary));
+        cmd("a APPEND INBOX CATENATE (TEXT ~{1+}\r\nx URL \"/INBOX;UID=1\")\r\n");
+        for raw in [
+            "a NOOP ~{5+}\r\nb X\r\n\r\n",
+            "a SELECT ~{5}\r\n",
+            "a FETCH 1 (BODY[] ~{1+}\r\nx)\r\n",
+            "a UID APPEND INBOX ~{1+}\r\nx\r\n",
+        ] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Literal8NotAllowed, "{raw:?}");
+        }
+        // "~" not followed by "{" is an ATOM-CHAR.
+        assert_eq!(
+            mailboxes("a SELECT ~x{\r\n".replace('{', "").as_str()),
+            vec![m(M, "~x")]
+        );
     }
 
     #[test]
