@@ -317,7 +317,8 @@ const COMMANDS: &[Cmd] = &[
         "a FETCH 2:4 (FLAGS BODY.PEEK[HEADER.FIELDS (DATE FROM)]<0.2048> BINARY[1.2])\r\n",
         "FETCH",
         K::Fetch,
-        "a:2:4 (a:FLAGS a:BODY.PEEK[HEADER.FIELDS (DATE FROM)]<0.2048> a:BINARY[1.2])",
+        // As Dovecot reads it: the header list is a token of its own between two atoms.
+        "a:2:4 (a:FLAGS a:BODY.PEEK[HEADER.FIELDS (a:DATE a:FROM) a:]<0.2048> a:BINARY[1.2])",
         &[],
     ),
     cmd("a FETCH $ ALL\r\n", "FETCH", K::Fetch, "a:$ a:ALL", &[]),

@@ -297,7 +297,7 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
     }
     let kind = CommandKind::from_name(name_span.of(&raw));
     let cx = cx
-        .with_sections(kind == CommandKind::Fetch)
+        .with_fetch(kind == CommandKind::Fetch)
         .with_literal8(kind == CommandKind::Append && !uid);
     let (rest, args) = cx.arguments(rest).map_err(fail)?;
     if !rest.is_empty() {
@@ -476,6 +476,11 @@ mod tests {
     fn cut_command_is_recognised() {
         let c = cmd("a APPEND INBOX {5000000}\r\n");
         assert!(c.is_cut());
+        // A synchronizing literal of no octets still has the client wait for "+": the head the
+        // session judges ends at its announcement, in a list too.
+        assert!(cmd("a LOGIN {0}\r\n").is_cut());
+        assert!(cmd("a ID (\"name\" {0}\r\n").is_cut());
+        assert!(!cmd("a LOGIN {0}\r\n {0}\r\n\r\n").is_cut());
         assert_eq!(
             mailboxes("a APPEND INBOX {5000000}\r\n"),
             vec![m(M, "INBOX")]
@@ -545,30 +550,53 @@ mod tests {
     }
 
     #[test]
-    fn fetch_sections_are_one_token() {
+    fn fetch_items_are_read_as_dovecot_reads_them() {
+        // A section without a header list is one atom, partial included.
         assert_eq!(
-            args(
-                "a UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)\r\n"
-            ),
+            args("a FETCH 1 (BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[] body[1.MIME])\r\n"),
             [
-                "1:*",
-                "(FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)"
+                "1",
+                "(BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[] body[1.MIME])"
             ]
         );
-        assert_eq!(
-            args("a FETCH 1 (BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[])\r\n"),
-            ["1", "(BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[])"]
+        // A header list is a list token between two atoms; its strings and literals are tokens
+        // of the tree like any other (a literal announced there is one a reader must see).
+        let c = cmd(
+            "a UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)\r\n",
         );
-        // A section opens with atom octets: Dovecot reads "BODY[{1+}" as a broken atom and
-        // the literal's octets as the next command.
+        let items: Vec<String> = c.args[1]
+            .items()
+            .expect("a list")
+            .iter()
+            .map(|t| String::from_utf8_lossy(t.raw(&c.raw)).into_owned())
+            .collect();
         assert_eq!(
-            refused("a FETCH 1 BODY[{1+}\r\nx]\r\n"),
-            SyntaxErrorKind::Expected("section")
+            items,
+            [
+                "FLAGS",
+                "BODY.PEEK[HEADER.FIELDS",
+                "(DATE \"FROM\" {2+}\r\nTO)",
+                "]<0.20>"
+            ]
         );
+        // Header names are astrings: "[" and "]" in them are atom octets.
         assert_eq!(
-            refused("a FETCH 1 BODY[(A)]\r\n"),
-            SyntaxErrorKind::Expected("section")
+            args("a FETCH 1 BODY[HEADER.FIELDS (X[Y BODY[Z] a]b)]\r\n"),
+            ["1", "BODY[HEADER.FIELDS", "(X[Y BODY[Z] a]b)", "]"]
         );
+        // The head of a command cut at a literal in a header list parses (the session judges
+        // it before the client sends the octets).
+        assert!(cmd("a FETCH 1 (BODY[HEADER.FIELDS (DATE {4}\r\n").is_cut());
+        // Only a fetch item's header list may run into "]", and only in FETCH.
+        assert_eq!(
+            refused("a SEARCH (ALL)]\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        // Dovecot reads "BODY[{1+}" as an atom with a "{" in it (an error) and the literal's
+        // octets as the next command.
+        for raw in ["a FETCH 1 BODY[{1+}\r\nx]\r\n", "a FETCH 1 BODY[(A)]\r\n"] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Expected("SP"), "{raw:?}");
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! list's `)`, and `(`, `{`, `"`, CTL and 8-bit octets inside it are errors), or refused: a
 //! command that imapgate read one way and the upstream another would let a policy judge one
 //! command while another runs. Where the RFC allows what Dovecot refuses, the command is refused.
+//! So in a command `[` and `]` are atom octets like any other, and a fetch item with a header
+//! list is three tokens, as Dovecot reads it: `BODY[HEADER.FIELDS`, `(DATE FROM)`, `]<0.10>`;
+//! a literal among the header names is then a token of the tree like any other.
 
 use std::borrow::Cow;
 
@@ -54,7 +57,8 @@ impl Span {
 /// One node of the token tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Token {
-    /// An atom, number, sequence set, flag, or a fetch item with its `[section]<partial>`:
+    /// An atom, number, sequence set, flag, or a fetch item with its `[section]<partial>` (in a
+    /// command, up to a header list's SP):
     /// everything that is not a string, a list or NIL.
     Atom(Span),
     /// A quoted string; the span includes the quotes. `escaped` when it holds `\\` or `\"`.
@@ -258,9 +262,8 @@ enum Dialect {
     Response,
     /// A client command: Dovecot's token boundaries, RFC syntax, or an error.
     Command {
-        /// `[` opens a fetch section (`BODY[HEADER.FIELDS (DATE)]<0.10>` is one token). Only in
-        /// FETCH: elsewhere `[` is an ATOM-CHAR like any other (`SELECT x[y z]` is two atoms).
-        sections: bool,
+        /// A list may be followed by `]` (a fetch item's header list: `(DATE FROM)]<0.10>`).
+        fetch: bool,
         /// `~{n}` may announce a literal8 (RFC 3516 allows it only in APPEND's data).
         literal8: bool,
     },
@@ -285,21 +288,21 @@ impl Cx {
         }
     }
 
-    /// The context of a command: no fetch sections and no literal8 until allowed.
+    /// The context of a command: no fetch items and no literal8 until allowed.
     pub fn command(raw: &[u8]) -> Self {
         Cx {
             dialect: Dialect::Command {
-                sections: false,
+                fetch: false,
                 literal8: false,
             },
             ..Cx::new(raw)
         }
     }
 
-    /// Lets `[` open a fetch section (FETCH and UID FETCH).
-    pub fn with_sections(mut self, allowed: bool) -> Self {
-        if let Dialect::Command { sections, .. } = &mut self.dialect {
-            *sections = allowed;
+    /// Lets a header list end a fetch item's section (FETCH and UID FETCH).
+    pub fn with_fetch(mut self, allowed: bool) -> Self {
+        if let Dialect::Command { fetch, .. } = &mut self.dialect {
+            *fetch = allowed;
         }
         self
     }
@@ -321,16 +324,21 @@ impl Cx {
         matches!(self.dialect, Dialect::Command { .. })
     }
 
-    /// In a command, a token is followed by SP, the `closer` of what encloses it, or nothing
-    /// (a message cut at a streamed literal). Dovecot also reads `"a""b"` or `"a"(b)` as two
-    /// tokens, the RFC does not; and `x{5}` or `x"y"` it refuses, so it must never be read as
-    /// an atom followed by a literal or a string.
-    fn separated<'a>(&self, rest: &'a [u8], closer: u8) -> PResult<'a, ()> {
+    /// In a command, a token is followed by SP, the `closer` of what encloses it, or the end of
+    /// the line (an error, unless at the top level) or of the message (cut at a streamed
+    /// literal): the caller's loop tells those apart. In FETCH a list may also be followed by
+    /// the `]` that closes its section. Dovecot also reads `"a""b"` or `"a"(b)` as two tokens,
+    /// the RFC does not; and `x{5}` or `x"y"` it refuses, so they must never be read as an atom
+    /// followed by a literal or a string.
+    fn separated<'a>(&self, rest: &'a [u8], closer: u8, token: &Token) -> PResult<'a, ()> {
+        let Dialect::Command { fetch, .. } = self.dialect else {
+            return Ok((rest, ()));
+        };
         match rest.first() {
-            Some(&b) if self.is_command() && b != b' ' && b != closer => {
-                fail(rest, SyntaxErrorKind::Expected("SP"))
-            }
-            _ => Ok((rest, ())),
+            None | Some(b' ' | b'\r') => Ok((rest, ())),
+            Some(&b) if b == closer => Ok((rest, ())),
+            Some(b']') if fetch && matches!(token, Token::List { .. }) => Ok((rest, ())),
+            Some(_) => fail(rest, SyntaxErrorKind::Expected("SP")),
         }
     }
 
@@ -386,31 +394,32 @@ impl Cx {
     /// flag      = "\" atom / atom
     /// fetch-att = ... / "BODY" [".PEEK"] section ["<" number "." nz-number ">"] /
     ///             "BINARY" [".PEEK"] section-binary [partial] / "BINARY.SIZE" section-binary
-    /// ; one token for all of them: in a command every CHAR but ( ) { " SP CTL, a fetch section
-    /// ; only where sections are allowed; in a response also 8-bit octets and sections anywhere.
-    /// ; `in_code`: a "]" closes what encloses the atom (a section or a response code).
+    /// ; one token for all of them. In a command: every CHAR but ( ) { " SP CTL, brackets
+    /// ; included (a section's header list is a token of its own). In a response: also 8-bit
+    /// ; octets, and a bracketed section, SP and lists included.
+    /// ; `in_code`: in a response, a "]" closes what encloses the atom (a section or a code).
     /// ```
     pub fn atom<'a>(&self, i: &'a [u8], depth: usize, in_code: bool) -> PResult<'a, ()> {
-        let sections = match self.dialect {
-            Dialect::Response => true,
-            Dialect::Command { sections, .. } => sections,
-        };
         let mut rest = i;
-        loop {
-            let n = match self.dialect {
-                Dialect::Response => rest.iter().position(|&b| !is_lenient_atom_char(b, in_code)),
-                Dialect::Command { .. } => rest.iter().position(|&b| {
-                    !COMMAND_ATOM[usize::from(b)]
-                        || (b == b'[' && sections)
-                        || (b == b']' && in_code)
-                }),
-            }
-            .unwrap_or(rest.len());
-            rest = &rest[n..];
-            if sections && rest.first() == Some(&b'[') {
-                rest = self.section(rest, depth)?.0;
-            } else {
-                break;
+        match self.dialect {
+            Dialect::Response => loop {
+                let n = rest
+                    .iter()
+                    .position(|&b| !is_lenient_atom_char(b, in_code))
+                    .unwrap_or(rest.len());
+                rest = &rest[n..];
+                if rest.first() == Some(&b'[') {
+                    rest = self.section(rest, depth)?.0;
+                } else {
+                    break;
+                }
+            },
+            Dialect::Command { .. } => {
+                let n = rest
+                    .iter()
+                    .position(|&b| !COMMAND_ATOM[usize::from(b)])
+                    .unwrap_or(rest.len());
+                rest = &rest[n..];
             }
         }
         if rest.len() == i.len() {
@@ -423,29 +432,19 @@ impl Cx {
     /// section        = "[" [section-spec] "]"
     /// section-spec   = section-msgtext / (section-part ["." section-text])
     /// section-binary = "[" [section-part] "]"
-    /// ; lenient: tokens separated by SP. In a command the section opens with atom octets (Dovecot
-    /// ; reads "BODY[HEADER.FIELDS" as one atom, so a list, string or literal cannot follow "[").
+    /// ; in a response, leniently: any tokens separated by SP
     /// ```
     fn section<'a>(&self, i: &'a [u8], depth: usize) -> PResult<'a, ()> {
         if depth >= self.max_depth {
             return fail(i, SyntaxErrorKind::TooDeep(self.max_depth));
         }
         let (mut rest, _) = tag::<_, _, PError<'a>>(&b"["[..])(i)?;
-        if self.is_command() {
-            match rest.first() {
-                Some(&b) if b == b']' || COMMAND_ATOM[usize::from(b)] => {}
-                _ => return fail(rest, SyntaxErrorKind::Expected("section")),
-            }
-        }
         loop {
             match rest.first() {
                 Some(b']') => return Ok((&rest[1..], ())),
                 Some(b' ') => rest = &rest[1..],
-                Some(_) => {
-                    rest = self.token(rest, depth + 1, true)?.0;
-                    rest = self.separated(rest, b']')?.0;
-                }
-                None => return fail(rest, SyntaxErrorKind::Unbalanced),
+                Some(b'\r' | b'\n') | None => return fail(rest, SyntaxErrorKind::Unbalanced),
+                Some(_) => rest = self.token(rest, depth + 1, true)?.0,
             }
         }
     }
@@ -516,7 +515,9 @@ impl Cx {
             .ok_or_else(|| bad_literal(digits))?;
         let literal = Literal { len, sync, binary };
         let n = len as usize;
-        if rest.is_empty() && n > 0 {
+        // A message never ends right after an announcement (a CRLF follows the data, even
+        // none): here it was cut there, at a synchronizing literal, `{0}` included.
+        if rest.is_empty() {
             let span = self.span(i, rest);
             return Ok((
                 rest,
@@ -569,8 +570,8 @@ impl Cx {
                 Some(b'\r' | b'\n') | None => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => {
                     let (r, token) = self.token(rest, depth + 1, in_code)?;
+                    rest = self.separated(r, b')', &token)?.0;
                     items.push(token);
-                    rest = self.separated(r, b')')?.0;
                 }
             }
         }
@@ -595,8 +596,8 @@ impl Cx {
                 Some(b')') => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => {
                     let (r, token) = self.token(rest, 0, false)?;
+                    rest = self.separated(r, b'\r', &token)?.0;
                     items.push(token);
-                    rest = self.separated(r, b'\r')?.0;
                 }
             }
         }
