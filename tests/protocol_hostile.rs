@@ -329,8 +329,13 @@ fn commands_the_upstream_would_tokenize_differently() {
         (b"a1 SELECT \xe9 {6+}\r\nb NOOP\r\n", Expected("atom"), 10),
         // A fetch section opening with a literal.
         (b"a1 FETCH 1 BODY[{6+}\r\nb NOOP]\r\n", Expected("SP"), 16),
-        // literal8 outside APPEND ("literal8 not allowed here").
+        // literal8 outside APPEND's data ("literal8 not allowed here").
         (b"a1 NOOP ~{6+}\r\nb NOOP\r\n", Literal8NotAllowed, 8),
+        (
+            b"a1 APPEND ~{6+}\r\nb NOOP {1+}\r\nx\r\n",
+            Literal8NotAllowed,
+            10,
+        ),
         // A command name running into something else ("Invalid command name").
         (b"a1 SELECT(x {6+}\r\nb NOOP)\r\n", Expected("SP"), 9),
     ];

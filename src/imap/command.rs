@@ -296,9 +296,10 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
         uid = true;
     }
     let kind = CommandKind::from_name(name_span.of(&raw));
+    let appending = kind == CommandKind::Append && !uid;
     let cx = cx
         .with_fetch(kind == CommandKind::Fetch)
-        .with_literal8(kind == CommandKind::Append && !uid);
+        .with_literal8(appending);
     let (rest, args) = cx.arguments(rest).map_err(fail)?;
     if !rest.is_empty() {
         return Err(CommandError {
@@ -306,6 +307,15 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
             error: SyntaxError {
                 kind: SyntaxErrorKind::Expected("end of command"),
                 offset: cx.pos(rest),
+            },
+        });
+    }
+    if let Some(offset) = appending.then(|| misplaced_literal8(&raw, &args)).flatten() {
+        return Err(CommandError {
+            tag: Some(raw.slice(tag.start..tag.end)),
+            error: SyntaxError {
+                kind: SyntaxErrorKind::Literal8NotAllowed,
+                offset,
             },
         });
     }
@@ -319,6 +329,53 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
         name_span,
         args,
         raw,
+    })
+}
+
+/// ```abnf
+/// append         = "APPEND" SP mailbox 1*append-message            ; RFC 3502
+/// append-message = append-opts SP append-data
+/// append-data    = literal / literal8 / append-data-ext             ; RFC 3516
+/// catenate       = "CATENATE" SP "(" cat-part *(SP cat-part) ")"    ; RFC 4469
+/// text-literal   = "TEXT" SP (literal / literal8)
+/// ```
+/// Where a literal8 stands outside append-data or a CATENATE part, its offset. Dovecot refuses
+/// a literal8 as APPEND's mailbox ("literal8 not allowed here") and then reads its octets as a
+/// command; anywhere else the RFC has none.
+fn misplaced_literal8(raw: &[u8], args: &[Token]) -> Option<usize> {
+    for (i, arg) in args.iter().enumerate() {
+        match arg {
+            Token::Literal { literal, span, .. } if literal.binary && i == 0 => {
+                return Some(span.start);
+            }
+            Token::List { items, .. } => {
+                let catenate = i > 0 && args[i - 1].is_atom(raw, "CATENATE");
+                for (j, item) in items.iter().enumerate() {
+                    let found = match item {
+                        Token::Literal { literal, span, .. } if literal.binary => {
+                            let part = catenate && j > 0 && items[j - 1].is_atom(raw, "TEXT");
+                            (!part).then_some(span.start)
+                        }
+                        Token::List { items, .. } => nested_literal8(items),
+                        _ => None,
+                    };
+                    if found.is_some() {
+                        return found;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The offset of the first literal8 in `tokens`, at any depth.
+fn nested_literal8(tokens: &[Token]) -> Option<usize> {
+    tokens.iter().find_map(|t| match t {
+        Token::Literal { literal, span, .. } if literal.binary => Some(span.start),
+        Token::List { items, .. } => nested_literal8(items),
+        _ => None,
     })
 }
 
@@ -653,6 +710,24 @@ mod tests {
             "a UID APPEND INBOX ~{1+}\r\nx\r\n",
         ] {
             assert_eq!(refused(raw), SyntaxErrorKind::Literal8NotAllowed, "{raw:?}");
+        }
+        // In APPEND only as the message (MULTIAPPEND: each of them) or a CATENATE part:
+        // Dovecot refuses one as the mailbox ("literal8 not allowed here") and then reads its
+        // octets as a command.
+        cmd("a APPEND INBOX ~{1+}\r\nx (\\Seen) ~{1+}\r\ny\r\n");
+        for (raw, offset) in [
+            ("a APPEND ~{5+}\r\nINBOX {3+}\r\nabc\r\n", 9),
+            ("a APPEND INBOX (~{1+}\r\nx) {3+}\r\nabc\r\n", 16),
+            ("a APPEND INBOX CATENATE (URL ~{1+}\r\nx)\r\n", 29),
+            ("a APPEND INBOX CATENATE ((TEXT ~{1+}\r\nx))\r\n", 31),
+            ("a APPEND INBOX X (TEXT ~{1+}\r\nx)\r\n", 23),
+        ] {
+            let err = parse_command(Bytes::copy_from_slice(raw.as_bytes())).expect_err(raw);
+            assert_eq!(
+                (err.error.kind, err.error.offset),
+                (SyntaxErrorKind::Literal8NotAllowed, offset),
+                "{raw:?}"
+            );
         }
         // "~" not followed by "{" is an ATOM-CHAR.
         assert_eq!(

@@ -871,19 +871,32 @@ fn mailbox_commands() -> impl Strategy<Value = Body> {
             with_mailboxes(body(K::Status, "STATUS", vec![m, atts]), vec![(M, value)])
         });
     // append = "APPEND" SP mailbox [SP flag-list] [SP date-time] SP literal  (or literal8)
-    let append = (
-        mailbox(),
+    // append-data = literal / literal8 / append-data-ext (RFC 3502 MULTIAPPEND: 1 or more)
+    // catenate = "CATENATE" SP "(" cat-part *(SP cat-part) ")"; cat-part = text-literal / url
+    let part = prop_oneof![
+        2 => prop_oneof![literal(), literal8()].prop_map(|l| vec![text("TEXT"), l]),
+        1 => astring().prop_map(|(url, _)| vec![text("URL"), url]),
+    ];
+    let data = prop_oneof![
+        3 => literal().prop_map(|l| vec![l]),
+        1 => literal8().prop_map(|l| vec![l]),
+        1 => vec(part, 1..4).prop_map(|parts| vec![text("CATENATE"), Arg::List(parts.concat())]),
+    ];
+    let message = (
         prop::option::of(flag_list()),
         prop::option::of(date_time()),
-        prop_oneof![3 => literal(), 1 => literal8()],
+        data,
     )
-        .prop_map(|((m, value), flags, date, data)| {
-            let mut args = vec![m];
-            args.extend(flags);
-            args.extend(date);
-            args.push(data);
-            with_mailboxes(body(K::Append, "APPEND", args), vec![(M, value)])
+        .prop_map(|(flags, date, data)| {
+            let mut args: Vec<Arg> = flags.into_iter().chain(date).collect();
+            args.extend(data);
+            args
         });
+    let append = (mailbox(), vec(message, 1..3)).prop_map(|((m, value), messages)| {
+        let mut args = vec![m];
+        args.extend(messages.concat());
+        with_mailboxes(body(K::Append, "APPEND", args), vec![(M, value)])
+    });
     // list = "LIST" [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
     let patterns = prop_oneof![
         3 => list_mailbox().prop_map(|(p, v)| (p, vec![v])),
