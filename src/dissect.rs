@@ -184,6 +184,7 @@ pub fn self_check(direction: Direction, data: &[u8]) -> Result<(), String> {
         // the tag could depend on how much had arrived.
         Limits {
             max_line: 64 + usize::from(second >> 1),
+            max_id_line: 0,
             max_literal: 4096,
             inline_literal: usize::from(second >> 3),
             nonsync_max: (second & 2 == 0).then_some(64),

@@ -188,12 +188,18 @@ fn ten_thousand_nested_parentheses() {
     // The code's data is not tokenizable: it is kept as raw text up to the "]".
     let r = parse_response(Bytes::from(resp)).expect("a status with an opaque code");
     assert_eq!(r.code().map(|c| c.args.is_none()), Some(true));
-    // Brackets (fetch sections) are bounded the same way.
+    // Brackets (fetch sections) in a response are bounded the same way.
+    let mut resp = b"* 1 FETCH (BODY".to_vec();
+    resp.extend(std::iter::repeat_n(b'[', 10_000));
+    resp.extend_from_slice(b"\r\n");
+    let err = parse_response(Bytes::from(resp)).expect_err("too deep");
+    assert_eq!(err.kind, SyntaxErrorKind::TooDeep(DEFAULT_MAX_DEPTH));
+    // In a command brackets are atom octets (Dovecot's reading): no nesting, one atom.
     let mut cmd = b"a1 FETCH 1 BODY".to_vec();
     cmd.extend(std::iter::repeat_n(b'[', 10_000));
     cmd.extend_from_slice(b"\r\n");
-    let err = parse_command(Bytes::from(cmd)).expect_err("too deep");
-    assert_eq!(err.error.kind, SyntaxErrorKind::TooDeep(DEFAULT_MAX_DEPTH));
+    let cmd = parse_command(Bytes::from(cmd)).expect("one atom");
+    assert_eq!(cmd.args[1].raw(&cmd.raw).len(), 4 + 10_000);
 }
 
 #[test]
@@ -300,4 +306,58 @@ fn an_over_long_line_is_too_long_whatever_ends_it_and_however_it_arrives() {
         assert_eq!(whole.kind, FrameErrorKind::LineTooLong { limit: 8 });
         assert_eq!(Some(whole), split);
     }
+}
+
+#[test]
+fn commands_the_upstream_would_tokenize_differently() {
+    use SyntaxErrorKind::{Expected, Literal8NotAllowed};
+    // Dovecot refuses each of these lines at the octet marked, skips to the end of the line and
+    // reads what follows (here a non-synchronizing literal's octets, "b NOOP") as a command of
+    // its own. imapgate frames the literal as the client announced it and refuses the command,
+    // so nothing reaches the upstream to be read either way.
+    let cases: &[(&[u8], SyntaxErrorKind, usize)] = &[
+        // An atom running into a literal, a string or a list.
+        (b"a1 SELECT x{6+}\r\nb NOOP\r\n", Expected("SP"), 11),
+        (b"a1 SELECT x\"y\" {6+}\r\nb NOOP\r\n", Expected("SP"), 11),
+        (
+            b"a1 STATUS x(MESSAGES) {6+}\r\nb NOOP\r\n",
+            Expected("SP"),
+            11,
+        ),
+        // 8-bit octets in an atom ("8bit data in atom").
+        (b"a1 SELECT x\xe9 {6+}\r\nb NOOP\r\n", Expected("SP"), 11),
+        (b"a1 SELECT \xe9 {6+}\r\nb NOOP\r\n", Expected("atom"), 10),
+        // A fetch section opening with a literal.
+        (b"a1 FETCH 1 BODY[{6+}\r\nb NOOP]\r\n", Expected("SP"), 16),
+        // literal8 outside APPEND's data ("literal8 not allowed here").
+        (b"a1 NOOP ~{6+}\r\nb NOOP\r\n", Literal8NotAllowed, 8),
+        (
+            b"a1 APPEND ~{6+}\r\nb NOOP {1+}\r\nx\r\n",
+            Literal8NotAllowed,
+            10,
+        ),
+        // A command name running into something else ("Invalid command name").
+        (b"a1 SELECT(x {6+}\r\nb NOOP)\r\n", Expected("SP"), 9),
+    ];
+    for (input, kind, offset) in cases {
+        let text = String::from_utf8_lossy(input);
+        let mut stream = input.to_vec();
+        stream.extend_from_slice(b"a2 NOOP\r\n");
+        let mut framer = Framer::new(Direction::Client, Limits::default());
+        let (got, err) = frames(&mut framer, &stream);
+        assert_eq!(err, None, "{text}");
+        assert_eq!(texts(&got), vec![*input, b"a2 NOOP\r\n"], "{text}");
+        let err = parse_command(got[0].bytes().clone()).expect_err(&text);
+        assert_eq!(
+            (err.error.kind, err.error.offset),
+            (*kind, *offset),
+            "{text}"
+        );
+        assert_eq!(err.tag.as_deref(), Some(&b"a1"[..]), "{text}");
+    }
+    // A tag Dovecot refuses ("]" is an ASTRING-CHAR, but "Invalid tag" there, and the
+    // command would never get a tagged answer): refused, and not answered as tag "a1".
+    let err = parse_command(Bytes::from_static(b"a1] NOOP\r\n")).expect_err("tag");
+    assert_eq!((err.error.kind, err.error.offset), (Expected("tag"), 2));
+    assert_eq!(err.tag, None);
 }

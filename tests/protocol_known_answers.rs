@@ -155,6 +155,31 @@ const COMMANDS: &[Cmd] = &[
         "a:INBOX (a:QRESYNC (a:67890007 a:20050715194045000 a:41,43:211,214:541))",
         &[("M", "INBOX")],
     ),
+    // "[" is an ATOM-CHAR and "]" an ASTRING-CHAR: outside FETCH they are mailbox octets,
+    // never a section, so "x[y z]" is two atoms, as Dovecot reads it (its RENAME of
+    // "x[y z] w" renames x[y to z] and ignores w).
+    cmd(
+        "a SELECT x[y]z\r\n",
+        "SELECT",
+        K::Select,
+        "a:x[y]z",
+        &[("M", "x[y]z")],
+    ),
+    cmd(
+        "a RENAME x[y z] w\r\n",
+        "RENAME",
+        K::Rename,
+        "a:x[y a:z] a:w",
+        &[("M", "x[y"), ("M", "z]")],
+    ),
+    // NIL in an astring position is a mailbox called NIL (Dovecot creates it).
+    cmd(
+        "a CREATE NIL\r\n",
+        "CREATE",
+        K::Create,
+        "a:NIL",
+        &[("M", "NIL")],
+    ),
     cmd(
         "a EXAMINE blurdybloop\r\n",
         "EXAMINE",
@@ -227,6 +252,13 @@ const COMMANDS: &[Cmd] = &[
         &[("R", ""), ("P", "a*"), ("P", "%")],
     ),
     cmd(
+        "a LIST \"\" x[y%*\r\n",
+        "LIST",
+        K::List,
+        "q: a:x[y%*",
+        &[("R", ""), ("P", "x[y%*")],
+    ),
+    cmd(
         "a LSUB \"#news.\" \"comp.mail.*\"\r\n",
         "LSUB",
         K::Lsub,
@@ -255,6 +287,13 @@ const COMMANDS: &[Cmd] = &[
         &[("M", "INBOX")],
     ),
     cmd(
+        "a APPEND INBOX CATENATE (TEXT ~{1+}\r\nx URL \"/INBOX;UID=1\")\r\n",
+        "APPEND",
+        K::Append,
+        "a:INBOX a:CATENATE (a:TEXT ~{1+}:x a:URL q:/INBOX;UID=1)",
+        &[("M", "INBOX")],
+    ),
+    cmd(
         "a APPEND INBOX {5000000}\r\n",
         "APPEND",
         K::Append,
@@ -278,7 +317,8 @@ const COMMANDS: &[Cmd] = &[
         "a FETCH 2:4 (FLAGS BODY.PEEK[HEADER.FIELDS (DATE FROM)]<0.2048> BINARY[1.2])\r\n",
         "FETCH",
         K::Fetch,
-        "a:2:4 (a:FLAGS a:BODY.PEEK[HEADER.FIELDS (DATE FROM)]<0.2048> a:BINARY[1.2])",
+        // As Dovecot reads it: the header list is a token of its own between two atoms.
+        "a:2:4 (a:FLAGS a:BODY.PEEK[HEADER.FIELDS (a:DATE a:FROM) a:]<0.2048> a:BINARY[1.2])",
         &[],
     ),
     cmd("a FETCH $ ALL\r\n", "FETCH", K::Fetch, "a:$ a:ALL", &[]),
@@ -348,7 +388,9 @@ const COMMANDS: &[Cmd] = &[
         "(q:name q:sodr q:version q:19.34)",
         &[],
     ),
-    cmd("a ID NIL\r\n", "ID", K::Id, "NIL", &[]),
+    // In a command NIL is an atom: in an astring position it is a mailbox name (Dovecot's
+    // `CREATE NIL` creates one); where the command means nil, its reader knows.
+    cmd("a ID NIL\r\n", "ID", K::Id, "a:NIL", &[]),
     cmd(
         "a COMPRESS DEFLATE\r\n",
         "COMPRESS",
@@ -424,7 +466,7 @@ const COMMANDS: &[Cmd] = &[
         "a SETMETADATA INBOX (/private/comment {6+}\r\nMy 2¢ /shared/x NIL)\r\n",
         "SETMETADATA",
         K::SetMetadata,
-        "a:INBOX (a:/private/comment {6+}:My 2¢ a:/shared/x NIL)",
+        "a:INBOX (a:/private/comment {6+}:My 2¢ a:/shared/x a:NIL)",
         &[("M", "INBOX")],
     ),
 ];

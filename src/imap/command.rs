@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use super::syntax::{Cx, Span, SyntaxError, SyntaxErrorKind, Token};
+use super::syntax::{Cx, PError, PResult, Span, SyntaxError, SyntaxErrorKind, Token};
 
 macro_rules! command_kinds {
     ($($variant:ident => $name:literal,)*) => {
@@ -284,27 +284,46 @@ impl Command {
 /// ```abnf
 /// command = tag SP (command-any / command-auth / command-nonauth / command-select) CRLF
 /// uid     = "UID" SP (copy / move / fetch / search / store / uid-expunge)
+/// ; the name is an atom followed by SP or CRLF (Dovecot reads the name up to SP, so
+/// ; "SELECT(x)" is an unknown command there, never SELECT)
 /// ```
-/// Arguments are parsed as a lenient token tree; an unknown command name is not an error.
+/// Arguments are parsed as a token tree with the upstream's token boundaries (see
+/// [`Cx::command`]); an unknown command name is not an error.
 pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
-    let cx = Cx::new(&raw);
+    let cx = Cx::command(&raw);
     let (rest, tag) = cx.tag(&raw).map_err(|e| CommandError {
         tag: None,
         error: cx.error(e),
     })?;
+    if !matches!(rest.first(), Some(b' ' | b'\r')) {
+        // The client's tag runs on to the SP (Dovecot reads it so): answering with the valid
+        // part of it would answer a tag the client never sent.
+        return Err(CommandError {
+            tag: None,
+            error: SyntaxError {
+                kind: SyntaxErrorKind::Expected("tag"),
+                offset: cx.pos(rest),
+            },
+        });
+    }
     let fail = |e| CommandError {
         tag: Some(raw.slice(tag.start..tag.end)),
         error: cx.error(e),
     };
     let (rest, ()) = cx.sp(rest).map_err(fail)?;
-    let (mut rest, mut name_span) = cx.word(rest).map_err(fail)?;
+    let (mut rest, mut name_span) = name(&cx, rest).map_err(fail)?;
     let mut uid = false;
     if name_span.of(&raw).eq_ignore_ascii_case(b"UID") && rest.first() == Some(&b' ') {
-        let (r, span) = cx.word(&rest[1..]).map_err(fail)?;
+        let (r, span) = name(&cx, &rest[1..]).map_err(fail)?;
         rest = r;
         name_span = span;
         uid = true;
     }
+    let kind = CommandKind::from_name(name_span.of(&raw));
+    let appending = kind == CommandKind::Append && !uid;
+    let cx = cx
+        .with_fetch(kind == CommandKind::Fetch)
+        .with_literal8(appending);
     let (rest, args) = cx.arguments(rest).map_err(fail)?;
     if !rest.is_empty() {
         return Err(CommandError {
@@ -315,7 +334,16 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
             },
         });
     }
-    let mut kind = CommandKind::from_name(name_span.of(&raw));
+    if let Some(offset) = appending.then(|| misplaced_literal8(&raw, &args)).flatten() {
+        return Err(CommandError {
+            tag: Some(raw.slice(tag.start..tag.end)),
+            error: SyntaxError {
+                kind: SyntaxErrorKind::Literal8NotAllowed,
+                offset,
+            },
+        });
+    }
+    let mut kind = kind;
     if uid && !kind.takes_uid() {
         kind = CommandKind::Other;
     }
@@ -326,6 +354,67 @@ pub fn parse_command(raw: Bytes) -> Result<Command, CommandError> {
         args,
         raw,
     })
+}
+
+/// ```abnf
+/// append         = "APPEND" SP mailbox 1*append-message            ; RFC 3502
+/// append-message = append-opts SP append-data
+/// append-data    = literal / literal8 / append-data-ext             ; RFC 3516
+/// catenate       = "CATENATE" SP "(" cat-part *(SP cat-part) ")"    ; RFC 4469
+/// text-literal   = "TEXT" SP (literal / literal8)
+/// ```
+/// Where a literal8 stands outside append-data or a CATENATE part, its offset. Dovecot refuses
+/// a literal8 as APPEND's mailbox ("literal8 not allowed here") and then reads its octets as a
+/// command; anywhere else the RFC has none.
+fn misplaced_literal8(raw: &[u8], args: &[Token]) -> Option<usize> {
+    for (i, arg) in args.iter().enumerate() {
+        match arg {
+            Token::Literal { literal, span, .. } if literal.binary && i == 0 => {
+                return Some(span.start);
+            }
+            Token::List { items, .. } => {
+                let catenate = i > 0 && args[i - 1].is_atom(raw, "CATENATE");
+                for (j, item) in items.iter().enumerate() {
+                    let found = match item {
+                        Token::Literal { literal, span, .. } if literal.binary => {
+                            let part = catenate && j > 0 && items[j - 1].is_atom(raw, "TEXT");
+                            (!part).then_some(span.start)
+                        }
+                        Token::List { items, .. } => nested_literal8(items),
+                        _ => None,
+                    };
+                    if found.is_some() {
+                        return found;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The offset of the first literal8 in `tokens`, at any depth.
+fn nested_literal8(tokens: &[Token]) -> Option<usize> {
+    tokens.iter().find_map(|t| match t {
+        Token::Literal { literal, span, .. } if literal.binary => Some(span.start),
+        Token::List { items, .. } => nested_literal8(items),
+        _ => None,
+    })
+}
+
+/// ```abnf
+/// command-name = atom (SP / CRLF)
+/// ```
+fn name<'a>(cx: &Cx, i: &'a [u8]) -> PResult<'a, Span> {
+    let (rest, span) = cx.word(i)?;
+    match rest.first() {
+        Some(b' ' | b'\r') => Ok((rest, span)),
+        _ => Err(nom::Err::Error(PError {
+            input: rest,
+            kind: SyntaxErrorKind::Expected("SP"),
+        })),
+    }
 }
 
 /// A client line that is not a command: a SASL response during AUTHENTICATE, or IDLE's DONE.
@@ -472,6 +561,11 @@ mod tests {
     fn cut_command_is_recognised() {
         let c = cmd("a APPEND INBOX {5000000}\r\n");
         assert!(c.is_cut());
+        // A synchronizing literal of no octets still has the client wait for "+": the head the
+        // session judges ends at its announcement, in a list too.
+        assert!(cmd("a LOGIN {0}\r\n").is_cut());
+        assert!(cmd("a ID (\"name\" {0}\r\n").is_cut());
+        assert!(!cmd("a LOGIN {0}\r\n {0}\r\n\r\n").is_cut());
         assert_eq!(
             mailboxes("a APPEND INBOX {5000000}\r\n"),
             vec![m(M, "INBOX")]
@@ -486,6 +580,188 @@ mod tests {
         let err = parse_command(Bytes::from_static(b"\r\n")).expect_err("empty");
         assert_eq!(err.tag, None);
         assert!(parse_command(Bytes::from_static(b"a8\r\n")).is_err());
+        // A tag with an octet a tag may not hold is not answered as a shorter tag.
+        let err = parse_command(Bytes::from_static(b"a9] NOOP\r\n")).expect_err("bad tag");
+        assert_eq!((err.tag, err.error.offset), (None, 2));
+    }
+
+    fn args(raw: &str) -> Vec<String> {
+        let c = cmd(raw);
+        c.args
+            .iter()
+            .map(|t| String::from_utf8_lossy(t.raw(&c.raw)).into_owned())
+            .collect()
+    }
+
+    fn refused(raw: &str) -> SyntaxErrorKind {
+        parse_command(Bytes::copy_from_slice(raw.as_bytes()))
+            .map(|c| panic!("{raw:?} parsed: {c:?}"))
+            .unwrap_or_else(|e| e.error.kind)
+    }
+
+    #[test]
+    fn brackets_are_atom_chars_outside_fetch() {
+        // ATOM-CHAR includes "[" and ASTRING-CHAR "]": these are mailbox names, not sections.
+        assert_eq!(mailboxes("a SELECT x[y]z\r\n"), vec![m(M, "x[y]z")]);
+        assert_eq!(
+            mailboxes("a LIST \"\" x[y%*\r\n"),
+            vec![m(R, ""), m(P, "x[y%*")]
+        );
+        assert_eq!(mailboxes("a CREATE ]a[\r\n"), vec![m(M, "]a[")]);
+        // A "[" does not swallow the spaces up to a "]": two atoms, as Dovecot reads them.
+        assert_eq!(args("a RENAME x[y z] w\r\n"), ["x[y", "z]", "w"]);
+        assert_eq!(args("a STATUS x[y (MESSAGES)\r\n"), ["x[y", "(MESSAGES)"]);
+    }
+
+    #[test]
+    fn every_atom_char_is_accepted_in_an_astring() {
+        let chars: String = (0x21u8..0x7f)
+            .filter(|b| !b"(){\"".contains(b))
+            .map(char::from)
+            .collect();
+        let raw = format!("a SELECT {chars}\r\n");
+        assert_eq!(mailboxes(&raw), vec![m(M, &chars)]);
+    }
+
+    #[test]
+    fn nil_is_a_mailbox_name_in_a_command() {
+        // Dovecot's `CREATE NIL` creates a mailbox called NIL: a policy must see it.
+        assert_eq!(mailboxes("a CREATE NIL\r\n"), vec![m(M, "NIL")]);
+        assert_eq!(
+            mailboxes("a RENAME nil \"NIL\"\r\n"),
+            vec![m(M, "nil"), m(M, "NIL")]
+        );
+        assert!(matches!(cmd("a ID NIL\r\n").args[0], Token::Atom(_)));
+    }
+
+    #[test]
+    fn fetch_items_are_read_as_dovecot_reads_them() {
+        // A section without a header list is one atom, partial included.
+        assert_eq!(
+            args("a FETCH 1 (BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[] body[1.MIME])\r\n"),
+            [
+                "1",
+                "(BINARY.PEEK[1.2]<0.5> BINARY.SIZE[1] BODY[] body[1.MIME])"
+            ]
+        );
+        // A header list is a list token between two atoms; its strings and literals are tokens
+        // of the tree like any other (a literal announced there is one a reader must see).
+        let c = cmd(
+            "a UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (DATE \"FROM\" {2+}\r\nTO)]<0.20>)\r\n",
+        );
+        let items: Vec<String> = c.args[1]
+            .items()
+            .expect("a list")
+            .iter()
+            .map(|t| String::from_utf8_lossy(t.raw(&c.raw)).into_owned())
+            .collect();
+        assert_eq!(
+            items,
+            [
+                "FLAGS",
+                "BODY.PEEK[HEADER.FIELDS",
+                "(DATE \"FROM\" {2+}\r\nTO)",
+                "]<0.20>"
+            ]
+        );
+        // Header names are astrings: "[" and "]" in them are atom octets.
+        assert_eq!(
+            args("a FETCH 1 BODY[HEADER.FIELDS (X[Y BODY[Z] a]b)]\r\n"),
+            ["1", "BODY[HEADER.FIELDS", "(X[Y BODY[Z] a]b)", "]"]
+        );
+        // The head of a command cut at a literal in a header list parses (the session judges
+        // it before the client sends the octets).
+        assert!(cmd("a FETCH 1 (BODY[HEADER.FIELDS (DATE {4}\r\n").is_cut());
+        // Only a fetch item's header list may run into "]", and only in FETCH.
+        assert_eq!(
+            refused("a SEARCH (ALL)]\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        // Dovecot reads "BODY[{1+}" as an atom with a "{" in it (an error) and the literal's
+        // octets as the next command.
+        for raw in ["a FETCH 1 BODY[{1+}\r\nx]\r\n", "a FETCH 1 BODY[(A)]\r\n"] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Expected("SP"), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn what_dovecot_reads_differently_is_refused() {
+        for raw in [
+            // An atom running into a literal, a string or a list: Dovecot refuses the atom
+            // and then reads a non-synchronizing literal's octets as a command.
+            "a SELECT x{1+}\r\na\r\n",
+            "a SELECT x\"y\"\r\n",
+            "a STATUS INBOX(MESSAGES)\r\n",
+            "a FETCH 1 BODY[]<0.5>(FLAGS)\r\n",
+            // Tokens without SP between them: not RFC syntax.
+            "a LOGIN \"a\"\"b\"\r\n",
+            "a STATUS \"INBOX\"(MESSAGES)\r\n",
+            "a STATUS {5+}\r\nINBOX(MESSAGES)\r\n",
+            "a STORE 1 +FLAGS (\\Seen)(x)\r\n",
+            // The command name runs to SP or CRLF.
+            "a SELECT(x)\r\n",
+            "a SELECT\"INBOX\"\r\n",
+            "a NOOP% x\r\n",
+            "a UID FETCH(1)\r\n",
+        ] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Expected("SP"), "{raw:?}");
+        }
+        // 8-bit octets and DEL are not CHAR: Dovecot says "8bit data in atom".
+        assert_eq!(
+            refused("a SELECT \u{e9}t\u{e9}\r\n"),
+            SyntaxErrorKind::Expected("atom")
+        );
+        assert_eq!(
+            refused("a SELECT x\u{e9}\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        assert_eq!(
+            refused("a SELECT x\x7f\r\n"),
+            SyntaxErrorKind::Expected("SP")
+        );
+        // RFC 3501 allows "]" in a tag, Dovecot does not (untagged BAD, the command unanswered).
+        assert_eq!(refused("a] NOOP\r\n"), SyntaxErrorKind::Expected("tag"));
+        assert_eq!(refused("] NOOP\r\n"), SyntaxErrorKind::Expected("tag"));
+        // A ")" that closes nothing.
+        assert_eq!(refused("a SELECT INBOX )\r\n"), SyntaxErrorKind::Unbalanced);
+    }
+
+    #[test]
+    fn literal8_only_in_append() {
+        let c = cmd("a APPEND INBOX ~{3+}\r\nabc\r\n");
+        assert!(matches!(&c.args[1], Token::Literal { literal, .. } if literal.binary));
+        cmd("a APPEND INBOX CATENATE (TEXT ~{1+}\r\nx URL \"/INBOX;UID=1\")\r\n");
+        for raw in [
+            "a NOOP ~{5+}\r\nb X\r\n\r\n",
+            "a SELECT ~{5}\r\n",
+            "a FETCH 1 (BODY[] ~{1+}\r\nx)\r\n",
+            "a UID APPEND INBOX ~{1+}\r\nx\r\n",
+        ] {
+            assert_eq!(refused(raw), SyntaxErrorKind::Literal8NotAllowed, "{raw:?}");
+        }
+        // In APPEND only as the message (MULTIAPPEND: each of them) or a CATENATE part:
+        // Dovecot refuses one as the mailbox ("literal8 not allowed here") and then reads its
+        // octets as a command.
+        cmd("a APPEND INBOX ~{1+}\r\nx (\\Seen) ~{1+}\r\ny\r\n");
+        for (raw, offset) in [
+            ("a APPEND ~{5+}\r\nINBOX {3+}\r\nabc\r\n", 9),
+            ("a APPEND INBOX (~{1+}\r\nx) {3+}\r\nabc\r\n", 16),
+            ("a APPEND INBOX CATENATE (URL ~{1+}\r\nx)\r\n", 29),
+            ("a APPEND INBOX CATENATE ((TEXT ~{1+}\r\nx))\r\n", 31),
+            ("a APPEND INBOX X (TEXT ~{1+}\r\nx)\r\n", 23),
+        ] {
+            let err = parse_command(Bytes::copy_from_slice(raw.as_bytes())).expect_err(raw);
+            assert_eq!(
+                (err.error.kind, err.error.offset),
+                (SyntaxErrorKind::Literal8NotAllowed, offset),
+                "{raw:?}"
+            );
+        }
+        // "~" not followed by "{" is an ATOM-CHAR.
+        assert_eq!(
+            mailboxes("a SELECT ~x{\r\n".replace('{', "").as_str()),
+            vec![m(M, "~x")]
+        );
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct Literal {
 pub struct Limits {
     /// Longest line, in octets without its CRLF (literal data not counted).
     pub max_line: usize,
+    /// Longest line of a client message whose first line is an ID command (`tag ID ...`, its
+    /// lines after literals included), where it is larger than `max_line`. Dovecot reads a
+    /// pre-login ID up to its post-login line limit (imaptest sends one of 30 KiB before it logs
+    /// in); every other pre-login line keeps the short limit. 0: no allowance.
+    pub max_id_line: usize,
     /// Largest literal accepted at all.
     pub max_literal: u32,
     /// Literals up to this size are held in the message; larger ones are streamed as chunks.
@@ -53,6 +58,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_line: 8192,
+            max_id_line: 0,
             max_literal: 64 * 1024 * 1024,
             inline_literal: 64 * 1024,
             nonsync_max: None,
@@ -147,6 +153,8 @@ pub struct Framer {
     at_message_start: bool,
     /// Lines are plain lines with no literals (SASL responses, IDLE's DONE).
     line_only: bool,
+    /// The message being yielded in pieces began with an ID command line.
+    id_message: bool,
     /// Stream offset of `buf[0]`.
     offset: u64,
 }
@@ -160,6 +168,7 @@ impl Framer {
             state: LINE_START,
             at_message_start: true,
             line_only: false,
+            id_message: false,
             offset: 0,
         }
     }
@@ -280,7 +289,10 @@ impl Framer {
                 State::Line { line_start, scan } => {
                     let Some(i) = memchr::memchr(b'\n', &self.buf[scan..]) else {
                         if self.buf.len() - line_start > self.limits.max_line + 2 {
-                            return Err(self.line_too_long(line_start));
+                            let limit = self.line_limit();
+                            if self.buf.len() - line_start > limit + 2 {
+                                return Err(self.line_too_long(line_start, limit));
+                            }
                         }
                         self.state = State::Line {
                             line_start,
@@ -302,14 +314,16 @@ impl Framer {
     fn end_of_line(&mut self, line_start: usize, lf: usize) -> Result<Option<Frame>, FrameError> {
         // Length first: an over-long line is refused as such before its end arrives, so it must
         // be refused as such when it arrives whole, whatever ends it.
-        if lf - line_start > self.limits.max_line + 1 {
-            return Err(self.reject_line(
-                line_start,
-                lf,
-                FrameErrorKind::LineTooLong {
-                    limit: self.limits.max_line,
-                },
-            ));
+        let mut limit = self.limits.max_line;
+        if lf - line_start > limit + 1 {
+            limit = self.line_limit();
+            if lf - line_start > limit + 1 {
+                return Err(self.reject_line(
+                    line_start,
+                    lf,
+                    FrameErrorKind::LineTooLong { limit },
+                ));
+            }
         }
         if lf == line_start || self.buf[lf - 1] != b'\r' {
             return Err(self.reject_line(line_start, lf, FrameErrorKind::BareLf));
@@ -346,10 +360,14 @@ impl Framer {
         let len = literal.len as usize;
         let client_waits = self.direction == Direction::Client && literal.sync;
         let fits = len <= self.limits.inline_literal
-            && data_start + len <= self.limits.max_line + self.limits.inline_literal;
+            && data_start + len <= limit + self.limits.inline_literal;
         if fits && !client_waits {
             self.state = State::Inline { data_start, len };
             return Ok(None);
+        }
+        if self.at_message_start {
+            // The first line leaves the buffer with this piece: remember what it was.
+            self.id_message = self.id_allowance() && is_id_command(&self.buf);
         }
         let bytes = self.take(data_start);
         let start = std::mem::replace(&mut self.at_message_start, false);
@@ -386,6 +404,30 @@ impl Framer {
         }
     }
 
+    /// Whether ID messages may have longer lines than others.
+    fn id_allowance(&self) -> bool {
+        self.direction == Direction::Client
+            && !self.line_only
+            && self.limits.max_id_line > self.limits.max_line
+    }
+
+    /// The line limit of the line being framed: longer in a message that began with an ID
+    /// command. Only asked once a line is over `max_line`, so ordinary lines pay nothing.
+    fn line_limit(&self) -> usize {
+        let id = self.id_allowance()
+            && if self.at_message_start {
+                // The message's first line is still at the start of the buffer.
+                is_id_command(&self.buf)
+            } else {
+                self.id_message
+            };
+        if id {
+            self.limits.max_id_line
+        } else {
+            self.limits.max_line
+        }
+    }
+
     /// Server status responses and continuation requests end in free text, which may end in
     /// something shaped like a literal announcement without being one.
     fn is_text_line(&self, line: &[u8]) -> bool {
@@ -415,13 +457,8 @@ impl Framer {
     }
 
     /// An over-long line whose end has not arrived: drop what we have and skip to its end.
-    fn line_too_long(&mut self, line_start: usize) -> FrameError {
-        let error = self.error(
-            line_start,
-            FrameErrorKind::LineTooLong {
-                limit: self.limits.max_line,
-            },
-        );
+    fn line_too_long(&mut self, line_start: usize, limit: usize) -> FrameError {
+        let error = self.error(line_start, FrameErrorKind::LineTooLong { limit });
         let n = self.buf.len();
         self.skip(n);
         self.state = State::Discard;
@@ -466,6 +503,22 @@ pub fn tag_of(line: &[u8]) -> Option<&[u8]> {
                 .iter()
                 .all(|&b| crate::imap::syntax::is_astring_char(b) && b != b'+'));
     plausible.then_some(tag)
+}
+
+/// ```abnf
+/// id = "ID" SP id-params-list   ; RFC 2971, after the tag and SP
+/// ```
+/// True when the message starting at `line` is an ID command, its name in any case.
+fn is_id_command(line: &[u8]) -> bool {
+    let Some(tag) = tag_of(line) else {
+        return false;
+    };
+    let rest = &line[tag.len() + 1..];
+    tag != b"*"
+        && tag != b"+"
+        && rest.len() > 2
+        && rest[..2].eq_ignore_ascii_case(b"ID")
+        && matches!(rest[2], b' ' | b'\r')
 }
 
 /// The literal announced at the end of a line (without its CRLF), if any.
@@ -779,6 +832,160 @@ mod tests {
     fn error_offsets_count_from_the_stream_start() {
         let (_, err) = frame_all(&mut client(), b"a1 NOOP\r\na2 NOOP\n");
         assert_eq!(err.map(|e| e.offset), Some(9));
+    }
+
+    /// Pre-login limits in small: lines of 64 octets, ID messages up to 1024.
+    fn pre_login() -> Framer {
+        Framer::new(
+            Direction::Client,
+            Limits {
+                max_line: 64,
+                max_id_line: 1024,
+                ..Limits::default()
+            },
+        )
+    }
+
+    fn long(word: &str, n: usize) -> String {
+        format!("{word}{}", "x".repeat(n))
+    }
+
+    /// Frames `input` one octet at a time.
+    fn frame_bytewise(framer: &mut Framer, input: &[u8]) -> (Vec<Frame>, Option<FrameError>) {
+        let mut frames = Vec::new();
+        for b in input {
+            let (f, err) = frame_all(framer, &[*b]);
+            frames.extend(f);
+            if err.is_some() {
+                return (frames, err);
+            }
+        }
+        (frames, None)
+    }
+
+    #[test]
+    fn a_pre_login_id_may_be_as_long_as_a_post_login_line() {
+        let id = format!("a ID (\"name\" \"{}\")\r\n", long("n", 900));
+        let lower = format!("b id (\"os\" {})\r\n", long("o", 900));
+        let bare = format!("c ID {}\r\n", long("", 900));
+        for input in [&id, &lower, &bare] {
+            let (frames, err) = frame_all(&mut pre_login(), input.as_bytes());
+            assert_eq!(
+                (frames, err),
+                (vec![text(input.as_bytes(), true, None)], None)
+            );
+            let (frames, err) = frame_bytewise(&mut pre_login(), input.as_bytes());
+            assert_eq!((frames.len(), err), (1, None), "{input}");
+        }
+    }
+
+    #[test]
+    fn every_other_pre_login_line_keeps_the_short_limit() {
+        for line in [
+            format!("a NOOP {}\r\n", long("", 100)),
+            format!("a IDLE {}\r\n", long("", 100)),
+            format!("a LOGIN ID {}\r\n", long("", 100)),
+            format!("ID a {}\r\n", long("", 100)),
+            format!("* ID {}\r\n", long("", 100)),
+        ] {
+            let mut input = line.clone().into_bytes();
+            input.extend_from_slice(b"a2 NOOP\r\n");
+            let (frames, err) = frame_all(&mut pre_login(), &input);
+            assert_eq!(
+                err.map(|e| e.kind),
+                Some(FrameErrorKind::LineTooLong { limit: 64 }),
+                "{line}"
+            );
+            assert!(frames.is_empty());
+            let (_, err) = frame_bytewise(&mut pre_login(), line.as_bytes());
+            assert_eq!(
+                err.map(|e| e.kind),
+                Some(FrameErrorKind::LineTooLong { limit: 64 }),
+                "{line}"
+            );
+        }
+        // An ID is bounded by its own allowance.
+        let input = format!("a ID ({})\r\n", long("", 1100));
+        let (_, err) = frame_all(&mut pre_login(), input.as_bytes());
+        assert_eq!(
+            err.map(|e| e.kind),
+            Some(FrameErrorKind::LineTooLong { limit: 1024 })
+        );
+        // The allowance ends with the ID's message: the next command is short again.
+        let mut framer = pre_login();
+        let input = format!("a ID ({})\r\nb NOOP {}\r\n", long("", 500), long("", 100));
+        let (frames, err) = frame_all(&mut framer, input.as_bytes());
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            err.map(|e| e.kind),
+            Some(FrameErrorKind::LineTooLong { limit: 64 })
+        );
+        // SASL lines are not ID commands, whatever they look like.
+        let mut framer = pre_login();
+        framer.set_line_only(true);
+        let (_, err) = frame_all(
+            &mut framer,
+            format!("a ID {}\r\n", long("", 100)).as_bytes(),
+        );
+        assert_eq!(
+            err.map(|e| e.kind),
+            Some(FrameErrorKind::LineTooLong { limit: 64 })
+        );
+    }
+
+    #[test]
+    fn the_lines_after_an_id_literal_share_the_allowance() {
+        // Held inline (a non-synchronizing literal) and streamed (a synchronizing one, whose
+        // first line leaves the framer before the rest arrives).
+        for sync in ["", "+"] {
+            let input = format!(
+                "a ID (\"name\" {{3{sync}}}\r\nabc \"version\" \"{}\")\r\n",
+                long("v", 500)
+            );
+            for bytewise in [false, true] {
+                let mut framer = pre_login();
+                let (frames, err) = if bytewise {
+                    frame_bytewise(&mut framer, input.as_bytes())
+                } else {
+                    frame_all(&mut framer, input.as_bytes())
+                };
+                assert_eq!(err, None, "{input}");
+                let joined: Vec<u8> = frames.iter().flat_map(|f| f.bytes().to_vec()).collect();
+                assert_eq!(joined, input.as_bytes());
+                assert!(framer.is_between_messages());
+            }
+        }
+        // Not after a literal of another command (its head and octets are yielded when the
+        // literal is synchronizing).
+        for (sync, yielded) in [("", 2), ("+", 0)] {
+            let input = format!("a NOOP {{3{sync}}}\r\nabc {}\r\n", long("", 100));
+            let mut framer = pre_login();
+            let (frames, err) = frame_all(&mut framer, input.as_bytes());
+            assert_eq!(frames.len(), yielded);
+            assert_eq!(
+                err.map(|e| e.kind),
+                Some(FrameErrorKind::LineTooLong { limit: 64 })
+            );
+        }
+    }
+
+    #[test]
+    fn without_an_allowance_an_id_is_an_ordinary_line() {
+        let mut framer = Framer::new(
+            Direction::Client,
+            Limits {
+                max_line: 64,
+                ..Limits::default()
+            },
+        );
+        let (_, err) = frame_all(
+            &mut framer,
+            format!("a ID {}\r\n", long("", 100)).as_bytes(),
+        );
+        assert_eq!(
+            err.map(|e| e.kind),
+            Some(FrameErrorKind::LineTooLong { limit: 64 })
+        );
     }
 
     #[test]

@@ -6,6 +6,16 @@
 //! raw bytes, so that typed views ([`crate::imap::command`], [`crate::imap::response`]) can pick
 //! out what they need and the encoder can replace one token while every other byte stays as sent.
 //! Unknown extensions therefore parse too, and pass through untouched.
+//!
+//! Commands and responses are read in two dialects ([`Cx::command`], [`Cx::new`]). Responses are
+//! read leniently, so that a server's slightly wrong response still relays. Commands are read
+//! with the token boundaries the upstream finds (Dovecot's parser: an atom runs to SP, CRLF or a
+//! list's `)`, and `(`, `{`, `"`, CTL and 8-bit octets inside it are errors), or refused: a
+//! command that imapgate read one way and the upstream another would let a policy judge one
+//! command while another runs. Where the RFC allows what Dovecot refuses, the command is refused.
+//! So in a command `[` and `]` are atom octets like any other, and a fetch item with a header
+//! list is three tokens, as Dovecot reads it: `BODY[HEADER.FIELDS`, `(DATE FROM)`, `]<0.10>`;
+//! a literal among the header names is then a token of the tree like any other.
 
 use std::borrow::Cow;
 
@@ -47,7 +57,8 @@ impl Span {
 /// One node of the token tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Token {
-    /// An atom, number, sequence set, flag, or a fetch item with its `[section]<partial>`:
+    /// An atom, number, sequence set, flag, or a fetch item with its `[section]<partial>` (in a
+    /// command, up to a header list's SP):
     /// everything that is not a string, a list or NIL.
     Atom(Span),
     /// A quoted string; the span includes the quotes. `escaped` when it holds `\\` or `\"`.
@@ -61,7 +72,8 @@ pub enum Token {
     },
     /// A parenthesized list; the span includes the parentheses.
     List { span: Span, items: Vec<Token> },
-    /// NIL.
+    /// NIL, in a response. In a command `NIL` is an [`Token::Atom`]: in an astring position
+    /// it names a mailbox (Dovecot's `CREATE NIL` creates one), and a policy must see it.
     Nil(Span),
 }
 
@@ -156,6 +168,19 @@ fn unescape(inner: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What an atom in a command may hold: every CHAR but `( ) { "`, SP and CTL, as Dovecot reads
+/// atoms (its atom-specials on input). That covers ATOM-CHAR (with `[`), ASTRING-CHAR (`]`),
+/// list-char (`%`, `*`), flags (`\`), sequence sets and fetch items. 8-bit octets are not CHAR.
+const COMMAND_ATOM: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        table[b] = !matches!(b as u8, b'(' | b')' | b'{' | b'"');
+        b += 1;
+    }
+    table
+};
+
 /// `ATOM-CHAR = <any CHAR except atom-specials>`
 pub fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
@@ -192,6 +217,8 @@ pub enum SyntaxErrorKind {
     Expected(&'static str),
     #[error("unexpected octet")]
     Unexpected,
+    #[error("literal8 is only valid in APPEND")]
+    Literal8NotAllowed,
 }
 
 /// A parse failure and where it happened.
@@ -228,25 +255,91 @@ fn fail<T>(input: &[u8], kind: SyntaxErrorKind) -> PResult<'_, T> {
     Err(nom::Err::Error(PError { input, kind }))
 }
 
-/// The parsing context of one message: its length (spans are computed from what is left) and the
-/// nesting bound.
+/// Which peer wrote the message being parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    /// A server response: lenient.
+    Response,
+    /// A client command: Dovecot's token boundaries, RFC syntax, or an error.
+    Command {
+        /// A list may be followed by `]` (a fetch item's header list: `(DATE FROM)]<0.10>`).
+        fetch: bool,
+        /// `~{n}` may announce a literal8 (RFC 3516 allows it only in APPEND's data).
+        literal8: bool,
+    },
+}
+
+/// The parsing context of one message: its length (spans are computed from what is left), the
+/// nesting bound and the dialect.
 #[derive(Clone, Copy, Debug)]
 pub struct Cx {
     len: usize,
     max_depth: usize,
+    dialect: Dialect,
 }
 
 impl Cx {
+    /// The context of a response (the lenient dialect).
     pub fn new(raw: &[u8]) -> Self {
         Cx {
             len: raw.len(),
             max_depth: DEFAULT_MAX_DEPTH,
+            dialect: Dialect::Response,
         }
+    }
+
+    /// The context of a command: no fetch items and no literal8 until allowed.
+    pub fn command(raw: &[u8]) -> Self {
+        Cx {
+            dialect: Dialect::Command {
+                fetch: false,
+                literal8: false,
+            },
+            ..Cx::new(raw)
+        }
+    }
+
+    /// Lets a header list end a fetch item's section (FETCH and UID FETCH).
+    pub fn with_fetch(mut self, allowed: bool) -> Self {
+        if let Dialect::Command { fetch, .. } = &mut self.dialect {
+            *fetch = allowed;
+        }
+        self
+    }
+
+    /// Lets `~{n}` announce a literal8 (APPEND).
+    pub fn with_literal8(mut self, allowed: bool) -> Self {
+        if let Dialect::Command { literal8, .. } = &mut self.dialect {
+            *literal8 = allowed;
+        }
+        self
     }
 
     pub fn with_max_depth(mut self, max_depth: usize) -> Self {
         self.max_depth = max_depth;
         self
+    }
+
+    fn is_command(&self) -> bool {
+        matches!(self.dialect, Dialect::Command { .. })
+    }
+
+    /// In a command, a token is followed by SP, the `closer` of what encloses it, or the end of
+    /// the line (an error, unless at the top level) or of the message (cut at a streamed
+    /// literal): the caller's loop tells those apart. In FETCH a list may also be followed by
+    /// the `]` that closes its section. Dovecot also reads `"a""b"` or `"a"(b)` as two tokens,
+    /// the RFC does not; and `x{5}` or `x"y"` it refuses, so they must never be read as an atom
+    /// followed by a literal or a string.
+    fn separated<'a>(&self, rest: &'a [u8], closer: u8, token: &Token) -> PResult<'a, ()> {
+        let Dialect::Command { fetch, .. } = self.dialect else {
+            return Ok((rest, ()));
+        };
+        match rest.first() {
+            None | Some(b' ' | b'\r') => Ok((rest, ())),
+            Some(&b) if b == closer => Ok((rest, ())),
+            Some(b']') if fetch && matches!(token, Token::List { .. }) => Ok((rest, ())),
+            Some(_) => fail(rest, SyntaxErrorKind::Expected("SP")),
+        }
     }
 
     /// Offset in the message of the remaining input `rest`.
@@ -285,7 +378,8 @@ impl Cx {
             _ => {
                 let (rest, ()) = self.atom(i, depth, in_code)?;
                 let span = self.span(i, rest);
-                if span.len() == 3 && i[..3].eq_ignore_ascii_case(b"NIL") {
+                let nil = span.len() == 3 && i[..3].eq_ignore_ascii_case(b"NIL");
+                if nil && !self.is_command() {
                     Ok((rest, Token::Nil(span)))
                 } else {
                     Ok((rest, Token::Atom(span)))
@@ -295,22 +389,37 @@ impl Cx {
     }
 
     /// ```abnf
-    /// atom = 1*ATOM-CHAR
-    /// ; lenient: also list-wildcards, "\" and 8-bit octets, and bracketed sections with an
-    /// ; optional partial, as in BODY.PEEK[HEADER.FIELDS (DATE FROM)]<0.2048>
+    /// atom      = 1*ATOM-CHAR
+    /// list-char = ATOM-CHAR / list-wildcards / resp-specials
+    /// flag      = "\" atom / atom
+    /// fetch-att = ... / "BODY" [".PEEK"] section ["<" number "." nz-number ">"] /
+    ///             "BINARY" [".PEEK"] section-binary [partial] / "BINARY.SIZE" section-binary
+    /// ; one token for all of them. In a command: every CHAR but ( ) { " SP CTL, brackets
+    /// ; included (a section's header list is a token of its own). In a response: also 8-bit
+    /// ; octets, and a bracketed section, SP and lists included.
+    /// ; `in_code`: in a response, a "]" closes what encloses the atom (a section or a code).
     /// ```
     pub fn atom<'a>(&self, i: &'a [u8], depth: usize, in_code: bool) -> PResult<'a, ()> {
         let mut rest = i;
-        loop {
-            let n = rest
-                .iter()
-                .position(|&b| !is_lenient_atom_char(b, in_code))
-                .unwrap_or(rest.len());
-            rest = &rest[n..];
-            if rest.first() == Some(&b'[') {
-                rest = self.section(rest, depth)?.0;
-            } else {
-                break;
+        match self.dialect {
+            Dialect::Response => loop {
+                let n = rest
+                    .iter()
+                    .position(|&b| !is_lenient_atom_char(b, in_code))
+                    .unwrap_or(rest.len());
+                rest = &rest[n..];
+                if rest.first() == Some(&b'[') {
+                    rest = self.section(rest, depth)?.0;
+                } else {
+                    break;
+                }
+            },
+            Dialect::Command { .. } => {
+                let n = rest
+                    .iter()
+                    .position(|&b| !COMMAND_ATOM[usize::from(b)])
+                    .unwrap_or(rest.len());
+                rest = &rest[n..];
             }
         }
         if rest.len() == i.len() {
@@ -320,8 +429,10 @@ impl Cx {
     }
 
     /// ```abnf
-    /// section = "[" [section-spec] "]"
-    /// ; lenient: any tokens separated by SP
+    /// section        = "[" [section-spec] "]"
+    /// section-spec   = section-msgtext / (section-part ["." section-text])
+    /// section-binary = "[" [section-part] "]"
+    /// ; in a response, leniently: any tokens separated by SP
     /// ```
     fn section<'a>(&self, i: &'a [u8], depth: usize) -> PResult<'a, ()> {
         if depth >= self.max_depth {
@@ -332,8 +443,8 @@ impl Cx {
             match rest.first() {
                 Some(b']') => return Ok((&rest[1..], ())),
                 Some(b' ') => rest = &rest[1..],
+                Some(b'\r' | b'\n') | None => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => rest = self.token(rest, depth + 1, true)?.0,
-                None => return fail(rest, SyntaxErrorKind::Unbalanced),
             }
         }
     }
@@ -369,13 +480,25 @@ impl Cx {
     /// ```abnf
     /// literal  = "{" number64 ["+"] "}" CRLF *CHAR8
     /// literal8 = "~{" number64 ["+"] "}" CRLF *OCTET
-    /// ; a message cut after the CRLF (a streamed literal) yields a literal without data
+    /// ; a message cut after the CRLF (a streamed literal) yields a literal without data;
+    /// ; in a command a literal8 only where allowed (APPEND)
     /// ```
     pub fn literal<'a>(&self, i: &'a [u8]) -> PResult<'a, Token> {
         let (rest, binary) = match i.strip_prefix(b"~") {
             Some(rest) => (rest, true),
             None => (i, false),
         };
+        if binary
+            && matches!(
+                self.dialect,
+                Dialect::Command {
+                    literal8: false,
+                    ..
+                }
+            )
+        {
+            return fail(i, SyntaxErrorKind::Literal8NotAllowed);
+        }
         let (rest, _) = tag::<_, _, PError<'a>>(&b"{"[..])(rest)?;
         let (rest, digits) = take_while1::<_, _, PError<'a>>(|b: u8| b.is_ascii_digit())(rest)
             .map_err(|_| bad_literal(rest))?;
@@ -392,7 +515,9 @@ impl Cx {
             .ok_or_else(|| bad_literal(digits))?;
         let literal = Literal { len, sync, binary };
         let n = len as usize;
-        if rest.is_empty() && n > 0 {
+        // A message never ends right after an announcement (a CRLF follows the data, even
+        // none): here it was cut there, at a synchronizing literal, `{0}` included.
+        if rest.is_empty() {
             let span = self.span(i, rest);
             return Ok((
                 rest,
@@ -445,8 +570,8 @@ impl Cx {
                 Some(b'\r' | b'\n') | None => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => {
                     let (r, token) = self.token(rest, depth + 1, in_code)?;
+                    rest = self.separated(r, b')', &token)?.0;
                     items.push(token);
-                    rest = r;
                 }
             }
         }
@@ -471,8 +596,8 @@ impl Cx {
                 Some(b')') => return fail(rest, SyntaxErrorKind::Unbalanced),
                 Some(_) => {
                     let (r, token) = self.token(rest, 0, false)?;
+                    rest = self.separated(r, b'\r', &token)?.0;
                     items.push(token);
-                    rest = r;
                 }
             }
         }
@@ -480,10 +605,15 @@ impl Cx {
 
     /// ```abnf
     /// tag = 1*<any ASTRING-CHAR except "+">
+    /// ; in a command also not "]": Dovecot refuses such a tag (untagged BAD), so the command
+    /// ; would never be answered
     /// ```
     pub fn tag<'a>(&self, i: &'a [u8]) -> PResult<'a, Span> {
-        let (rest, _) = take_while1::<_, _, PError<'a>>(|b| is_astring_char(b) && b != b'+')(i)
-            .map_err(|_| nom::Err::Error(expected(i, "tag")))?;
+        let command = self.is_command();
+        let (rest, _) = take_while1::<_, _, PError<'a>>(|b| {
+            is_astring_char(b) && b != b'+' && !(command && b == b']')
+        })(i)
+        .map_err(|_| nom::Err::Error(expected(i, "tag")))?;
         Ok((rest, self.span(i, rest)))
     }
 

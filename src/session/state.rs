@@ -185,12 +185,14 @@ impl Conversation {
     ) -> Conversation {
         let client_limits = framing::Limits {
             max_line: settings.preauth_line,
+            max_id_line: settings.line,
             max_literal: settings.literal,
             inline_literal: settings.inline_literal,
             nonsync_max: None,
         };
         let upstream_limits = framing::Limits {
             max_line: UPSTREAM_MAX_LINE,
+            max_id_line: 0,
             max_literal: u32::MAX,
             inline_literal: settings.inline_literal,
             nonsync_max: None,

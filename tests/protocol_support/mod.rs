@@ -2,6 +2,8 @@
 //! messages, and reading the RFC example files.
 #![allow(dead_code)]
 
+pub mod grammar;
+
 use bytes::Bytes;
 use imapgate::imap::framing::{Direction, Frame, FrameError, Framer, Limits};
 
