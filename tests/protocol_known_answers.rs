@@ -291,7 +291,8 @@ const COMMANDS: &[Cmd] = &[
         "APPEND",
         K::Append,
         "a:INBOX a:CATENATE (a:TEXT ~{1+}:x a:URL q:/INBOX;UID=1)",
-        &[("M", "INBOX")],
+        // The URL names a mailbox: policies see it (and the namespace refuses it).
+        &[("M", "INBOX"), ("U", "/INBOX;UID=1")],
     ),
     cmd(
         "a APPEND INBOX {5000000}\r\n",

@@ -27,7 +27,7 @@ fn idle_before_login_is_refused_and_the_next_line_is_a_command() {
 
 #[test]
 fn binary_literal_before_login_is_refused_and_its_octets_are_data() {
-    // C: a NOOP ~{22+} / b LOGIN alice pw (22 octets)
+    // C: a NOOP ~{18+} / b LOGIN alice pw (18 octets)
     let mut conv = conv(ListenerTls::Starttls, false);
     drain(&mut conv);
     let (up, down) = c(
@@ -38,6 +38,14 @@ fn binary_literal_before_login_is_refused_and_its_octets_are_data() {
         up, "c NOOP\r\n",
         "the literal's octets never reach the server"
     );
+    assert!(down.starts_with("a BAD [CLIENTBUG] "), "{down}");
+}
+
+#[test]
+fn binary_literals_need_binary_from_the_server() {
+    let mut conv = logged_in();
+    let (up, down) = c(&mut conv, "a APPEND INBOX ~{3+}\r\nabc\r\nb NOOP\r\n");
+    assert_eq!(up, "b NOOP\r\n");
     assert_eq!(
         down,
         "a BAD [CLIENTBUG] Binary literals (~{n}) need the BINARY extension, which the server does not offer\r\n"
@@ -250,11 +258,11 @@ fn state_changing_commands_are_barriers() {
     );
     // ENABLE changes how mailbox names are read: what follows waits for its answer.
     assert_eq!(
-        upstream(c(&mut conv, "e ENABLE UTF8=ACCEPT\r\nf SELECT Ü\r\n")),
+        upstream(c(&mut conv, "e ENABLE UTF8=ACCEPT\r\nf SELECT \"Ü\"\r\n")),
         "e ENABLE UTF8=ACCEPT\r\n"
     );
     let (up, _) = s(&mut conv, "* ENABLED UTF8=ACCEPT\r\ne OK enabled\r\n");
-    assert_eq!(up, "f SELECT Ü\r\n");
+    assert_eq!(up, "f SELECT \"Ü\"\r\n");
 }
 
 #[test]
