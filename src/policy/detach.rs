@@ -13,6 +13,11 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 /// A hook running this long leaves the worker threads for the rest of its call.
 pub const DETACH_AFTER: Duration = Duration::from_millis(1);
 
+/// A hand-off that did not take (the machine too busy to start the new thread within
+/// [`HANDOFF`]) is tried again this much later, for as long as the call runs. Once it took,
+/// a further try costs only the [`HANDOFF`] pause.
+pub const DETACH_RETRY: Duration = Duration::from_millis(20);
+
 /// How long the hand-off may take: the worker's other tasks move to a thread that must start
 /// and take them before this call goes on without them (paid once, by a call already slow).
 const HANDOFF: Duration = Duration::from_millis(1);

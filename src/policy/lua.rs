@@ -69,13 +69,11 @@ struct VmPolicy {
 struct Budget {
     remaining: AtomicI64,
     deadline_ns: AtomicU64,
-    /// When the current call began (since `base`), for [`super::detach::DETACH_AFTER`].
-    started_ns: AtomicU64,
     base: Instant,
     /// The hook runs at every instruction: the budget ran out during this call.
     lowered: std::sync::atomic::AtomicBool,
-    /// This call already left the runtime's worker threads.
-    detached: std::sync::atomic::AtomicBool,
+    /// When this call next tries to leave the runtime's worker threads (since `base`).
+    next_detach_ns: AtomicU64,
 }
 
 impl Budget {
@@ -85,11 +83,10 @@ impl Budget {
             Ordering::Relaxed,
         );
         let now = self.base.elapsed();
-        self.started_ns.store(
-            u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+        self.next_detach_ns.store(
+            u64::try_from((now + super::detach::DETACH_AFTER).as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        self.detached.store(false, Ordering::Relaxed);
         let deadline = now + time;
         self.deadline_ns.store(
             u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX),
@@ -103,10 +100,12 @@ impl Budget {
             .fetch_sub(i64::from(CHECK_EVERY), Ordering::Relaxed)
             - i64::from(CHECK_EVERY);
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let running = now.saturating_sub(self.started_ns.load(Ordering::Relaxed));
-        if running > super::detach::DETACH_AFTER.as_nanos() as u64
-            && !self.detached.swap(true, Ordering::Relaxed)
-        {
+        if now > self.next_detach_ns.load(Ordering::Relaxed) {
+            // The hand-off may not take (the new thread did not start in time): try again
+            // a little later, for as long as the call runs.
+            let retry = super::detach::DETACH_RETRY.as_nanos() as u64;
+            self.next_detach_ns
+                .store(now.saturating_add(retry), Ordering::Relaxed);
             super::detach::leave_workers();
         }
         left < 0 || now > self.deadline_ns.load(Ordering::Relaxed)
@@ -803,11 +802,9 @@ fn load_vm(
     let budget = Arc::new(Budget {
         remaining: AtomicI64::new(i64::MAX),
         deadline_ns: AtomicU64::new(u64::MAX),
-        started_ns: AtomicU64::new(0),
         base: Instant::now(),
         lowered: std::sync::atomic::AtomicBool::new(false),
-        // Loading runs no session: nothing to leave.
-        detached: std::sync::atomic::AtomicBool::new(true),
+        next_detach_ns: AtomicU64::new(u64::MAX),
     });
     let hook_budget = budget.clone();
     lua.set_hook(
