@@ -14,6 +14,12 @@
 //!     (fed whole, one octet at a time and in random pieces, alone and pipelined), and parse
 //!     with the tag, name, argument tokens and mailbox arguments generated. The generators are
 //!     in `protocol_support::grammar`, for other tests to use.
+//! (e) The relay is byte-identical: every generated command, sent by a client that waits for
+//!     `+` where it must, through a conversation (logged in, a mailbox selected, no policies)
+//!     to a server that answers `+` wherever imapgate waits for one, reaches the server as
+//!     exactly its bytes, its literals announced synchronizing (`{n+}` as `{n}`, see
+//!     `imap::sync_literals`). Only the commands not valid in that state (LOGIN, AUTHENTICATE,
+//!     STARTTLS) and COMPRESS are answered by imapgate instead.
 
 mod protocol_support;
 
@@ -719,5 +725,152 @@ proptest! {
         pieces in pieces(),
     ) {
         accepted(&commands, &pieces)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (e) the relay is byte-identical
+// ---------------------------------------------------------------------------------------------
+
+use imapgate::policy::{ConnInfo, Policies};
+use imapgate::session::{Conversation, Settings};
+
+/// Logged in, INBOX selected, the server offering LITERAL+ and BINARY.
+fn selected_conversation() -> Conversation {
+    let caps = "IMAP4rev1 LITERAL+ BINARY ID ENABLE IDLE";
+    let greeting = format!("* OK [CAPABILITY {caps}] ready\r\n");
+    let mut conv = Conversation::new(
+        Settings::default(),
+        true,
+        Bytes::from(greeting),
+        Policies::none(),
+        ConnInfo::default(),
+    );
+    for (command, answer) in [
+        (
+            "l1 LOGIN u p\r\n".to_string(),
+            format!("l1 OK [CAPABILITY {caps}] in\r\n"),
+        ),
+        (
+            "l2 SELECT INBOX\r\n".to_string(),
+            "l2 OK [READ-WRITE] done\r\n".to_string(),
+        ),
+    ] {
+        conv.client_buffer().extend_from_slice(command.as_bytes());
+        conv.client_input();
+        conv.upstream_buffer().extend_from_slice(answer.as_bytes());
+        conv.upstream_input();
+    }
+    conv.to_upstream.drain_to_vec();
+    conv.to_client.drain_to_vec();
+    conv
+}
+
+/// The arguments with every literal synchronizing: what imapgate sends upstream.
+fn synchronizing(args: &[Arg]) -> Vec<Arg> {
+    args.iter()
+        .map(|a| match a {
+            Arg::Literal { data, binary, .. } => Arg::Literal {
+                data: data.clone(),
+                sync: true,
+                binary: *binary,
+            },
+            Arg::List(items) => Arg::List(synchronizing(items)),
+            Arg::Section {
+                name,
+                spec,
+                headers,
+                partial,
+            } => Arg::Section {
+                name: name.clone(),
+                spec: spec.clone(),
+                headers: headers.as_deref().map(synchronizing),
+                partial: *partial,
+            },
+            other => other.clone(),
+        })
+        .collect()
+}
+
+enum Relayed {
+    /// What the server received.
+    Sent(Vec<u8>),
+    /// imapgate's own answer.
+    Answered(String),
+}
+
+/// Plays the client (waiting for `+` where it must) and the server (answering `+` whenever
+/// imapgate waits for one) around one command.
+fn relay(command: &GenCommand) -> Result<Relayed, String> {
+    let mut conv = selected_conversation();
+    let expected_len = GenCommand {
+        args: synchronizing(&command.args),
+        ..command.clone()
+    }
+    .bytes()
+    .len();
+    let mut pieces = command.segments().into_iter();
+    let mut server = Vec::new();
+    let feed = |conv: &mut Conversation, piece: Option<Vec<u8>>| {
+        if let Some(piece) = piece {
+            conv.client_buffer().extend_from_slice(&piece);
+            conv.client_input();
+        }
+    };
+    feed(&mut conv, pieces.next());
+    for _ in 0..10_000 {
+        server.extend(conv.to_upstream.drain_to_vec());
+        let client = String::from_utf8_lossy(&conv.to_client.drain_to_vec()).into_owned();
+        let tag = String::from_utf8_lossy(&command.tag).into_owned();
+        if client.starts_with(&format!("{tag} ")) {
+            return Ok(Relayed::Answered(client));
+        }
+        if !client.is_empty() && !client.starts_with('+') {
+            return Err(format!("imapgate said {client:?}"));
+        }
+        if server.len() >= expected_len {
+            return Ok(Relayed::Sent(server));
+        }
+        if client.starts_with('+') {
+            // The relayed "+" for the client's synchronizing literal: it sends the rest.
+            feed(&mut conv, pieces.next());
+        } else if !conv.wants_client_input() {
+            // imapgate waits for the server: it says go on.
+            conv.upstream_buffer().extend_from_slice(b"+ OK\r\n");
+            conv.upstream_input();
+        } else {
+            return Err(format!(
+                "stuck: the server has {:?} of {expected_len} octets",
+                String::from_utf8_lossy(&server)
+            ));
+        }
+    }
+    Err("no end".into())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn every_command_is_relayed_byte_identical(c in grammar::command()) {
+        let expected = GenCommand { args: synchronizing(&c.args), ..c.clone() }.bytes();
+        match relay(&c).map_err(TestCaseError::fail)? {
+            Relayed::Sent(server) => {
+                prop_assert_eq!(
+                    String::from_utf8_lossy(&server),
+                    String::from_utf8_lossy(&expected)
+                );
+            }
+            Relayed::Answered(answer) => {
+                let own = matches!(
+                    c.kind,
+                    CommandKind::Login
+                        | CommandKind::Authenticate
+                        | CommandKind::Starttls
+                        | CommandKind::Compress
+                );
+                prop_assert!(own, "imapgate answered {:?}: {}", c.kind, answer);
+            }
+        }
     }
 }
