@@ -873,29 +873,38 @@ fn mailbox_commands() -> impl Strategy<Value = Body> {
     // append = "APPEND" SP mailbox [SP flag-list] [SP date-time] SP literal  (or literal8)
     // append-data = literal / literal8 / append-data-ext (RFC 3502 MULTIAPPEND: 1 or more)
     // catenate = "CATENATE" SP "(" cat-part *(SP cat-part) ")"; cat-part = text-literal / url
+    // A URL part names a mailbox (RFC 5092): a reader finds it with the role `Url`.
     let part = prop_oneof![
-        2 => prop_oneof![literal(), literal8()].prop_map(|l| vec![text("TEXT"), l]),
-        1 => astring().prop_map(|(url, _)| vec![text("URL"), url]),
+        2 => prop_oneof![literal(), literal8()].prop_map(|l| (vec![text("TEXT"), l], None)),
+        1 => astring().prop_map(|(url, value)| (vec![text("URL"), url], Some(value))),
     ];
     let data = prop_oneof![
-        3 => literal().prop_map(|l| vec![l]),
-        1 => literal8().prop_map(|l| vec![l]),
-        1 => vec(part, 1..4).prop_map(|parts| vec![text("CATENATE"), Arg::List(parts.concat())]),
+        3 => literal().prop_map(|l| (vec![l], Vec::new())),
+        1 => literal8().prop_map(|l| (vec![l], Vec::new())),
+        1 => vec(part, 1..4).prop_map(|parts| {
+            let (args, urls): (Vec<Vec<Arg>>, Vec<Option<Vec<u8>>>) = parts.into_iter().unzip();
+            let urls = urls.into_iter().flatten().collect();
+            (vec![text("CATENATE"), Arg::List(args.concat())], urls)
+        }),
     ];
     let message = (
         prop::option::of(flag_list()),
         prop::option::of(date_time()),
         data,
     )
-        .prop_map(|(flags, date, data)| {
+        .prop_map(|(flags, date, (data, urls))| {
             let mut args: Vec<Arg> = flags.into_iter().chain(date).collect();
             args.extend(data);
-            args
+            (args, urls)
         });
     let append = (mailbox(), vec(message, 1..3)).prop_map(|((m, value), messages)| {
         let mut args = vec![m];
-        args.extend(messages.concat());
-        with_mailboxes(body(K::Append, "APPEND", args), vec![(M, value)])
+        let mut mailboxes = vec![(M, value)];
+        for (message, urls) in messages {
+            args.extend(message);
+            mailboxes.extend(urls.into_iter().map(|u| (MailboxRole::Url, u)));
+        }
+        with_mailboxes(body(K::Append, "APPEND", args), mailboxes)
     });
     // list = "LIST" [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
     let patterns = prop_oneof![
