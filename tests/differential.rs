@@ -4,7 +4,7 @@
 //! imapgate runs with the shipped `require_tls` and `namespace` policies, the namespace as a
 //! boundary (`upstream_prefix = "Jail/"`), a plaintext STARTTLS listener and an implicit-TLS
 //! listener (both used), and reaches Dovecot through a recording relay
-//! (`tests/support/relay.rs`). A seeded generator (`differential/generate.rs`) builds each case:
+//! (`tests/support/tap.rs`). A seeded generator (`differential/generate.rs`) builds each case:
 //! an honest setup to a known state, then a pipeline of mode-switching commands, literals of
 //! every kind, `UID` prefixes, junk and plain commands, written all at once, split at random
 //! byte positions, or one byte at a time. Every place whose bytes must never run as a command
@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use imapgate::config::{MetricsConfig, PolicyConfig, UpstreamTls};
 use support::proxy::{IMAPS, Proxy, STARTTLS, config_for};
-use support::relay::Relay;
+use support::tap::Tap;
 use support::{Dovecot, DovecotOptions};
 
 use check::{Direct, Failure, failure};
@@ -144,12 +144,12 @@ upstream_prefix = "Jail/"
 upstream_delimiter = "/""#;
 
 /// One worker: its own imapgate (so metrics and the audit log belong to its cases alone),
-/// relay, accounts and direct connections to Dovecot.
+/// tap, accounts and direct connections to Dovecot.
 struct Worker {
     id: usize,
     acc: Accounts,
     proxy: Option<Proxy>,
-    relay: Relay,
+    tap: Tap,
     ep: Endpoints,
     metrics: std::net::SocketAddr,
     audit: PathBuf,
@@ -176,11 +176,11 @@ struct CaseResult {
 impl Worker {
     async fn start(id: usize, dc: &Dovecot) -> Worker {
         let acc = accounts(id);
-        let relay = Relay::start(dc.addr()).await;
+        let tap = Tap::start(dc.addr()).await;
         let dir = support::temp_dir();
         let audit = dir.path().join("audit.jsonl");
         let mut config = config_for(dc, UpstreamTls::None);
-        config.upstream.address = relay.addr().to_string();
+        config.upstream.address = tap.addr().to_string();
         config.policies = vec![
             policy("require_tls.lua", ""),
             policy("namespace.lua", NAMESPACE_JAIL),
@@ -202,7 +202,7 @@ impl Worker {
             id,
             acc,
             proxy: Some(proxy),
-            relay,
+            tap,
             ep,
             metrics,
             audit,
@@ -225,13 +225,13 @@ impl Worker {
     ) -> CaseResult {
         let log_offset = dc.log().len();
         let before = check::counts(self.metrics).await;
-        let relay_index = self.relay.count();
+        let tap_index = self.tap.connections();
 
         let outcome = run::run(&case, &self.ep, timeout).await;
         let mut failures = check::client(&case, &outcome);
 
         // Let imapgate and Dovecot finish the session.
-        if !self.relay.wait_closed(relay_index, SETTLE).await {
+        if !self.tap.wait_closed(tap_index, SETTLE).await {
             failures.push(failure(
                 "(c) the upstream connection stayed open after the client left",
                 format!("still open {} s after the case ended", SETTLE.as_secs()),
@@ -243,22 +243,19 @@ impl Worker {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if self.relay.count() > relay_index + 1 {
+        if self.tap.connections() > tap_index + 1 {
             failures.push(failure(
                 "(c) more than one upstream connection for one client connection",
-                format!("{} connections", self.relay.count() - relay_index),
+                format!("{} connections", self.tap.connections() - tap_index),
             ));
         }
-        let (transcript, reading, rport, logged_in_at) = match self.relay.connection(relay_index) {
-            Some(rec) => {
-                let rec = rec.lock().unwrap_or_else(|p| p.into_inner());
-                (
-                    oracle::transcript(&rec, "    ", 200),
-                    oracle::read(&rec, &case, outcome.tls_at),
-                    rec.upstream_local.map(|a| a.port()),
-                    check::upstream_logged_in_at(&rec),
-                )
-            }
+        let (transcript, reading, rport, logged_in_at) = match self.tap.recording(tap_index) {
+            Some(rec) => (
+                oracle::transcript(&rec, "    ", 200),
+                oracle::read(&rec, &case, outcome.tls_at),
+                rec.upstream_local.map(|a| a.port()),
+                check::upstream_logged_in_at(&rec),
+            ),
             None => (
                 "    (imapgate made no upstream connection)\n".to_string(),
                 oracle::Reading::default(),

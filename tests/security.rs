@@ -192,7 +192,7 @@ impl Gate {
 
     /// Everything imapgate sent the server so far (all connections).
     pub fn server_received(&self) -> String {
-        self.tap.to_server_text()
+        self.tap.to_upstream_text()
     }
 }
 

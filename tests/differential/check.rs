@@ -21,7 +21,7 @@ use super::generate::{Accounts, Case};
 use super::run::{End, Outcome};
 use super::wire;
 use crate::support::Client;
-use crate::support::relay::{Dir, Recording};
+use crate::support::tap::{Dir, Recording};
 
 #[derive(Clone, Debug)]
 pub struct Failure {

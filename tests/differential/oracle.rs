@@ -34,7 +34,7 @@ use imap_codec::decode::Decoder;
 
 use super::generate::Case;
 use super::wire::{self, Kind, Resp};
-use crate::support::relay::{Dir, Recording};
+use crate::support::tap::{Dir, Recording};
 
 /// Something the recording shows that must not happen.
 #[derive(Clone, Debug)]
@@ -600,7 +600,7 @@ mod tests {
 
     use super::*;
     use crate::generate::{Canary, Frag, Listener, Phase};
-    use crate::support::relay::Chunk;
+    use crate::support::tap::Chunk;
 
     fn case(canaries: &[&str], secrets: &[&str]) -> Case {
         Case {

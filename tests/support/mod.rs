@@ -3,8 +3,8 @@
 //! - [`pki`]: a test CA and leaf certificates (rcgen), as PEM strings and files;
 //! - [`dovecot`]: a private real Dovecot per test (or one shared per test binary);
 //! - [`client`]: a small async IMAP client whose tests read like transcripts;
-//! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received);
-//! - [`relay`]: a recording TCP relay with timings, for the differential test's replays;
+//! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received
+//!   and answered, chunk by chunk with timings), which can also inject bytes of its own;
 //! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact.
 //!
 //! ```ignore
@@ -30,7 +30,6 @@ pub mod dovecot;
 pub mod evidence;
 pub mod pki;
 pub mod proxy;
-pub mod relay;
 pub mod tap;
 
 pub use client::{Client, assert_tagged, capabilities, insecure_tls_config, quote, tls_config};

@@ -1,31 +1,81 @@
-//! A recording TCP relay between imapgate and its upstream: what the server really received.
+//! A recording TCP relay between imapgate and its upstream: what the server really received
+//! and answered, so a test can assert on it and a failing test can show it.
 //!
 //! ```ignore
-//! let tap = Tap::start(dc.addr()).await;            // imapgate's upstream is tap.addr()
-//! ...
-//! assert!(!tap.to_server_text().contains("LOGIN"));  // nothing of it reached Dovecot
-//! tap.inject(0, b"zz NOOP\r\n");                     // a hostile network, for the tripwire
+//! let tap = Tap::start(dc.addr()).await;             // 127.0.0.1, a port picked by the OS
+//! config.upstream.address = tap.addr().to_string();
+//! // ... a session through imapgate ...
+//! assert!(!tap.to_upstream_text().contains("LOGIN")); // nothing of it reached Dovecot
+//! tap.inject(0, b"zz NOOP\r\n");                      // a hostile network, for the tripwire
+//! tap.wait_closed(0, Duration::from_secs(3)).await;
+//! let rec = tap.recording(0).expect("one upstream connection");
+//! for e in &rec.events { /* e.dir, e.bytes, e.at */ }
 //! ```
 //!
-//! Bytes are relayed unchanged in both directions, as they arrive; each upstream connection
-//! (in accept order) keeps what imapgate sent, what the server answered, and what the test
-//! injected (kept apart, so "what imapgate sent" never includes the test's own bytes).
+//! Bytes are relayed unchanged in both directions, as they arrive (no delays, no splitting).
+//! Each chunk is recorded before it is forwarded, so causality holds in the recording: an
+//! answer of the upstream is always recorded before whatever imapgate sent because of it.
+//! Bytes the test injects are not recorded, so "what imapgate sent" never includes them.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-/// One relayed connection.
-#[derive(Clone)]
+/// Which way a chunk went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// From the tap's client (imapgate) to the upstream.
+    ToUpstream,
+    /// From the upstream to the tap's client.
+    ToClient,
+}
+
+/// One chunk as read from one side (or the end of that side: empty `bytes`, `eof` set).
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub at: Instant,
+    pub dir: Dir,
+    pub bytes: Vec<u8>,
+    pub eof: bool,
+    /// Why the side ended, when it was not a clean EOF (a reset, for example).
+    pub error: Option<String>,
+}
+
+/// Everything one relayed connection carried.
+#[derive(Clone, Debug)]
+pub struct Recording {
+    /// The address of the tap's client (imapgate's upstream socket).
+    pub client: SocketAddr,
+    /// The tap's own address on the upstream connection: the upstream sees this port as the
+    /// remote port (Dovecot's `%{rport}`).
+    pub upstream_local: Option<SocketAddr>,
+    pub events: Vec<Chunk>,
+    /// Both directions have ended.
+    pub closed: bool,
+    /// Connecting to the upstream failed (the client connection was closed at once).
+    pub connect_error: Option<String>,
+}
+
+impl Recording {
+    /// All bytes of one direction, concatenated.
+    pub fn bytes(&self, dir: Dir) -> Vec<u8> {
+        self.events
+            .iter()
+            .filter(|e| e.dir == dir)
+            .flat_map(|e| e.bytes.iter().copied())
+            .collect()
+    }
+}
+
+/// One accepted connection: its recording, and the way to slip bytes to its upstream.
 struct Conn {
-    to_server: Arc<Mutex<Vec<u8>>>,
-    to_client: Arc<Mutex<Vec<u8>>>,
-    injected: Arc<Mutex<Vec<u8>>>,
+    rec: Arc<Mutex<Recording>>,
     inject: mpsc::UnboundedSender<Vec<u8>>,
 }
 
@@ -33,38 +83,48 @@ struct Conn {
 pub struct Tap {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<Conn>>>,
+    /// Woken whenever a connection is accepted, records a chunk, or closes.
+    changed: Arc<Notify>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Tap {
     /// Listens on 127.0.0.1 (a port picked by the OS) and relays each connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Tap {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tap");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the tap on 127.0.0.1:0");
         let addr = listener.local_addr().expect("tap address");
         let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
+        let changed = Arc::new(Notify::new());
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (c, t) = (conns.clone(), tasks.clone());
+        let (list, notify, spawned) = (conns.clone(), changed.clone(), tasks.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
+            while let Ok((client, peer)) = listener.accept().await {
+                let rec = Arc::new(Mutex::new(Recording {
+                    client: peer,
+                    upstream_local: None,
+                    events: Vec::new(),
+                    closed: false,
+                    connect_error: None,
+                }));
                 let (tx, rx) = mpsc::unbounded_channel();
-                let conn = Conn {
-                    to_server: Arc::default(),
-                    to_client: Arc::default(),
-                    injected: Arc::default(),
+                lock(&list).push(Conn {
+                    rec: rec.clone(),
                     inject: tx,
-                };
-                c.lock().unwrap().push(conn.clone());
-                let handles = relay(client, server, conn, rx);
-                t.lock().unwrap().extend(handles);
+                });
+                notify.notify_waiters();
+                let task = tokio::spawn(serve(client, upstream, rec, rx, notify.clone()));
+                lock(&spawned).push(task);
             }
         });
-        tasks.lock().unwrap().push(accept);
-        Tap { addr, conns, tasks }
+        lock(&tasks).push(accept);
+        Tap {
+            addr,
+            conns,
+            changed,
+            tasks,
+        }
     }
 
     /// Where imapgate should connect instead of the server.
@@ -72,133 +132,209 @@ impl Tap {
         self.addr
     }
 
-    /// Upstream connections opened so far.
+    /// Connections accepted so far (in accept order, 0 = the first).
     pub fn connections(&self) -> usize {
-        self.conns.lock().unwrap().len()
+        lock(&self.conns).len()
     }
 
-    /// What imapgate sent the server on connection `i` (0 = the first).
-    pub fn to_server(&self, i: usize) -> Vec<u8> {
-        self.conn(i).to_server.lock().unwrap().clone()
+    /// A snapshot of what connection `i` carried so far.
+    pub fn recording(&self, i: usize) -> Option<Recording> {
+        lock(&self.conns).get(i).map(|c| lock(&c.rec).clone())
+    }
+
+    /// What imapgate sent the server on connection `i`.
+    pub fn to_upstream(&self, i: usize) -> Vec<u8> {
+        self.bytes(i, Dir::ToUpstream)
     }
 
     /// What the server sent imapgate on connection `i`.
     pub fn to_client(&self, i: usize) -> Vec<u8> {
-        self.conn(i).to_client.lock().unwrap().clone()
+        self.bytes(i, Dir::ToClient)
     }
 
     /// Everything imapgate sent the server on all connections, as lossy text (connections
     /// separated by a line `--- connection N ---`).
-    pub fn to_server_text(&self) -> String {
-        let conns = self.conns.lock().unwrap().clone();
-        let mut out = String::new();
-        for (i, c) in conns.iter().enumerate() {
-            out.push_str(&format!("--- connection {i} ---\n"));
-            out.push_str(&String::from_utf8_lossy(&c.to_server.lock().unwrap()));
-        }
-        out
+    pub fn to_upstream_text(&self) -> String {
+        self.text(Dir::ToUpstream)
     }
 
     /// Everything the server sent on all connections, as lossy text.
     pub fn to_client_text(&self) -> String {
-        let conns = self.conns.lock().unwrap().clone();
-        let mut out = String::new();
-        for (i, c) in conns.iter().enumerate() {
-            out.push_str(&format!("--- connection {i} ---\n"));
-            out.push_str(&String::from_utf8_lossy(&c.to_client.lock().unwrap()));
-        }
-        out
+        self.text(Dir::ToClient)
     }
 
     /// Sends `bytes` to the server on connection `i`, as if imapgate had sent them.
     pub fn inject(&self, i: usize, bytes: &[u8]) {
-        let conn = self.conn(i);
-        conn.injected.lock().unwrap().extend_from_slice(bytes);
+        let conns = lock(&self.conns);
+        let conn = conns
+            .get(i)
+            .unwrap_or_else(|| panic!("no tap connection {i}"));
         conn.inject
             .send(bytes.to_vec())
             .expect("tap connection gone");
     }
 
-    /// Waits (up to `limit`) until what the server sent on connection `i` satisfies `done`.
+    /// Waits (up to `limit`) until what the server sent on connection `i` satisfies `done`;
+    /// panics, showing what it did send, if it never does.
     pub async fn wait_to_client(&self, i: usize, limit: Duration, done: impl Fn(&str) -> bool) {
-        let end = Instant::now() + limit;
+        let seen = self
+            .wait_for(i, limit, |r| {
+                done(&String::from_utf8_lossy(&r.bytes(Dir::ToClient)))
+            })
+            .await;
+        assert!(
+            seen,
+            "the server never sent what was awaited on tap connection {i}; it sent:\n{}",
+            self.to_client_text()
+        );
+    }
+
+    /// Waits (up to `limit`) until connection `i` exists and both its directions have ended.
+    /// Returns whether it did.
+    pub async fn wait_closed(&self, i: usize, limit: Duration) -> bool {
+        self.wait_for(i, limit, |r| r.closed).await
+    }
+
+    /// Waits (up to `limit`) until connection `i` exists and its recording satisfies `done`,
+    /// looking again whenever the recordings change. Returns whether it did.
+    async fn wait_for(&self, i: usize, limit: Duration, done: impl Fn(&Recording) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if self.connections() > i && done(&String::from_utf8_lossy(&self.to_client(i))) {
-                return;
+            // Taken before looking, so a change between the look and the wait still wakes us.
+            let changed = self.changed.notified();
+            if lock(&self.conns)
+                .get(i)
+                .is_some_and(|c| done(&lock(&c.rec)))
+            {
+                return true;
             }
-            assert!(
-                Instant::now() < end,
-                "the server never sent what was awaited on tap connection {i}; it sent:\n{}",
-                self.to_client_text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
         }
     }
 
-    fn conn(&self, i: usize) -> Conn {
-        self.conns
-            .lock()
-            .unwrap()
+    fn bytes(&self, i: usize, dir: Dir) -> Vec<u8> {
+        let conns = lock(&self.conns);
+        let conn = conns
             .get(i)
-            .cloned()
-            .unwrap_or_else(|| panic!("no tap connection {i}"))
+            .unwrap_or_else(|| panic!("no tap connection {i}"));
+        lock(&conn.rec).bytes(dir)
+    }
+
+    fn text(&self, dir: Dir) -> String {
+        let conns = lock(&self.conns);
+        let mut out = String::new();
+        for (i, c) in conns.iter().enumerate() {
+            out.push_str(&format!("--- connection {i} ---\n"));
+            out.push_str(&String::from_utf8_lossy(&lock(&c.rec).bytes(dir)));
+        }
+        out
     }
 }
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        for task in self.tasks.lock().unwrap().drain(..) {
+        for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
     }
 }
 
-/// Two copying tasks; a half-close is passed on, so the server sees the end imapgate sent.
-fn relay(
+/// A test that panicked while holding a lock must not hide what was recorded.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn serve(
     client: TcpStream,
-    server: TcpStream,
-    conn: Conn,
-    mut inject: mpsc::UnboundedReceiver<Vec<u8>>,
-) -> [JoinHandle<()>; 2] {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = conn.clone();
-    let to_server = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            tokio::select! {
-                n = cr.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        up.to_server.lock().unwrap().extend_from_slice(&buf[..n]);
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                },
-                Some(bytes) = inject.recv() => {
-                    if sw.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            }
+    upstream: SocketAddr,
+    rec: Arc<Mutex<Recording>>,
+    inject: mpsc::UnboundedReceiver<Vec<u8>>,
+    notify: Arc<Notify>,
+) {
+    let server = match TcpStream::connect(upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut r = lock(&rec);
+            r.connect_error = Some(e.to_string());
+            r.closed = true;
+            drop(r);
+            notify.notify_waiters();
+            return;
         }
-        let _ = sw.shutdown().await;
-    });
-    let to_client = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    conn.to_client.lock().unwrap().extend_from_slice(&buf[..n]);
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    lock(&rec).upstream_local = server.local_addr().ok();
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up = pump(
+        client_read,
+        server_write,
+        Dir::ToUpstream,
+        Some(inject),
+        &rec,
+        &notify,
+    );
+    let down = pump(
+        server_read,
+        client_write,
+        Dir::ToClient,
+        None,
+        &rec,
+        &notify,
+    );
+    tokio::join!(up, down);
+    lock(&rec).closed = true;
+    notify.notify_waiters();
+}
+
+/// Copies one direction, recording each chunk before writing it on, and writes what the test
+/// injects in between. A reset on either side ends the direction like an EOF; the other
+/// side's write half is then shut down (a half-close is passed on).
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    dir: Dir,
+    mut inject: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    rec: &Mutex<Recording>,
+    notify: &Notify,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            Some(bytes) = injected(&mut inject) => {
+                if to.write_all(&bytes).await.is_err() {
+                    break;
                 }
+                continue;
             }
+        };
+        let (n, error) = match read {
+            Ok(n) => (n, None),
+            Err(e) => (0, Some(e.to_string())),
+        };
+        lock(rec).events.push(Chunk {
+            at: Instant::now(),
+            dir,
+            bytes: buf[..n].to_vec(),
+            eof: n == 0,
+            error,
+        });
+        notify.notify_waiters();
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
         }
-        let _ = cw.shutdown().await;
-    });
-    [to_server, to_client]
+    }
+    let _ = to.shutdown().await;
+}
+
+/// The next injected bytes; never, for a direction that takes none.
+async fn injected(inject: &mut Option<mpsc::UnboundedReceiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    match inject {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
