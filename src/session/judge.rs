@@ -56,7 +56,7 @@ impl Conversation {
                     if let Some(filter) = list_filter(&command, &view)
                         && let Some(p) = self.pending.get_mut(seq)
                     {
-                        p.list_filter = Some(filter);
+                        p.list_filter = Some(Box::new(filter));
                     }
                 }
                 Err(e) => self.unencodable(&command, &e, literal),
@@ -220,7 +220,7 @@ impl Conversation {
             && let Some(owner) = self.pending.oldest_list_mut()
             && owner.held_inbox.is_none()
         {
-            owner.held_inbox = Some(response);
+            owner.held_inbox = Some(Box::new(response));
             return;
         }
         let list = matches!(kind, DataKind::List | DataKind::Lsub);
@@ -231,7 +231,7 @@ impl Conversation {
         } else {
             None
         };
-        if self.judge_untagged(set, response, filter.as_mut()) == Judged::Failed {
+        if self.judge_untagged(set, response, filter.as_deref_mut()) == Judged::Failed {
             self.fail_owner(list);
         }
         if let Some(filter) = filter

@@ -85,10 +85,10 @@ pub struct Pending {
     pub name: CommandName,
     pub kind: PendingKind,
     pub started: Instant,
-    pub list_filter: Option<ListFilter>,
+    pub list_filter: Option<Box<ListFilter>>,
     /// INBOX's LIST/LSUB entry, relayed after the command's other entries (so that a policy
     /// judging it has seen them).
-    pub held_inbox: Option<Response>,
+    pub held_inbox: Option<Box<Response>>,
     /// A policy failed on one of this command's untagged responses (fail closed): the
     /// command completes `NO [UNAVAILABLE]` whatever the upstream said.
     pub failed: bool,

@@ -917,7 +917,9 @@ impl Conversation {
         if let Some(inbox) = pending.held_inbox.take() {
             let set = self.policies.current();
             let mut filter = pending.list_filter.take();
-            if self.judge_untagged(&set, inbox, filter.as_mut()) == super::judge::Judged::Failed {
+            if self.judge_untagged(&set, *inbox, filter.as_deref_mut())
+                == super::judge::Judged::Failed
+            {
                 pending.failed = true;
             }
         }
