@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use imapgate::config::{MetricsConfig, PolicyConfig, UpstreamTls};
+use support::evidence::http_get_within;
 use support::proxy::{IMAPS, PLAIN, Proxy, config_for};
 use support::{Client, Dovecot};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn policy(file: &str, options: &str) -> PolicyConfig {
     PolicyConfig {
@@ -19,25 +19,6 @@ fn policy(file: &str, options: &str) -> PolicyConfig {
         options: toml::from_str(options).expect("options"),
         on_error: Default::default(),
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The value of one sample line `name{labels} value` of a scrape (labels in the sorted order
@@ -89,7 +70,7 @@ async fn scripted_session_gives_exact_counts_and_audit_lines() {
     c.logout().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let (status, scrape) = http_get(metrics, "/metrics").await;
+    let (status, scrape) = http_get_within(metrics, "/metrics", Duration::from_secs(10)).await;
     assert_eq!(status, 200);
     for (series, want) in [
         ("imapgate_logins_total{result=\"ok\"}", 1.0),
@@ -190,7 +171,7 @@ async fn scripted_session_gives_exact_counts_and_audit_lines() {
         eprintln!("promtool not installed: format checked by tests/metrics_format.rs only");
     }
 
-    let (status, body) = http_get(metrics, "/healthz").await;
+    let (status, body) = http_get_within(metrics, "/healthz", Duration::from_secs(10)).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
 
     proxy.shutdown().await;

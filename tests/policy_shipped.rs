@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use imapgate::config::{Config, PolicyConfig, UpstreamTls};
 use support::proxy::{IMAPS, PLAIN, Proxy, STARTTLS, config_for};
-use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities};
+use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities, list_names};
 
 fn policy(file: &str, options: &str) -> PolicyConfig {
     let options: toml::Table = toml::from_str(options).expect("options");
@@ -101,18 +101,6 @@ const NAMESPACE_OPTIONS: &str = r#"client_prefix = "INBOX."
 client_delimiter = "."
 upstream_prefix = ""
 upstream_delimiter = "/""#;
-
-fn list_names(responses: &[String]) -> Vec<String> {
-    responses
-        .iter()
-        .filter(|l| l.starts_with("* LIST ") || l.starts_with("* LSUB "))
-        .map(|l| {
-            let after_flags = l.split_once(") ").map_or("", |x| x.1);
-            let name = after_flags.split_once(' ').map_or("", |x| x.1);
-            name.trim_matches('"').to_string()
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_translates_both_ways() {

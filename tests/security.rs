@@ -43,6 +43,7 @@ use std::time::Duration;
 use imapgate::config::{Config, MetricsConfig, OnError, PolicyConfig, UpstreamTls};
 use serde_json::Value;
 use support::evidence::{audit_records, scrape};
+pub use support::list_names;
 use support::proxy::{Proxy, config_for};
 use support::tap::Tap;
 use support::{Client, Dovecot, DovecotOptions, quote};
@@ -225,19 +226,6 @@ pub async fn server_messages(c: &mut Client, mailbox: &str) -> Option<u32> {
         .next()?
         .parse()
         .ok()
-}
-
-/// The mailbox names of `* LIST` / `* LSUB` responses (quotes removed).
-pub fn list_names(responses: &[String]) -> Vec<String> {
-    responses
-        .iter()
-        .filter(|l| l.starts_with("* LIST ") || l.starts_with("* LSUB "))
-        .map(|l| {
-            let after_flags = l.split_once(") ").map_or("", |x| x.1);
-            let name = after_flags.split_once(' ').map_or("", |x| x.1);
-            name.trim_matches('"').to_string()
-        })
-        .collect()
 }
 
 /// The tagged response for `tag` among `responses`, if any.

@@ -579,3 +579,16 @@ fn announced_literal(line: &[u8]) -> Option<(usize, bool)> {
     }
     Some((std::str::from_utf8(digits).ok()?.parse().ok()?, non_sync))
 }
+
+/// The mailbox names of `* LIST` / `* LSUB` responses (quotes removed).
+pub fn list_names(responses: &[String]) -> Vec<String> {
+    responses
+        .iter()
+        .filter(|l| l.starts_with("* LIST ") || l.starts_with("* LSUB "))
+        .map(|l| {
+            let after_flags = l.split_once(") ").map_or("", |x| x.1);
+            let name = after_flags.split_once(' ').map_or("", |x| x.1);
+            name.trim_matches('"').to_string()
+        })
+        .collect()
+}

@@ -32,7 +32,9 @@ pub mod pki;
 pub mod proxy;
 pub mod tap;
 
-pub use client::{Client, assert_tagged, capabilities, insecure_tls_config, quote, tls_config};
+pub use client::{
+    Client, assert_tagged, capabilities, insecure_tls_config, list_names, quote, tls_config,
+};
 pub use dovecot::{Dovecot, DovecotOptions, generated_user};
 pub use pki::Pki;
 
