@@ -287,11 +287,17 @@ async fn upstream_killed_mid_fetch_closes_only_that_session() {
     // Ask for the big message but do not read it: the relay fills up and waits.
     victim.send_line("v3 FETCH 1 BODY.PEEK[]").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let killed = std::process::Command::new("pkill")
-        .args(["-9", "-f", "imap \\[alice"])
+    let imap = dc.processes_matching("imap [alice");
+    assert_eq!(
+        imap.len(),
+        1,
+        "alice's imap process of this Dovecot: {imap:?}"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &imap[0].to_string()])
         .status()
-        .expect("pkill");
-    assert!(killed.success(), "no imap process for alice found");
+        .expect("kill");
+    assert!(killed.success(), "could not kill alice's imap process");
 
     let received = victim.expect_closed().await;
     assert!(

@@ -349,6 +349,32 @@ impl Dovecot {
         self.child.id()
     }
 
+    /// The PIDs of this instance's own processes (children of its master) whose command line
+    /// contains `needle`, e.g. `imap [alice` with `verbose_proctitle = yes`: never another
+    /// instance's, whatever their names.
+    pub fn processes_matching(&self, needle: &str) -> Vec<u32> {
+        let master = self.pid();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // After the command name in parentheses: state, then the parent's PID.
+                let parent = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                parent == Some(master)
+                    && String::from_utf8_lossy(&cmdline)
+                        .replace('\0', " ")
+                        .contains(needle)
+            })
+            .collect()
+    }
+
     /// Dovecot's log so far (its log_path and its stdout/stderr share one file).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
