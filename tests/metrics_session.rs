@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use imapgate::config::{MetricsConfig, PolicyConfig, UpstreamTls};
-use support::evidence::http_get_within;
+use support::evidence::{http_get_within, sample};
 use support::proxy::{IMAPS, PLAIN, Proxy, config_for};
 use support::{Client, Dovecot};
 
@@ -19,19 +19,6 @@ fn policy(file: &str, options: &str) -> PolicyConfig {
         options: toml::from_str(options).expect("options"),
         on_error: Default::default(),
     }
-}
-
-/// The value of one sample line `name{labels} value` of a scrape (labels in the sorted order
-/// the prometheus crate writes them).
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map(|v| v.trim().parse().expect("number"))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
