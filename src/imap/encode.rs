@@ -68,12 +68,11 @@ impl EncodeOptions {
     };
 }
 
-/// Encoded bytes, and where a client must wait for a continuation request before going on
-/// (after each synchronizing literal's announcement).
+/// Encoded bytes. (Where a client must wait for `+` is found by
+/// [`super::sync_literals`], from the bytes, as for every message sent upstream.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Encoded {
     pub bytes: Vec<u8>,
-    pub sync_points: Vec<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -212,9 +211,6 @@ impl Encoded {
         };
         // Writing to a Vec cannot fail.
         let _ = write!(self.bytes, "{{{}{plus}}}\r\n", s.len());
-        if opts.literal == LiteralForm::Sync {
-            self.sync_points.push(self.bytes.len());
-        }
         self.bytes.extend_from_slice(s);
         Ok(())
     }
@@ -420,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn sync_literals_record_where_to_wait() {
+    fn sync_literals_are_announced_without_plus() {
         let opts = EncodeOptions {
             literal: LiteralForm::Sync,
             utf8: false,
@@ -428,7 +424,6 @@ mod tests {
         let out =
             command(b"a1", b"SELECT", &[Value::String(b"x\ny".to_vec())], opts).expect("encodes");
         assert_eq!(out.bytes, b"a1 SELECT {3}\r\nx\ny\r\n");
-        assert_eq!(out.sync_points, vec![15]);
     }
 
     #[test]
