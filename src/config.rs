@@ -20,9 +20,14 @@ pub struct Config {
     /// `[[listener]]` tables: where clients connect.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
-    /// `[upstream]`: the one IMAP server every session is relayed to.
-    #[serde(default)]
-    pub upstream: UpstreamConfig,
+    /// `[upstream]` (one server, named `default`) or `[[upstream]]` (named servers, the first
+    /// being the default route). Never empty after loading.
+    #[serde(
+        rename = "upstream",
+        default = "default_upstreams",
+        deserialize_with = "one_or_many_upstreams"
+    )]
+    pub upstreams: Vec<UpstreamConfig>,
     /// `[limits]`: sizes and timeouts that bound what one client can cost.
     #[serde(default)]
     pub limits: Limits,
@@ -98,10 +103,45 @@ pub enum UpstreamTls {
     Starttls,
 }
 
-/// The upstream IMAP server.
+fn default_upstreams() -> Vec<UpstreamConfig> {
+    vec![UpstreamConfig::default()]
+}
+
+/// `[upstream]` is one table, `[[upstream]]` an array of them.
+fn one_or_many_upstreams<'de, D>(d: D) -> Result<Vec<UpstreamConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(UpstreamConfig),
+        Many(Vec<UpstreamConfig>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+/// What imapgate tells an upstream about the client, before anything else on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    None,
+    /// The PROXY protocol's text header.
+    V1,
+    /// The PROXY protocol's binary header.
+    V2,
+}
+
+/// An upstream IMAP server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
+    /// How routes, logs and metrics name it; `default` for a single `[upstream]`.
+    pub name: String,
     /// `host:port`; the host may be a name, resolved at each connection.
     pub address: String,
     pub tls: UpstreamTls,
@@ -114,17 +154,28 @@ pub struct UpstreamConfig {
     pub verify: bool,
     /// Bounds the whole setup: TCP connect, TLS handshake, greeting and STARTTLS.
     pub connect_timeout_s: u64,
+    /// A PROXY protocol header with the client's real address, sent first on every
+    /// connection (the server must trust imapgate for it: Dovecot's
+    /// `haproxy_trusted_networks`).
+    pub send_proxy: SendProxy,
+    /// Before the login is replayed, an `ID` with the client's real address and port and the
+    /// session id (`x-originating-ip` ...), which Dovecot believes from its
+    /// `login_trusted_networks`.
+    pub forward_id: bool,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
+            name: "default".to_owned(),
             address: "127.0.0.1:143".to_owned(),
             tls: UpstreamTls::None,
             server_name: None,
             ca: None,
             verify: true,
             connect_timeout_s: 10,
+            send_proxy: SendProxy::None,
+            forward_id: false,
         }
     }
 }
@@ -392,12 +443,17 @@ impl Config {
             listener.cert.as_mut().map(anchor);
             listener.key.as_mut().map(anchor);
         }
-        if self.upstream.server_name.is_none()
-            && let Some((host, _)) = split_host_port(&self.upstream.address)
-        {
-            self.upstream.server_name = Some(host.to_owned());
+        if self.upstreams.is_empty() {
+            self.upstreams = default_upstreams();
         }
-        self.upstream.ca.as_mut().map(anchor);
+        for up in &mut self.upstreams {
+            if up.server_name.is_none()
+                && let Some((host, _)) = split_host_port(&up.address)
+            {
+                up.server_name = Some(host.to_owned());
+            }
+            up.ca.as_mut().map(anchor);
+        }
         for policy in &mut self.policies {
             anchor(&mut policy.script);
         }
@@ -439,14 +495,65 @@ impl Config {
                 }
             }
         }
-        self.validate_upstream()?;
+        self.validate_upstreams()?;
         self.validate_limits()?;
         self.validate_log()
     }
 
-    fn validate_upstream(&self) -> Result<(), Invalid> {
-        let up = &self.upstream;
-        let at = |key: &str| vec![Seg::key("upstream"), Seg::key(key)];
+    fn validate_upstreams(&self) -> Result<(), Invalid> {
+        let many = self.upstreams.len() > 1;
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let at = |key: &str| {
+                let mut field = vec![Seg::key("upstream")];
+                if many {
+                    field.push(Seg::Index(i));
+                }
+                field.push(Seg::key(key));
+                field
+            };
+            let name_ok = !up.name.is_empty()
+                && up
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok {
+                return Err(Invalid::new(
+                    at("name"),
+                    format!(
+                        "{:?} is not a name: letters, digits, '-', '_' and '.' only",
+                        up.name
+                    ),
+                ));
+            }
+            if let Some(j) = self.upstreams[..i].iter().position(|o| o.name == up.name) {
+                return Err(Invalid::new(
+                    at("name"),
+                    format!("name {:?} is also used by upstream[{j}]", up.name),
+                ));
+            }
+            Self::validate_upstream(up, &at)?;
+            // Accepted by the schema ahead of their implementation (issue 10): refused until
+            // then, rather than silently ignored.
+            if up.send_proxy != SendProxy::None {
+                return Err(Invalid::new(at("send_proxy"), "not supported yet"));
+            }
+            if up.forward_id {
+                return Err(Invalid::new(at("forward_id"), "not supported yet"));
+            }
+        }
+        if many {
+            return Err(Invalid::new(
+                vec![Seg::key("upstream"), Seg::Index(1)],
+                "routing between several upstreams is not supported yet: configure one",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(
+        up: &UpstreamConfig,
+        at: &dyn Fn(&str) -> Vec<Seg>,
+    ) -> Result<(), Invalid> {
         if split_host_port(&up.address).is_none() {
             return Err(Invalid::new(
                 at("address"),
@@ -771,8 +878,8 @@ mod tests {
         assert_eq!(c.listeners[0].tls, ListenerTls::Implicit);
         assert_eq!(c.listeners[1].bind, "127.0.0.1:1143".parse().unwrap());
         assert_eq!(c.listeners[1].tls, ListenerTls::Starttls);
-        assert_eq!(c.upstream.address, "127.0.0.1:10143");
-        assert_eq!(c.upstream.tls, UpstreamTls::None);
+        assert_eq!(c.upstreams[0].address, "127.0.0.1:10143");
+        assert_eq!(c.upstreams[0].tls, UpstreamTls::None);
         let d = Limits::default();
         let l = &c.limits;
         assert_eq!(
@@ -797,14 +904,49 @@ mod tests {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.listeners[0].name, "127.0.0.1:1993");
         assert_eq!(c.listeners[0].tls, ListenerTls::Implicit);
-        assert_eq!(c.upstream.address, "127.0.0.1:143");
-        assert_eq!(c.upstream.server_name.as_deref(), Some("127.0.0.1"));
-        assert!(c.upstream.verify);
-        assert_eq!(c.upstream.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(c.upstreams[0].address, "127.0.0.1:143");
+        assert_eq!(c.upstreams[0].server_name.as_deref(), Some("127.0.0.1"));
+        assert!(c.upstreams[0].verify);
+        assert_eq!(c.upstreams[0].connect_timeout(), Duration::from_secs(10));
         assert_eq!(c.limits.literal, 67_108_864);
         assert_eq!(c.log.level.0, "info");
         assert!(c.metrics.is_none());
         assert!(c.policies.is_empty());
+    }
+
+    #[test]
+    fn one_upstream_table_or_named_upstreams() {
+        let one = parse(&format!("{MINIMAL}[upstream]\naddress = \"mail:143\"\n")).unwrap();
+        assert_eq!(one.upstreams.len(), 1);
+        assert_eq!(one.upstreams[0].name, "default");
+        let text = format!(
+            "{MINIMAL}[[upstream]]\nname = \"mail1\"\naddress = \"m1:143\"\n\
+             [[upstream]]\nname = \"mail2\"\naddress = \"m2:993\"\ntls = \"implicit\"\n\
+             send_proxy = \"v2\"\nforward_id = true\n"
+        );
+        let mut many: Config = toml::from_str(&text).unwrap();
+        many.resolve(Path::new(""));
+        let names: Vec<_> = many.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["mail1", "mail2"]);
+        assert_eq!(many.upstreams[1].server_name.as_deref(), Some("m2"));
+        assert_eq!(many.upstreams[1].send_proxy, SendProxy::V2);
+        assert!(many.upstreams[1].forward_id);
+        // Not yet implemented, so refused rather than ignored.
+        assert!(parse(&text).is_err());
+        let err = parse(&format!(
+            "{MINIMAL}[[upstream]]\nname = \"a\"\naddress = \"m1:143\"\n\
+             [[upstream]]\nname = \"a\"\naddress = \"m2:143\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upstream[1].name") && err.contains("also used"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}[upstream]\nname = \"a b\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.name"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
 use crate::metrics::{HealthState, Metrics, MetricsError};
 use crate::net::tls::{self, TlsError};
+use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
 use crate::policy::{Policies, PolicyError};
 use crate::session::{self, Listener, SessionError, Settings, Shared};
@@ -37,8 +38,8 @@ pub enum ServerError {
     },
     #[error("listener {name}: {source}")]
     ListenerTls { name: String, source: TlsError },
-    #[error("upstream TLS: {0}")]
-    UpstreamTls(#[source] TlsError),
+    #[error("upstream {name}: TLS: {source}")]
+    UpstreamTls { name: String, source: TlsError },
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -67,8 +68,9 @@ pub struct Server {
     drain: Duration,
 }
 
-/// One acceptor per listener (`None` for plaintext ones) and the upstream's client config.
-pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Option<Arc<rustls::ClientConfig>>);
+/// One acceptor per listener (`None` for plaintext ones) and the upstreams, each with the TLS
+/// client configuration it needs.
+pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Vec<Target>);
 
 /// The TLS configurations the config asks for; used by `check` too, so that unreadable
 /// certificates are reported before the proxy runs.
@@ -98,20 +100,32 @@ pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
         };
         acceptors.push(acceptor);
     }
-    let upstream_tls = match config.upstream.tls {
-        UpstreamTls::None => None,
-        UpstreamTls::Implicit | UpstreamTls::Starttls => Some(
-            tls::client_config(config.upstream.ca.as_deref(), config.upstream.verify)
-                .map_err(ServerError::UpstreamTls)?,
-        ),
-    };
-    Ok((acceptors, upstream_tls))
+    let mut upstreams = Vec::new();
+    for up in &config.upstreams {
+        let tls = match up.tls {
+            UpstreamTls::None => None,
+            UpstreamTls::Implicit | UpstreamTls::Starttls => Some(
+                tls::client_config(up.ca.as_deref(), up.verify).map_err(|source| {
+                    ServerError::UpstreamTls {
+                        name: up.name.clone(),
+                        source,
+                    }
+                })?,
+            ),
+        };
+        upstreams.push(Target {
+            config: up.clone(),
+            tls,
+        });
+    }
+    Ok((acceptors, upstreams))
 }
 
 impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let (acceptors, upstream_tls) = tls_setup(&config)?;
+        let (acceptors, upstreams) = tls_setup(&config)?;
+        let upstreams: Arc<[Target]> = upstreams.into();
         let metrics = Metrics::new();
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
         let health = HealthState::new();
@@ -157,8 +171,7 @@ impl Server {
                 policies: policies.clone(),
                 metrics: metrics.clone(),
                 audit: audit.clone(),
-                upstream: config.upstream.clone(),
-                upstream_tls: upstream_tls.clone(),
+                upstreams: upstreams.clone(),
                 settings: Settings {
                     listener_tls: l.tls,
                     ..settings.clone()

@@ -57,12 +57,15 @@ script = "/opt/p.lua"
     assert_eq!(l.name, "imaps");
     assert_eq!(l.cert.as_deref(), Some(Path::new("/etc/imapgate/cert.pem")));
     assert_eq!(l.key.as_deref(), Some(Path::new("/abs/key.pem")));
-    assert_eq!(c.upstream.server_name.as_deref(), Some("imap.example.com"));
     assert_eq!(
-        c.upstream.ca.as_deref(),
+        c.upstreams[0].server_name.as_deref(),
+        Some("imap.example.com")
+    );
+    assert_eq!(
+        c.upstreams[0].ca.as_deref(),
         Some(Path::new("/etc/imapgate/ca.pem"))
     );
-    assert!(!c.upstream.verify);
+    assert!(!c.upstreams[0].verify);
     assert_eq!(c.log.format, LogFormat::Json);
     assert_eq!(
         c.policies[0].script,
@@ -283,7 +286,7 @@ fn upstream_tls_server_name_defaults_to_host_and_must_be_valid() {
         "{MINIMAL}[upstream]\naddress = \"[::1]:993\"\ntls = \"implicit\"\n"
     ))
     .unwrap();
-    assert_eq!(c.upstream.tls_server_name(), "::1");
+    assert_eq!(c.upstreams[0].tls_server_name(), "::1");
     let (field, _, _) = invalid(&format!(
         "{MINIMAL}[upstream]\naddress = \"127.0.0.1:143\"\ntls = \"starttls\"\nserver_name = \"bad name!\"\n"
     ));

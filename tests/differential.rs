@@ -180,7 +180,7 @@ impl Worker {
         let dir = support::temp_dir();
         let audit = dir.path().join("audit.jsonl");
         let mut config = config_for(dc, UpstreamTls::None);
-        config.upstream.address = tap.addr().to_string();
+        config.upstreams[0].address = tap.addr().to_string();
         config.policies = vec![
             policy("require_tls.lua", ""),
             policy("namespace.lua", NAMESPACE_JAIL),

@@ -140,7 +140,7 @@ impl Gate {
         let dir = support::temp_dir();
         let audit = dir.path().join("audit.jsonl");
         let mut config = config_for(dc, UpstreamTls::None);
-        config.upstream.address = tap.addr().to_string();
+        config.upstreams[0].address = tap.addr().to_string();
         config.policies = policies;
         config.metrics = Some(MetricsConfig {
             bind: "127.0.0.1:0".parse().expect("address"),

@@ -28,6 +28,24 @@ const MAX_STARTTLS_LINES: usize = 32;
 /// Our own tag: the session has not started yet, so it cannot clash with a client's.
 const STARTTLS_TAG: &[u8] = b"imapgate0";
 
+/// One configured upstream with the TLS client configuration it needs.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub config: UpstreamConfig,
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+impl Target {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Connects, reads the greeting and, for STARTTLS, upgrades.
+    pub async fn connect(&self) -> Result<Upstream, UpstreamError> {
+        connect(&self.config, self.tls.clone()).await
+    }
+}
+
 /// A ready upstream connection.
 #[derive(Debug)]
 pub struct Upstream {

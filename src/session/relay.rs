@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -22,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::outbox::Outbox;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
-use crate::config::{Limits, ListenerTls, UpstreamConfig};
+use crate::config::{Limits, ListenerTls};
 use crate::imap::command::CommandKind;
 use crate::imap::encode::{self, ResponseValue};
 use crate::imap::response::Status;
@@ -30,7 +29,7 @@ use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
 use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{self, UpstreamError};
+use crate::net::upstream::{Target, UpstreamError};
 use crate::net::{Stream, tune};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
@@ -81,8 +80,9 @@ pub struct Shared {
     pub policies: Policies,
     pub metrics: Metrics,
     pub audit: Audit,
-    pub upstream: UpstreamConfig,
-    pub upstream_tls: Option<Arc<ClientConfig>>,
+    /// The configured upstreams; the first is the default route (the only one when
+    /// imapgate does not own the login).
+    pub upstreams: Arc<[Target]>,
     pub settings: Settings,
     pub limits: Limits,
 }
@@ -132,7 +132,10 @@ pub async fn serve(
         }
         _ => Stream::Plain(tcp),
     };
-    let up = match upstream::connect(&shared.upstream, shared.upstream_tls.clone()).await {
+    let Some(target) = shared.upstreams.first() else {
+        return Err(SessionError::Internal("no upstream configured"));
+    };
+    let up = match target.connect().await {
         Ok(up) => up,
         Err(e) => {
             shared.metrics.upstream_connect_failed();

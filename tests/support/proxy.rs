@@ -40,13 +40,13 @@ pub fn config_for(dc: &Dovecot, upstream_tls: UpstreamTls) -> Config {
             listener(STARTTLS, ListenerTls::Starttls),
             listener(PLAIN, ListenerTls::None),
         ],
-        upstream: UpstreamConfig {
+        upstreams: vec![UpstreamConfig {
             address: address.to_string(),
             tls: upstream_tls,
             server_name: Some("localhost".into()),
             ca: Some(dc.pki().ca.clone()),
             ..UpstreamConfig::default()
-        },
+        }],
         // Tests end with clients still connected: do not wait long for them at shutdown.
         limits: imapgate::config::Limits {
             drain_timeout_s: 1,
