@@ -1,11 +1,13 @@
 //! One client connection: the IMAP conversation (sans-IO) and the I/O driver around it.
 //!
+//! - [`accept`]: connection setup before any IMAP (PROXY header, TLS).
 //! - [`state`]: the conversation: framing, parsing, state, what goes where.
 //! - `modes`: how the client's next bytes are read, and the upstream's `+` that says so.
 //! - [`pending`]: commands in flight; the desync tripwire.
 //! - `judge`: policies applied to commands and responses, in one place.
 //! - [`relay`]: the I/O driver.
 
+pub mod accept;
 mod judge;
 mod modes;
 pub mod outbox;

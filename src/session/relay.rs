@@ -30,7 +30,7 @@ use crate::metrics::{
 };
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{Target, UpstreamError};
-use crate::net::{Stream, tune};
+use crate::net::Stream;
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -113,25 +113,10 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    tune(&tcp);
     let _open = listener.metrics.connection_opened();
     let started = Instant::now();
-    let mut client = match (&listener.acceptor, listener.tls) {
-        (Some(acceptor), ListenerTls::Implicit) => {
-            match timeout(shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    listener.metrics.tls_handshake_failed();
-                    return Err(SessionError::ClientTls(e));
-                }
-                Err(_) => {
-                    listener.metrics.tls_handshake_failed();
-                    return Err(SessionError::ClientTlsTimeout);
-                }
-            }
-        }
-        _ => Stream::Plain(tcp),
-    };
+    let accepted = super::accept::accept(tcp, peer, &listener, &shared).await?;
+    let (mut client, peer) = (accepted.stream, accepted.peer);
     let Some(target) = shared.upstreams.first() else {
         return Err(SessionError::Internal("no upstream configured"));
     };
