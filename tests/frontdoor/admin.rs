@@ -1,0 +1,1 @@
+//! (filled in by the admin work of issue 10)

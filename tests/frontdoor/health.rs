@@ -1,0 +1,1 @@
+//! (filled in by the health work of issue 10)

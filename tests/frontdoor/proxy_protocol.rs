@@ -1,0 +1,1 @@
+//! (filled in by the proxy_protocol work of issue 10)

@@ -1,0 +1,1 @@
+//! (filled in by the routing work of issue 10)

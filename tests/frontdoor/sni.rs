@@ -1,0 +1,1 @@
+//! (filled in by the sni work of issue 10)
