@@ -4,8 +4,13 @@
 
 mod support;
 
+#[path = "frontdoor/admin.rs"]
 mod admin;
+#[path = "frontdoor/health.rs"]
 mod health;
+#[path = "frontdoor/proxy_protocol.rs"]
 mod proxy_protocol;
+#[path = "frontdoor/routing.rs"]
 mod routing;
+#[path = "frontdoor/sni.rs"]
 mod sni;
