@@ -43,6 +43,19 @@ pub struct Config {
     /// `[metrics]`: present means enabled.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// `[routing]`: present means imapgate reads each login itself and routes it (also the
+    /// case with several upstreams, or a policy with `on_login`).
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+}
+
+/// Logins read by imapgate and routed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// The capabilities offered before login. Default: those of the first upstream's
+    /// greeting, read at start (filtered as every upstream's are).
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// One address imapgate accepts clients on.
@@ -537,15 +550,6 @@ impl Config {
             if up.send_proxy != SendProxy::None {
                 return Err(Invalid::new(at("send_proxy"), "not supported yet"));
             }
-            if up.forward_id {
-                return Err(Invalid::new(at("forward_id"), "not supported yet"));
-            }
-        }
-        if many {
-            return Err(Invalid::new(
-                vec![Seg::key("upstream"), Seg::Index(1)],
-                "routing between several upstreams is not supported yet: configure one",
-            ));
         }
         Ok(())
     }
@@ -931,8 +935,9 @@ mod tests {
         assert_eq!(many.upstreams[1].server_name.as_deref(), Some("m2"));
         assert_eq!(many.upstreams[1].send_proxy, SendProxy::V2);
         assert!(many.upstreams[1].forward_id);
-        // Not yet implemented, so refused rather than ignored.
+        // send_proxy is not implemented yet: refused rather than ignored.
         assert!(parse(&text).is_err());
+        assert!(parse(&text.replace("send_proxy = \"v2\"\n", "")).is_ok());
         let err = parse(&format!(
             "{MINIMAL}[[upstream]]\nname = \"a\"\naddress = \"m1:143\"\n\
              [[upstream]]\nname = \"a\"\naddress = \"m2:143\"\n"

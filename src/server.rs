@@ -19,6 +19,7 @@ use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
 use crate::policy::{Policies, PolicyError};
+use crate::session::relay::Routing;
 use crate::session::{self, Listener, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
@@ -139,6 +140,7 @@ impl Server {
         if !config.policies.is_empty() {
             tracing::info!(policies = ?policies.current().names(), "policies loaded");
         }
+        let routing = routing_setup(&config, &policies, &upstreams).await;
         let limits = config.limits.clone();
         let settings = Settings {
             listener_tls: ListenerTls::None,
@@ -172,6 +174,7 @@ impl Server {
                 metrics: metrics.clone(),
                 audit: audit.clone(),
                 upstreams: upstreams.clone(),
+                routing: routing.clone(),
                 settings: Settings {
                     listener_tls: l.tls,
                     ..settings.clone()
@@ -268,6 +271,67 @@ impl Server {
             endpoint.stop();
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Whether imapgate reads logins itself and routes them, and what it offers before login:
+/// the configured capabilities, or the first upstream's (its greeting, read now; a built-in
+/// list when it cannot be reached), keeping only the SASL mechanisms imapgate can replay.
+async fn routing_setup(
+    config: &Config,
+    policies: &Policies,
+    upstreams: &[Target],
+) -> Option<Arc<Routing>> {
+    let routed = config.routing.is_some()
+        || upstreams.len() > 1
+        || policies.current().has_hook(crate::policy::Hook::Login);
+    if !routed {
+        return None;
+    }
+    let configured = config.routing.as_ref().and_then(|r| r.capabilities.clone());
+    let mut capabilities = match configured {
+        Some(caps) => caps,
+        None => learned_capabilities(upstreams.first()).await,
+    };
+    capabilities.retain(|c| {
+        let upper = c.to_ascii_uppercase();
+        match upper.strip_prefix("AUTH=") {
+            Some(mechanism) => crate::session::prelogin::MECHANISMS.contains(&mechanism),
+            None => !matches!(upper.as_str(), "STARTTLS" | "LOGINDISABLED"),
+        }
+    });
+    tracing::info!(?capabilities, "imapgate reads logins and routes them");
+    Some(Arc::new(Routing { capabilities }))
+}
+
+async fn learned_capabilities(first: Option<&Target>) -> Vec<String> {
+    let fallback = || {
+        [
+            "IMAP4rev1",
+            "SASL-IR",
+            "LITERAL+",
+            "ID",
+            "ENABLE",
+            "IDLE",
+            "AUTH=PLAIN",
+            "AUTH=LOGIN",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let Some(target) = first else {
+        return fallback();
+    };
+    match target.connect().await {
+        Ok(up) => crate::imap::response::parse_response(bytes::Bytes::from(up.greeting))
+            .ok()
+            .and_then(|r| crate::imap::capability::CapabilitySet::from_response(&r))
+            .map(|caps| caps.names().to_vec())
+            .unwrap_or_else(fallback),
+        Err(e) => {
+            tracing::warn!(upstream = target.name(), error = %e, "cannot learn the upstream's capabilities: using a built-in list");
+            fallback()
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod pending;
 pub mod prelogin;
 pub mod relay;
+pub mod route;
 pub mod state;
 
 pub use relay::{Listener, SessionError, Shared, serve};

@@ -251,7 +251,12 @@ impl Responder {
             CommandKind::Login => {
                 let (Some(user), Some(password)) = (command.arg_string(0), command.arg_string(1))
                 else {
-                    return self.tagged(&tag, Status::Bad, None, "LOGIN needs a user and a password");
+                    return self.tagged(
+                        &tag,
+                        Status::Bad,
+                        None,
+                        "LOGIN needs a user and a password",
+                    );
                 };
                 self.credentials = Some(Credentials {
                     tag,
@@ -282,7 +287,11 @@ impl Responder {
                 };
                 if let Some(ir) = command.arg_string(1) {
                     // RFC 4959: "=" is an empty initial response.
-                    let ir = if &*ir == b"=" { Vec::new() } else { ir.into_owned() };
+                    let ir = if &*ir == b"=" {
+                        Vec::new()
+                    } else {
+                        ir.into_owned()
+                    };
                     sasl.responses.push(ir);
                 }
                 self.sasl = Some(sasl);
@@ -290,7 +299,12 @@ impl Responder {
                 self.next_sasl_step();
             }
             // The conversation forwards nothing else before login.
-            _ => self.tagged(&tag, Status::Bad, Some("CLIENTBUG"), "Not valid before login"),
+            _ => self.tagged(
+                &tag,
+                Status::Bad,
+                Some("CLIENTBUG"),
+                "Not valid before login",
+            ),
         }
     }
 
@@ -427,7 +441,10 @@ mod tests {
     #[test]
     fn login_with_literals_gives_credentials_and_no_answer() {
         let mut r = responder();
-        assert_eq!(say(&mut r, "a LOGIN {5}\r\n"), "+ Ready for literal data\r\n");
+        assert_eq!(
+            say(&mut r, "a LOGIN {5}\r\n"),
+            "+ Ready for literal data\r\n"
+        );
         assert_eq!(say(&mut r, "alice {7}\r\n"), "+ Ready for literal data\r\n");
         assert_eq!(say(&mut r, "hunter2\r\n"), "");
         let c = r.take_credentials().expect("credentials");
@@ -456,7 +473,10 @@ mod tests {
     #[test]
     fn authenticate_login_takes_two_responses() {
         let mut r = responder();
-        assert_eq!(say(&mut r, "a AUTHENTICATE LOGIN\r\n"), "+ VXNlcm5hbWU6\r\n");
+        assert_eq!(
+            say(&mut r, "a AUTHENTICATE LOGIN\r\n"),
+            "+ VXNlcm5hbWU6\r\n"
+        );
         assert_eq!(say(&mut r, "Ym9i\r\n"), "+ UGFzc3dvcmQ6\r\n");
         assert_eq!(say(&mut r, "cHc=\r\n"), "");
         assert_eq!(
@@ -484,7 +504,10 @@ mod tests {
         assert!(out.ends_with("a OK ID completed\r\n"), "{out}");
         assert_eq!(
             r.id_fields(),
-            [(b"name".to_vec(), Some(b"mutt".to_vec())), (b"version".to_vec(), None)]
+            [
+                (b"name".to_vec(), Some(b"mutt".to_vec())),
+                (b"version".to_vec(), None)
+            ]
         );
         assert_eq!(
             say(&mut r, "z LOGOUT\r\n"),
