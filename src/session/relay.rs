@@ -28,9 +28,9 @@ use crate::imap::response::Status;
 use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
+use crate::net::Stream;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{Target, UpstreamError};
-use crate::net::Stream;
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -225,6 +225,7 @@ impl Driver {
                             .map_err(SessionError::Client)?;
                         let stream = cr.unsplit(cw);
                         let stream = self.start_tls(stream).await?;
+                        self.conv.client_sni(stream.sni());
                         (cr, cw) = tokio::io::split(stream);
                         self.conv.client_tls_established();
                     }
