@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, DnsName, ServerName};
+use rustls_pki_types::{DnsName, ServerName};
 use tokio_rustls::TlsAcceptor;
 
 use super::tls::{self, TlsError};
@@ -148,7 +148,7 @@ impl ClientCerts {
                 acceptors.push(None);
                 continue;
             }
-            let set = certs.load_set(l)?;
+            let set = certs.load_set(l, true)?;
             let store = Arc::new(CertStore::new(set));
             let server = tls::server_config_with(store.clone()).map_err(|source| CertError {
                 listener: l.name.clone(),
@@ -181,7 +181,7 @@ impl ClientCerts {
                 );
                 continue;
             }
-            fresh.push((name, store, self.load_set(l)?));
+            fresh.push((name, store, self.load_set(l, false)?));
         }
         for l in &config.listeners {
             if l.tls != ListenerTls::None && !self.stores.iter().any(|(n, _)| n == &l.name) {
@@ -202,7 +202,9 @@ impl ClientCerts {
         self.stores.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
-    fn load_set(&self, l: &ListenerConfig) -> Result<CertSet, CertError> {
+    /// One listener's set; `announce` warns about a generated default (at start, not at
+    /// every reload).
+    fn load_set(&self, l: &ListenerConfig, announce: bool) -> Result<CertSet, CertError> {
         let err = |source| CertError {
             listener: l.name.clone(),
             source,
@@ -211,11 +213,14 @@ impl ClientCerts {
             (Some(cert), Some(key)) => Arc::new(tls::certified_key(cert, key).map_err(err)?),
             (None, None) => {
                 let generated = self.generated.get().map_err(err)?;
-                tracing::warn!(
-                    listener = %l.name,
-                    "no cert/key configured: using a generated self-signed certificate for \
-                     localhost and 127.0.0.1; clients will not trust it without an exception"
-                );
+                if announce {
+                    tracing::warn!(
+                        listener = %l.name,
+                        "no cert/key configured: using a generated self-signed certificate \
+                         for localhost and 127.0.0.1; clients will not trust it without an \
+                         exception"
+                    );
+                }
                 generated
             }
             _ => return Err(err(TlsError::Incomplete)),
@@ -244,8 +249,8 @@ fn add_named(set: &mut CertSet, named: &NamedCertificate) -> Result<(), TlsError
             path: named.cert.clone(),
             source,
         })?;
-    for name in &named.names {
-        let name = name.to_ascii_lowercase();
+    for configured in &named.names {
+        let name = configured.to_ascii_lowercase();
         let (probe, table, by) = match name.strip_prefix("*.") {
             Some(domain) => (
                 format!("{WILDCARD_PROBE}.{domain}"),
@@ -254,7 +259,7 @@ fn add_named(set: &mut CertSet, named: &NamedCertificate) -> Result<(), TlsError
             ),
             None => (name.clone(), &mut set.exact, name.clone()),
         };
-        check_covers(&leaf, &probe, &named.cert, &name)?;
+        check_covers(&leaf, &probe, &named.cert, configured)?;
         table.insert(by, key.clone());
     }
     Ok(())
@@ -275,14 +280,10 @@ fn check_covers(
     })
 }
 
-/// The leaf of a chain, for logs and tests that compare what a client was shown.
-pub fn leaf(key: &CertifiedKey) -> Option<&CertificateDer<'static>> {
-    key.cert.first()
-}
-
 #[cfg(test)]
 mod tests {
     use rcgen::{CertificateParams, KeyPair};
+    use rustls_pki_types::CertificateDer;
 
     use super::*;
 
@@ -403,7 +404,7 @@ mod tests {
 
     fn pick(certs: &ClientCerts, listener: &str, sni: Option<&str>) -> CertificateDer<'static> {
         let set = certs.store(listener).unwrap().current();
-        leaf(set.pick(sni)).unwrap().clone()
+        set.pick(sni).cert[0].clone()
     }
 
     fn der(named: &NamedCertificate) -> CertificateDer<'static> {
