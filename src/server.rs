@@ -83,7 +83,7 @@ pub struct TlsSetup {
 /// certificates are reported before the proxy runs.
 pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
     // Listeners without a certificate share one generated self-signed certificate.
-    let (certs, acceptors) = ClientCerts::load(config).map_err(ServerError::from)?;
+    let (certs, acceptors) = ClientCerts::load(config)?;
     let mut upstreams = Vec::new();
     for up in &config.upstreams {
         let tls = match up.tls {
