@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
 use crate::metrics::{HealthState, Metrics, MetricsError};
+use crate::net::certs::{CertError, ClientCerts};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
@@ -57,6 +58,7 @@ pub enum ServerError {
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     policies: Policies,
+    certs: ClientCerts,
     metrics: Metrics,
     audit: Audit,
     health: HealthState,
@@ -69,38 +71,20 @@ pub struct Server {
     drain: Duration,
 }
 
-/// One acceptor per listener (`None` for plaintext ones) and the upstreams, each with the TLS
-/// client configuration it needs.
-pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Vec<Target>);
+/// What the config's TLS needs: one acceptor per listener (`None` for plaintext ones), the
+/// certificate stores behind them, and the upstreams, each with the TLS client configuration
+/// it needs.
+pub struct TlsSetup {
+    pub acceptors: Vec<Option<TlsAcceptor>>,
+    pub certs: ClientCerts,
+    pub upstreams: Vec<Target>,
+}
 
 /// The TLS configurations the config asks for; used by `check` too, so that unreadable
 /// certificates are reported before the proxy runs.
 pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
-    let mut acceptors = Vec::new();
     // Listeners without a certificate share one generated self-signed certificate.
-    let mut self_signed: Option<Arc<rustls::ServerConfig>> = None;
-    for l in &config.listeners {
-        let acceptor = match l.tls {
-            ListenerTls::None => None,
-            ListenerTls::Implicit | ListenerTls::Starttls => {
-                let generated = l.cert.is_none() && l.key.is_none();
-                let cfg = match (&self_signed, generated) {
-                    (Some(cfg), true) => cfg.clone(),
-                    _ => tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(
-                        |source| ServerError::ListenerTls {
-                            name: l.name.clone(),
-                            source,
-                        },
-                    )?,
-                };
-                if generated {
-                    self_signed = Some(cfg.clone());
-                }
-                Some(TlsAcceptor::from(cfg))
-            }
-        };
-        acceptors.push(acceptor);
-    }
+    let (certs, acceptors) = ClientCerts::load(config)?;
     let mut upstreams = Vec::new();
     for up in &config.upstreams {
         let tls = match up.tls {
@@ -119,13 +103,30 @@ pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
             tls,
         });
     }
-    Ok((acceptors, upstreams))
+    Ok(TlsSetup {
+        acceptors,
+        certs,
+        upstreams,
+    })
+}
+
+impl From<CertError> for ServerError {
+    fn from(e: CertError) -> Self {
+        ServerError::ListenerTls {
+            name: e.listener,
+            source: e.source,
+        }
+    }
 }
 
 impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let (acceptors, upstreams) = tls_setup(&config)?;
+        let TlsSetup {
+            acceptors,
+            certs,
+            upstreams,
+        } = tls_setup(&config)?;
         let upstreams: Arc<[Target]> = upstreams.into();
         let metrics = Metrics::new();
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
@@ -200,6 +201,7 @@ impl Server {
         Ok(Server {
             addrs,
             policies,
+            certs,
             metrics,
             audit,
             health,
@@ -227,6 +229,14 @@ impl Server {
     pub fn reload_policies(&self, config: &Config) -> Result<Vec<String>, PolicyError> {
         self.policies.reload(&config.policies, &config.lua)?;
         Ok(self.policies.current().names())
+    }
+
+    /// Reads every TLS listener's certificates and keys again from the files `config` names
+    /// and, if all of them load, makes them the ones new handshakes use; otherwise the old
+    /// ones stay and the error says which listener and file failed. Sessions already
+    /// established keep the certificate they were shown. Returns the listeners reloaded.
+    pub fn reload_certificates(&self, config: &Config) -> Result<Vec<String>, ServerError> {
+        Ok(self.certs.reload(config)?)
     }
 
     /// The bound address of the metrics endpoint, when one is configured.
@@ -546,12 +556,13 @@ pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), Server
     result
 }
 
-/// SIGHUP: re-reads the config file and swaps in its policies, or keeps the old ones.
+/// SIGHUP: re-reads the config file and swaps in its policies and certificates; each kind
+/// is kept as it is when its new version does not load.
 fn reload(server: &Server, path: &std::path::Path) {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the current policies");
+            tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the current policies and certificates");
             return;
         }
     };
@@ -561,5 +572,12 @@ fn reload(server: &Server, path: &std::path::Path) {
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: a policy does not load; keeping the current policies")
         }
+    }
+    match server.reload_certificates(&config) {
+        Ok(listeners) => tracing::info!(?listeners, "SIGHUP: certificates reloaded"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: a certificate does not load; keeping the current certificates"
+        ),
     }
 }

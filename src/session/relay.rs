@@ -272,6 +272,7 @@ impl Driver {
                             .map_err(SessionError::Client)?;
                         let stream = cr.unsplit(cw);
                         let stream = self.start_tls(stream).await?;
+                        self.conv.client_sni(stream.sni());
                         (cr, cw) = tokio::io::split(stream);
                         self.conv.client_tls_established();
                     }

@@ -668,6 +668,15 @@ impl Conversation {
         self.user = None;
     }
 
+    /// The server name the client asked for in its STARTTLS handshake: `ctx.sni` from now on
+    /// (an implicit-TLS connection has it from the start).
+    pub fn client_sni(&mut self, sni: Option<&str>) {
+        if self.ctx.info.sni.as_deref() != sni {
+            self.ctx.info.sni = sni.map(str::to_owned);
+            self.ctx.changed();
+        }
+    }
+
     /// Refuses a parsed command with a tagged answer of imapgate's own.
     pub(super) fn refuse_command(
         &mut self,
