@@ -43,6 +43,9 @@ pub struct Config {
     /// `[metrics]`: present means enabled.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// `[health]`: how often and how patiently each upstream is probed.
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// One address imapgate accepts clients on.
@@ -341,6 +344,35 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[health]`: each upstream is probed (connect and greeting) every `interval_s`, each probe
+/// given `timeout_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub interval_s: u64,
+    /// Also how long the first probes may delay the start.
+    pub timeout_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_s: 10,
+            timeout_s: 5,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_s)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+}
+
 /// A position in the config file, 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
@@ -497,7 +529,30 @@ impl Config {
         }
         self.validate_upstreams()?;
         self.validate_limits()?;
+        self.validate_health()?;
         self.validate_log()
+    }
+
+    fn validate_health(&self) -> Result<(), Invalid> {
+        let h = &self.health;
+        let at = |key: &str| vec![Seg::key("health"), Seg::key(key)];
+        for (key, value) in [("interval_s", h.interval_s), ("timeout_s", h.timeout_s)] {
+            if value == 0 {
+                return Err(Invalid::new(at(key), "must be at least 1"));
+            }
+        }
+        // One probe at a time per upstream: a timeout past the interval would make the
+        // interval a lie.
+        if h.timeout_s > h.interval_s {
+            return Err(Invalid::new(
+                at("timeout_s"),
+                format!(
+                    "{} is longer than `interval_s` ({}): a probe must end before the next is due",
+                    h.timeout_s, h.interval_s
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_upstreams(&self) -> Result<(), Invalid> {
@@ -966,6 +1021,29 @@ mod tests {
             err.to_string(),
             "`listener[1].bind`: 127.0.0.1:1993 is also bound by listener[0]"
         );
+    }
+
+    #[test]
+    fn health_defaults_and_validation() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.health.interval_s, c.health.timeout_s), (10, 5));
+        let c = parse(&format!(
+            "{MINIMAL}[health]\ninterval_s = 1\ntimeout_s = 1\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.interval(), Duration::from_secs(1));
+        for (text, field) in [
+            ("interval_s = 0", "health.interval_s"),
+            ("timeout_s = 0", "health.timeout_s"),
+            ("interval_s = 3\ntimeout_s = 4", "health.timeout_s"),
+        ] {
+            match parse(&format!("{MINIMAL}[health]\n{text}\n")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let err = parse(&format!("{MINIMAL}[health]\nintervall_s = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("intervall_s"), "{err}");
     }
 
     #[test]

@@ -28,9 +28,10 @@ use crate::imap::response::Status;
 use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
+use crate::net::Stream;
+use crate::net::health::UpstreamHealth;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{Target, UpstreamError};
-use crate::net::Stream;
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -83,6 +84,9 @@ pub struct Shared {
     /// The configured upstreams; the first is the default route (the only one when
     /// imapgate does not own the login).
     pub upstreams: Arc<[Target]>,
+    /// Whether each of `upstreams` (same order) answers; a failed connect may mark one down
+    /// at once ([`UpstreamHealth::connect_failed`]).
+    pub health: UpstreamHealth,
     pub settings: Settings,
     pub limits: Limits,
 }

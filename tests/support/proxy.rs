@@ -81,6 +81,10 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {listener}"))
     }
 
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("imapgate runs until shutdown")
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.server.as_ref().and_then(Server::metrics_addr)
     }
