@@ -946,6 +946,11 @@ mod tests {
             (d.preauth_timeout_s, d.idle_timeout_s, d.drain_timeout_s)
         );
         assert_eq!(c.log.format, LogFormat::Text);
+        let h = HealthConfig::default();
+        assert_eq!(
+            (c.health.interval_s, c.health.timeout_s),
+            (h.interval_s, h.timeout_s)
+        );
     }
 
     #[test]

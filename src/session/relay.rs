@@ -128,6 +128,7 @@ pub async fn serve(
         Ok(up) => up,
         Err(e) => {
             shared.metrics.upstream_connect_failed();
+            shared.health.connect_failed(0, &e);
             let bye = bye_line("The mail server is unavailable, try again later");
             let _ = timeout(CLOSE_FLUSH, async {
                 client.write_all(&bye).await?;

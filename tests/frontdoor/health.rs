@@ -141,3 +141,35 @@ async fn a_hung_upstream_delays_the_start_by_the_probe_timeout_at_most() {
     login_works(&proxy, &dc).await;
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_session_that_cannot_reach_the_upstream_marks_it_down_at_once() {
+    let dc = Dovecot::shared();
+    let tap = Tap::start(dc.addr()).await;
+    let mut config = config(dc, Some(tap.addr()));
+    // No probe after the first for the length of the test: what changes the state is the
+    // session.
+    config.health = HealthConfig {
+        interval_s: 3600,
+        timeout_s: 5,
+    };
+    let proxy = Proxy::start(config).await;
+    let metrics = proxy.metrics_addr().expect("metrics endpoint");
+    assert_eq!(seen(metrics).await, (1.0, 200, "ok".to_string()));
+
+    tap.refuse(true);
+    let mut c = Client::connect(proxy.addr(PLAIN)).await;
+    assert_eq!(
+        c.read_greeting().await,
+        "* BYE [UNAVAILABLE] The mail server is unavailable, try again later"
+    );
+    c.expect_closed().await;
+    wait_seen(metrics, (0.0, 503, "no upstream")).await;
+    let scrape = scrape(metrics).await;
+    assert_eq!(sample(&scrape, PROBE_FAILURES), 0.0, "{scrape}");
+    assert_eq!(
+        sample(&scrape, "imapgate_upstream_connect_failures_total"),
+        1.0
+    );
+    proxy.shutdown().await;
+}
