@@ -47,6 +47,9 @@ pub struct Config {
     /// case with several upstreams, or a policy with `on_login`).
     #[serde(default)]
     pub routing: Option<RoutingConfig>,
+    /// `[health]`: how often and how patiently each upstream is probed.
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// Logins read by imapgate and routed.
@@ -225,6 +228,35 @@ impl UpstreamConfig {
                 .map(|(host, _)| host)
                 .unwrap_or(&self.address),
         }
+    }
+}
+
+/// `[health]`: each upstream is probed (connect and greeting) every `interval_s`, each probe
+/// given `timeout_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub interval_s: u64,
+    /// Also how long the first probes may delay the start.
+    pub timeout_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_s: 10,
+            timeout_s: 5,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_s)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
     }
 }
 
@@ -533,6 +565,7 @@ impl Config {
         }
         self.validate_upstreams()?;
         self.validate_limits()?;
+        self.validate_health()?;
         self.validate_log()
     }
 
@@ -643,6 +676,28 @@ impl Config {
         }
         if up.connect_timeout_s == 0 {
             return Err(Invalid::new(at("connect_timeout_s"), "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_health(&self) -> Result<(), Invalid> {
+        let h = &self.health;
+        let at = |key: &str| vec![Seg::key("health"), Seg::key(key)];
+        for (key, value) in [("interval_s", h.interval_s), ("timeout_s", h.timeout_s)] {
+            if value == 0 {
+                return Err(Invalid::new(at(key), "must be at least 1"));
+            }
+        }
+        // One probe at a time per upstream: a timeout past the interval would make the
+        // interval a lie.
+        if h.timeout_s > h.interval_s {
+            return Err(Invalid::new(
+                at("timeout_s"),
+                format!(
+                    "{} is longer than `interval_s` ({}): a probe must end before the next is due",
+                    h.timeout_s, h.interval_s
+                ),
+            ));
         }
         Ok(())
     }
@@ -990,6 +1045,11 @@ mod tests {
             (d.preauth_timeout_s, d.idle_timeout_s, d.drain_timeout_s)
         );
         assert_eq!(c.log.format, LogFormat::Text);
+        let h = HealthConfig::default();
+        assert_eq!(
+            (c.health.interval_s, c.health.timeout_s),
+            (h.interval_s, h.timeout_s)
+        );
     }
 
     #[test]
@@ -1047,6 +1107,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.name"), "{err}");
+    }
+
+    #[test]
+    fn health_defaults_and_validation() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.health.interval_s, c.health.timeout_s), (10, 5));
+        let c = parse(&format!(
+            "{MINIMAL}[health]\ninterval_s = 1\ntimeout_s = 1\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.interval(), Duration::from_secs(1));
+        for (text, field) in [
+            ("interval_s = 0", "health.interval_s"),
+            ("timeout_s = 0", "health.timeout_s"),
+            ("interval_s = 3\ntimeout_s = 4", "health.timeout_s"),
+        ] {
+            match parse(&format!("{MINIMAL}[health]\n{text}\n")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let err = parse(&format!("{MINIMAL}[health]\nintervall_s = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("intervall_s"), "{err}");
     }
 
     #[test]

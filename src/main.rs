@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
     imapgate::server::tls_setup(&config)?;
-    let names = imapgate::policy::check(&config.policies, &config.lua)?;
+    let names = imapgate::policy::check(&config)?;
     println!(
         "{}: ok ({} policies: {})",
         path.display(),

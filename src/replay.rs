@@ -13,6 +13,8 @@ use std::io::Write;
 use bytes::Bytes;
 
 use crate::config::{Config, ListenerTls};
+use crate::net::health::UpstreamHealth;
+use crate::policy::api::HostShared;
 use crate::policy::{ConnInfo, Policies, PolicyError};
 use crate::session::state::{Control, Conversation, Event, Settings};
 
@@ -78,7 +80,14 @@ pub fn replay(
     opts: &ReplayOptions,
     out: &mut impl Write,
 ) -> Result<(), ReplayError> {
-    let policies = Policies::load(&config.policies, &config.lua)?;
+    // No server is probed: every configured upstream counts as up.
+    let host = HostShared {
+        health: Some(UpstreamHealth::unprobed(
+            config.upstreams.iter().map(|u| &u.name),
+        )),
+        ..HostShared::default()
+    };
+    let policies = Policies::load_with_host(&config.policies, &config.lua, host)?;
     let mut lines = parse(transcript)?.into_iter().peekable();
     let greeting = match lines.peek() {
         Some((Side::Server, g)) => {

@@ -16,9 +16,11 @@ use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
 use crate::metrics::{HealthState, Metrics, MetricsError};
 use crate::net::certs::{CertError, ClientCerts};
+use crate::net::health::{self, Prober, UpstreamHealth};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
+use crate::policy::api::HostShared;
 use crate::policy::{Policies, PolicyError};
 use crate::session::relay::Routing;
 use crate::session::{self, Listener, SessionError, Settings, Shared};
@@ -62,6 +64,8 @@ pub struct Server {
     metrics: Metrics,
     audit: Audit,
     health: HealthState,
+    upstream_health: UpstreamHealth,
+    prober: Prober,
     metrics_endpoint: Option<EndpointThread>,
     stop_accepting: watch::Sender<bool>,
     bye: watch::Sender<bool>,
@@ -130,14 +134,23 @@ impl Server {
         let upstreams: Arc<[Target]> = upstreams.into();
         let metrics = Metrics::new();
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
-        let health = HealthState::new();
+        let upstream_health =
+            UpstreamHealth::new(upstreams.iter().map(Target::name), Some(&metrics));
+        // Probing starts now, beside the rest of the setup; accepting waits for the first
+        // round below.
+        let prober = health::start(&upstreams, &upstream_health, &config.health);
+        let health = HealthState::with_upstreams(upstream_health.clone());
         let metrics_endpoint = match &config.metrics {
             Some(m) => Some(EndpointThread::start(m.bind, metrics.clone(), health.clone()).await?),
             None => None,
         };
-        let policies =
-            Policies::load_with_metrics(&config.policies, &config.lua, Some(metrics.clone()))
-                .map_err(ServerError::Policy)?;
+        let host = HostShared {
+            metrics: Some(metrics.clone()),
+            health: Some(upstream_health.clone()),
+            ..HostShared::default()
+        };
+        let policies = Policies::load_with_host(&config.policies, &config.lua, host)
+            .map_err(ServerError::Policy)?;
         if !config.policies.is_empty() {
             tracing::info!(policies = ?policies.current().names(), "policies loaded");
         }
@@ -157,6 +170,8 @@ impl Server {
         let (stop_accepting, _) = watch::channel(false);
         let (bye, _) = watch::channel(false);
         let ids = Arc::new(AtomicU64::new(1));
+        // Sessions and routing start with every upstream's state known (within timeout_s).
+        prober.first_round().await;
         let mut accept_loops = JoinSet::new();
         let mut addrs = Vec::new();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
@@ -176,6 +191,7 @@ impl Server {
                 audit: audit.clone(),
                 upstreams: upstreams.clone(),
                 routing: routing.clone(),
+                health: upstream_health.clone(),
                 settings: Settings {
                     listener_tls: l.tls,
                     ..settings.clone()
@@ -205,6 +221,8 @@ impl Server {
             metrics,
             audit,
             health,
+            upstream_health,
+            prober,
             metrics_endpoint,
             stop_accepting,
             bye,
@@ -248,6 +266,11 @@ impl Server {
         &self.metrics
     }
 
+    /// The probed state of the configured upstreams (the same the sessions and policies see).
+    pub fn upstream_health(&self) -> &UpstreamHealth {
+        &self.upstream_health
+    }
+
     /// Reopens the audit log file (after logrotate moved it).
     pub fn reopen_audit(&self) {
         self.audit.reopen();
@@ -274,6 +297,7 @@ impl Server {
             let _ = self.bye.send(true);
             let _ = timeout(BYE_GRACE, self.connections.acquire_many(all)).await;
         }
+        self.prober.stop();
         if let Err(e) = self.audit.flush().await {
             tracing::warn!(error = %e, "audit log not flushed");
         }

@@ -282,6 +282,16 @@ fn zero_timeouts_and_limits() {
     }
     let (field, _, _) = invalid(&format!("{MINIMAL}[upstream]\nconnect_timeout_s = 0\n"));
     assert_eq!(field, "upstream.connect_timeout_s");
+    for key in ["interval_s", "timeout_s"] {
+        let (field, location, message) = invalid(&format!("{MINIMAL}[health]\n{key} = 0\n"));
+        assert_eq!(field, format!("health.{key}"));
+        assert_eq!(location.map(|l| l.line), Some(4), "{message}");
+    }
+    let (field, _, message) = invalid(&format!(
+        "{MINIMAL}[health]\ninterval_s = 2\ntimeout_s = 3\n"
+    ));
+    assert_eq!(field, "health.timeout_s");
+    assert!(message.contains("before the next is due"), "{message}");
 }
 
 #[test]

@@ -49,6 +49,12 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
         "counter",
         &["metric"],
     ),
+    ("imapgate_upstream_up", "gauge", &["upstream"]),
+    (
+        "imapgate_upstream_probe_failures_total",
+        "counter",
+        &["upstream"],
+    ),
 ];
 
 /// Touches every metric, built-in and policy-defined, the way a busy session would.
@@ -88,6 +94,10 @@ pub fn busy_registry() -> Metrics {
     m.bytes(Direction::UpstreamToClient, 1 << 40);
     m.parse_error(Direction::UpstreamToClient);
     m.audit_dropped_counter().inc();
+    let mail1 = m.upstream("mail1");
+    mail1.set_up(true);
+    mail1.probe_failed();
+    m.upstream("mail-2.example").set_up(false);
 
     let counter = m
         .policy_counter("searches", "SEARCH commands by user.", &["user", "kind"])

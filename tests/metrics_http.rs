@@ -91,6 +91,49 @@ async fn metrics_and_health() {
 }
 
 #[tokio::test]
+async fn healthz_needs_an_upstream_up_and_draining_wins() {
+    use imapgate::net::health::UpstreamHealth;
+
+    let m = Metrics::new();
+    let upstreams = UpstreamHealth::new(["mail1", "mail2"], Some(&m));
+    let health = HealthState::with_upstreams(upstreams.clone());
+    let addr = start(m, health.clone()).await;
+
+    // Not probed yet: a load balancer must not send clients.
+    let r = request(addr, "GET", "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "no upstream"));
+    assert!(r.headers.contains("cache-control: no-store"));
+    let r = request(addr, "GET", "/metrics").await;
+    assert!(
+        r.body
+            .contains("imapgate_upstream_up{upstream=\"mail2\"} 0\n"),
+        "{}",
+        r.body
+    );
+
+    upstreams.probe_succeeded(1);
+    let r = request(addr, "GET", "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    let r = request(addr, "GET", "/metrics").await;
+    assert!(
+        r.body
+            .contains("imapgate_upstream_up{upstream=\"mail2\"} 1\n"),
+        "{}",
+        r.body
+    );
+
+    health.set_draining();
+    let r = request(addr, "GET", "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "draining"));
+    upstreams.probe_failed(1, &"refused");
+    let r = request(addr, "GET", "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "draining"));
+    health.set_accepting();
+    let r = request(addr, "GET", "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "no upstream"));
+}
+
+#[tokio::test]
 async fn keep_alive_serves_several_requests() {
     let addr = start(Metrics::new(), HealthState::new()).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();

@@ -925,6 +925,89 @@ fn vars_rate_limits_and_counters_are_per_policy() {
     assert_eq!(policies.host().shared_value("reader", "calls"), None);
 }
 
+const UPSTREAMS_SCRIPT: &str = r#"return { commands = { "NOOP" }, on_command = function(ctx)
+  local out = {}
+  for _, name in ipairs({ "mail1", "mail2", "nope" }) do
+    out[#out + 1] = tostring(imap.upstream_up(name))
+  end
+  for _, u in ipairs(imap.upstreams()) do out[#out + 1] = u.name .. "=" .. tostring(u.up) end
+  return imap.reject{ text = table.concat(out, " ") }
+end }"#;
+
+/// What `UPSTREAMS_SCRIPT` says now.
+fn upstreams_seen(policies: &Policies) -> String {
+    let v = policies
+        .current()
+        .on_command(&mut alice(), &mut command("NOOP", &[]));
+    reject_text(&v).to_owned()
+}
+
+#[test]
+fn upstream_health_is_read_live() {
+    use imapgate::net::health::UpstreamHealth;
+    use imapgate::policy::api::HostShared;
+
+    let s = Scripts::new();
+    let health = UpstreamHealth::new(["mail1", "mail2"], None);
+    let host = HostShared {
+        health: Some(health.clone()),
+        ..HostShared::default()
+    };
+    let script = config(&s.write("p.lua", UPSTREAMS_SCRIPT));
+    let policies = Policies::load_with_host(&[script], &small_lua(), host).expect("loads");
+    // Down until probed; an unknown name is nil, not false.
+    assert_eq!(
+        upstreams_seen(&policies),
+        "false false nil mail1=false mail2=false"
+    );
+    health.probe_succeeded(1);
+    assert_eq!(
+        upstreams_seen(&policies),
+        "false true nil mail1=false mail2=true"
+    );
+    health.probe_succeeded(0);
+    health.connect_failed(1, &"connection refused");
+    assert_eq!(
+        upstreams_seen(&policies),
+        "true false nil mail1=true mail2=false"
+    );
+
+    // No health at all (an embedding that knows no upstream): every name is unknown.
+    let (_s, bare) = engine(&[("p.lua", UPSTREAMS_SCRIPT)], OnError::Closed);
+    assert_eq!(upstreams_seen(&bare), "nil nil nil");
+}
+
+#[test]
+fn replay_counts_every_configured_upstream_as_up() {
+    use imapgate::config::{Config, ListenerConfig, ListenerTls, UpstreamConfig};
+    use imapgate::replay::{ReplayOptions, replay};
+
+    let s = Scripts::new();
+    let config = Config {
+        listeners: vec![ListenerConfig::new(
+            "127.0.0.1:1143".parse().expect("address"),
+            ListenerTls::Starttls,
+        )],
+        upstreams: ["mail1", "mail2"]
+            .map(|name| UpstreamConfig {
+                name: name.into(),
+                ..UpstreamConfig::default()
+            })
+            .to_vec(),
+        policies: vec![config(&s.write("p.lua", UPSTREAMS_SCRIPT))],
+        lua: small_lua(),
+        ..Config::default()
+    };
+    let mut out = Vec::new();
+    let transcript = "C: a0 LOGIN alice pw\nS: a0 OK done\nC: a1 NOOP\n";
+    replay(&config, transcript, &ReplayOptions::default(), &mut out).expect("replays");
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("<- imapgate: a1 NO true true nil mail1=true mail2=true"),
+        "{out}"
+    );
+}
+
 // ----- the shipped policies, hook by hook -----
 
 fn shipped(file: &str, options: &str) -> Policies {

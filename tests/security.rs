@@ -141,6 +141,9 @@ impl Gate {
         let audit = dir.path().join("audit.jsonl");
         let mut config = config_for(dc, UpstreamTls::None);
         config.upstreams[0].address = tap.addr().to_string();
+        // Health probes go through the tap too: one at start, before any client, and none
+        // during the run, so that every later tap connection is a session's.
+        config.health.interval_s = 86_400;
         config.policies = policies;
         config.metrics = Some(MetricsConfig {
             bind: "127.0.0.1:0".parse().expect("address"),

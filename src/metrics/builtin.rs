@@ -27,6 +27,8 @@ pub const AUDIT_DROPPED_TOTAL: &str = "imapgate_audit_dropped_total";
 pub const SERIES_OVERFLOW_TOTAL: &str = "imapgate_policy_metric_overflow_total";
 pub const DESYNC_TOTAL: &str = "imapgate_desync_total";
 pub const RESPONSES_HIDDEN_TOTAL: &str = "imapgate_responses_hidden_total";
+pub const UPSTREAM_UP: &str = "imapgate_upstream_up";
+pub const UPSTREAM_PROBE_FAILURES_TOTAL: &str = "imapgate_upstream_probe_failures_total";
 
 /// Every built-in family name and whether it is a histogram (whose `_bucket`, `_sum` and
 /// `_count` series also take names), for the clash check of policy-defined metrics.
@@ -47,6 +49,8 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (SERIES_OVERFLOW_TOTAL, false),
     (DESYNC_TOTAL, false),
     (RESPONSES_HIDDEN_TOTAL, false),
+    (UPSTREAM_UP, false),
+    (UPSTREAM_PROBE_FAILURES_TOTAL, false),
 ];
 
 /// From forwarding a command to its tagged response. A NOOP answers in about a millisecond on a
@@ -92,6 +96,8 @@ pub(crate) struct Builtin {
     pub series_overflow: IntCounterVec,
     pub desync: IntCounter,
     pub responses_hidden: IntCounter,
+    pub upstream_up: IntGaugeVec,
+    pub upstream_probe_failures: IntCounterVec,
 }
 
 impl Builtin {
@@ -194,6 +200,20 @@ impl Builtin {
              pattern, or not judged because a policy failed on them.",
         )?;
         registry.register(Box::new(responses_hidden.clone()))?;
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                UPSTREAM_UP,
+                "Whether the upstream answered its last health probe (connect and greeting) \
+                 and no session has failed to reach it since: 1 up, 0 down.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_up.clone()))?;
+        let upstream_probe_failures = counter_vec(
+            UPSTREAM_PROBE_FAILURES_TOTAL,
+            "Health probes of the upstream that failed (connect, TLS, greeting or timeout).",
+            &["upstream"],
+        )?;
 
         // Resolved now, so that these series exist (at 0) from the first scrape: `rate()` over
         // a series that appears at its first increment misses that increment.
@@ -219,7 +239,16 @@ impl Builtin {
             series_overflow,
             desync,
             responses_hidden,
+            upstream_up,
+            upstream_probe_failures,
         })
+    }
+
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            up: self.upstream_up.with_label_values(&[name]),
+            probe_failures: self.upstream_probe_failures.with_label_values(&[name]),
+        }
     }
 
     pub fn listener(&self, name: &str) -> ListenerMetrics {
@@ -263,6 +292,23 @@ impl ListenerMetrics {
 
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
+    }
+}
+
+/// The health metrics of one upstream, resolved once (so both series exist from the start).
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    up: IntGauge,
+    probe_failures: IntCounter,
+}
+
+impl UpstreamMetrics {
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    pub fn probe_failed(&self) {
+        self.probe_failures.inc();
     }
 }
 

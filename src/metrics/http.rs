@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::{Metrics, MetricsError};
+use crate::net::health::UpstreamHealth;
 
 /// Concurrent HTTP connections served; more are closed at once. Prometheus uses one per scrape
 /// target, so a handful is plenty.
@@ -33,19 +34,30 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Whether the proxy accepts new clients: `/healthz` answers 200 while it does and 503 once it
-/// drains, so that a load balancer stops sending clients before the sessions are closed.
+/// Whether the proxy can serve new clients: `/healthz` answers 200 while it does, 503 once it
+/// drains (so that a load balancer stops sending clients before the sessions are closed) and
+/// 503 while no upstream is up (a client sent here would only get `BYE`).
 ///
-/// A cheap shared flag: clones see the same state.
+/// Cheap shared state: clones see the same.
 #[derive(Clone, Debug, Default)]
 pub struct HealthState {
     draining: Arc<AtomicBool>,
+    /// `None`: upstreams are not watched, and do not count.
+    upstreams: Option<UpstreamHealth>,
 }
 
 impl HealthState {
     /// Accepting.
     pub fn new() -> HealthState {
         HealthState::default()
+    }
+
+    /// Accepting, and healthy only while one of `upstreams` is up.
+    pub fn with_upstreams(upstreams: UpstreamHealth) -> HealthState {
+        HealthState {
+            upstreams: Some(upstreams),
+            ..HealthState::default()
+        }
     }
 
     /// Called when the server stops accepting (SIGTERM).
@@ -59,6 +71,11 @@ impl HealthState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether no watched upstream is up.
+    pub fn no_upstream(&self) -> bool {
+        self.upstreams.as_ref().is_some_and(|u| !u.any_up())
     }
 }
 
@@ -172,6 +189,7 @@ fn respond(
             response
         }
         _ if health.is_draining() => plain(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        _ if health.no_upstream() => plain(StatusCode::SERVICE_UNAVAILABLE, "no upstream"),
         _ => plain(StatusCode::OK, "ok"),
     }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, Registry, TextEncoder};
 
-pub use self::builtin::{ConnectionGuard, ListenerMetrics, PolicyHookMetrics};
+pub use self::builtin::{ConnectionGuard, ListenerMetrics, PolicyHookMetrics, UpstreamMetrics};
 pub use self::http::{HealthState, MetricsServer, bind, serve};
 pub use self::labels::{CommandResult, Direction, LoginResult};
 pub use self::names::POLICY_PREFIX;
@@ -150,6 +150,11 @@ impl Metrics {
 
     pub fn upstream_connect_failed(&self) {
         self.inner.builtin.upstream_connect_failures.inc();
+    }
+
+    /// The health handles of one configured upstream (`upstream` label), resolved once.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        self.inner.builtin.upstream(name)
     }
 
     /// A command's outcome. `command` is [`crate::imap::command::CommandName::label`], a fixed

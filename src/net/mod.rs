@@ -3,9 +3,11 @@
 //! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
 //! written once; [`tls`] builds the rustls configurations from the config file, and
 //! [`certs`] chooses the client leg's certificate by SNI and swaps certificates on reload;
-//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included.
+//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
+//! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read.
 
 pub mod certs;
+pub mod health;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -1,5 +1,5 @@
 //! The `imap` table every policy gets: verdicts, rate limits, shared counters, logging,
-//! modified UTF-7, LIST wildcard matching and the policy's options.
+//! modified UTF-7, LIST wildcard matching, upstream health and the policy's options.
 //!
 //! Rate-limit buckets and shared counters are keyed per policy (by name): a policy cannot drain
 //! another's buckets or change its counters.
@@ -16,6 +16,7 @@ use crate::imap::list_match::ListPattern;
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Status};
 use crate::metrics::Metrics;
+use crate::net::health::UpstreamHealth;
 
 /// The untagged kinds a policy's `responses` filter may name.
 /// CAPABILITY has its own hook (`on_capability`); ENABLED is the proxy's to track.
@@ -55,6 +56,10 @@ pub struct HostShared {
     pub counters: SharedCounters,
     /// Where `imap.metrics` registers; `None` in tools and tests without an endpoint.
     pub metrics: Option<Metrics>,
+    /// What `imap.upstream_up` and `imap.upstreams` read: the probed state in the proxy, every
+    /// configured upstream up in tools (`UpstreamHealth::unprobed`); `None`: no upstream is
+    /// known.
+    pub health: Option<UpstreamHealth>,
 }
 
 impl HostShared {
@@ -210,6 +215,7 @@ pub fn imap_table(
         })?,
     )?;
     imap.set("metrics", metrics_table(lua, shared.metrics.clone())?)?;
+    upstream_functions(lua, &imap, shared.health.clone())?;
     let host = shared;
     let owner = name;
     shared_table.set(
@@ -249,6 +255,33 @@ pub fn imap_table(
         toml_to_lua(lua, &toml::Value::Table(options.clone()))?,
     )?;
     Ok(imap)
+}
+
+/// `imap.upstream_up(name)`: true or false, nil for a name no upstream has; `imap.upstreams()`:
+/// `{ { name = "mail1", up = true }, ... }` in configuration order. Each call reads the live
+/// state (an atomic load per upstream), so a hook sees a probe's result at once.
+fn upstream_functions(lua: &Lua, imap: &Table, health: Option<UpstreamHealth>) -> mlua::Result<()> {
+    let h = health.clone();
+    imap.set(
+        "upstream_up",
+        lua.create_function(move |_, name: String| Ok(h.as_ref().and_then(|h| h.up(&name))))?,
+    )?;
+    imap.set(
+        "upstreams",
+        lua.create_function(move |lua, ()| {
+            let list = lua.create_table()?;
+            if let Some(h) = &health {
+                for (i, name) in h.names().enumerate() {
+                    let entry = lua.create_table_with_capacity(0, 2)?;
+                    entry.set("name", name)?;
+                    entry.set("up", h.is_up(i))?;
+                    list.raw_set(i + 1, entry)?;
+                }
+            }
+            Ok(list)
+        })?,
+    )?;
+    Ok(())
 }
 
 /// `imap.list_match(pattern, name, delimiter)`: LIST wildcard matching in linear time

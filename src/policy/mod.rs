@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{LuaConfig, PolicyConfig};
+use crate::config::{Config, LuaConfig, PolicyConfig};
 use crate::imap::response::Status;
 use crate::metrics::Metrics;
+use crate::net::health::UpstreamHealth;
 
 pub use lua::{LoginView, PolicySet};
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
@@ -247,10 +248,24 @@ impl Policies {
         lua: &LuaConfig,
         metrics: Option<Metrics>,
     ) -> Result<Policies, PolicyError> {
-        let shared = Arc::new(api::HostShared {
-            metrics,
-            ..api::HostShared::default()
-        });
+        Policies::load_with_host(
+            configs,
+            lua,
+            api::HostShared {
+                metrics,
+                ..api::HostShared::default()
+            },
+        )
+    }
+
+    /// Like [`Policies::load`], with the host state the policies share: where their metrics
+    /// go, and the upstream health they read.
+    pub fn load_with_host(
+        configs: &[PolicyConfig],
+        lua: &LuaConfig,
+        host: api::HostShared,
+    ) -> Result<Policies, PolicyError> {
+        let shared = Arc::new(host);
         let set = PolicySet::load(configs, lua, shared.clone())?;
         Ok(Policies {
             current: Arc::new(ArcSwap::from_pointee(set)),
@@ -282,9 +297,16 @@ impl Policies {
     }
 }
 
-/// Checks that every policy loads, for `imapgate check`.
-pub fn check(configs: &[PolicyConfig], lua: &LuaConfig) -> Result<Vec<String>, PolicyError> {
-    let set = PolicySet::load(configs, lua, Arc::new(api::HostShared::default()))?;
+/// Checks that every policy of `config` loads, for `imapgate check` (every configured upstream
+/// counting as up).
+pub fn check(config: &Config) -> Result<Vec<String>, PolicyError> {
+    let host = api::HostShared {
+        health: Some(UpstreamHealth::unprobed(
+            config.upstreams.iter().map(|u| &u.name),
+        )),
+        ..api::HostShared::default()
+    };
+    let set = PolicySet::load(&config.policies, &config.lua, Arc::new(host))?;
     Ok(set.names())
 }
 

@@ -31,6 +31,7 @@ use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
 use crate::net::Stream;
+use crate::net::health::UpstreamHealth;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
@@ -87,6 +88,9 @@ pub struct Shared {
     pub upstreams: Arc<[Target]>,
     /// Present when imapgate reads logins itself and routes them.
     pub routing: Option<Arc<Routing>>,
+    /// Whether each of `upstreams` (same order) answers; a failed connect may mark one down
+    /// at once ([`UpstreamHealth::connect_failed`]).
+    pub health: UpstreamHealth,
     pub settings: Settings,
     pub limits: Limits,
 }
@@ -160,6 +164,7 @@ pub async fn serve(
                 Ok(up) => (Bytes::from(up.greeting), Leg::Socket(up.stream)),
                 Err(e) => {
                     shared.metrics.upstream_connect_failed();
+                    shared.health.connect_failed(0, &e);
                     let bye = bye_line("The mail server is unavailable, try again later");
                     let _ = timeout(CLOSE_FLUSH, async {
                         client.write_all(&bye).await?;

@@ -375,6 +375,17 @@ impl Dovecot {
             .collect()
     }
 
+    /// Freezes every process of this instance (SIGSTOP to its process group): the kernel still
+    /// accepts TCP connections on its ports, but nothing answers, as with a hung server.
+    pub fn freeze(&self) {
+        signal_group(self.child.id() as i32, SIGSTOP);
+    }
+
+    /// Undoes [`Dovecot::freeze`].
+    pub fn thaw(&self) {
+        signal_group(self.child.id() as i32, SIGCONT);
+    }
+
     /// Dovecot's log so far (its log_path and its stdout/stderr share one file).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
@@ -429,6 +440,8 @@ impl Dovecot {
         // say "* BYE Server shutting down.").
         let pgid = self.child.id() as i32;
         signal_group(pgid, SIGTERM);
+        // A frozen instance (a test that failed before thawing it) must see the SIGTERM.
+        signal_group(pgid, SIGCONT);
         // Usually all is gone within ~0.1 s; under load the master may wait a second more
         // for a child: nothing worth keeping is left after the grace, so SIGKILL the rest.
         if !self.wait_group_gone(pgid, STOP_GRACE) {
@@ -644,6 +657,8 @@ fn mail_user_ids() -> (u32, u32) {
 
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
 
 unsafe extern "C" {
     /// kill(2) from the C library std already links (no `libc` crate needed).

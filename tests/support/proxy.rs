@@ -81,9 +81,9 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {listener}"))
     }
 
-    /// The running server, for what a test does to it directly (reloads).
+    /// The running server, for what a test does to it directly (reloads, health).
     pub fn server(&self) -> &Server {
-        self.server.as_ref().expect("imapgate is running")
+        self.server.as_ref().expect("imapgate runs until shutdown")
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {

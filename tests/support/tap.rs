@@ -8,6 +8,8 @@
 //! assert!(!tap.to_upstream_text().contains("LOGIN")); // nothing of it reached Dovecot
 //! tap.inject(0, b"zz NOOP\r\n");                      // a hostile network, for the tripwire
 //! tap.wait_closed(0, Duration::from_secs(3)).await;
+//! tap.refuse(true);                                   // the upstream "goes down": new
+//!                                                     // connections are closed at once
 //! let rec = tap.recording(0).expect("one upstream connection");
 //! for e in &rec.events { /* e.dir, e.bytes, e.at */ }
 //! ```
@@ -18,6 +20,7 @@
 //! Bytes the test injects are not recorded, so "what imapgate sent" never includes them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -86,6 +89,7 @@ pub struct Tap {
     /// Woken whenever a connection is accepted, records a chunk, or closes.
     changed: Arc<Notify>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    refusing: Arc<AtomicBool>,
 }
 
 impl Tap {
@@ -98,9 +102,15 @@ impl Tap {
         let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
         let changed = Arc::new(Notify::new());
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let refusing = Arc::new(AtomicBool::new(false));
         let (list, notify, spawned) = (conns.clone(), changed.clone(), tasks.clone());
+        let refuse = refusing.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, peer)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let rec = Arc::new(Mutex::new(Recording {
                     client: peer,
                     upstream_local: None,
@@ -124,7 +134,16 @@ impl Tap {
             conns,
             changed,
             tasks,
+            refusing,
         }
+    }
+
+    /// While `true`, new connections are closed as soon as they are accepted, without a
+    /// byte and without being recorded: to the tap's client the upstream is down (on the same
+    /// address, which a stopped server could not promise to come back on). Connections
+    /// already relayed go on.
+    pub fn refuse(&self, refuse: bool) {
+        self.refusing.store(refuse, Ordering::SeqCst);
     }
 
     /// Where imapgate should connect instead of the server.
