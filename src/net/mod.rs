@@ -2,8 +2,11 @@
 //!
 //! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
 //! written once; [`tls`] builds the rustls configurations from the config file;
-//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included.
+//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
+//! [`proxy_protocol`] reads and writes the PROXY protocol header that carries a client's real
+//! address through load balancers.
 
+pub mod proxy_protocol;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -21,16 +21,17 @@ use tokio_rustls::TlsAcceptor;
 use super::outbox::Outbox;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
-use crate::config::{Limits, ListenerTls};
+use crate::config::{Limits, ListenerTls, Network};
 use crate::imap::command::CommandKind;
 use crate::imap::encode::{self, ResponseValue};
 use crate::imap::response::Status;
 use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
-use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{Target, UpstreamError};
 use crate::net::Stream;
+use crate::net::proxy_protocol::HeaderError;
+use crate::net::tls::{self, TlsError};
+use crate::net::upstream::{ClientAddrs, Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -73,6 +74,9 @@ pub struct Listener {
     pub tls: ListenerTls,
     pub acceptor: Option<TlsAcceptor>,
     pub metrics: ListenerMetrics,
+    /// With `proxy_protocol = true`: the sources allowed to connect, each of which must send
+    /// a PROXY header first. `None`: the TCP peer is the client.
+    pub proxy_from: Option<Vec<Network>>,
 }
 
 /// What every session shares.
@@ -94,6 +98,12 @@ pub enum SessionError {
     ClientTls(#[source] TlsError),
     #[error("client: TLS handshake timed out")]
     ClientTlsTimeout,
+    #[error("PROXY protocol: {0} is outside the listener's proxy_from: connection refused")]
+    ProxyUntrusted(SocketAddr),
+    #[error("PROXY protocol: {0}")]
+    ProxyHeader(#[source] HeaderError),
+    #[error("PROXY protocol: no complete header within the pre-login timeout")]
+    ProxyTimeout,
     #[error("{0}")]
     Upstream(#[source] UpstreamError),
     #[error("client I/O: {0}")]
@@ -120,7 +130,11 @@ pub async fn serve(
     let Some(target) = shared.upstreams.first() else {
         return Err(SessionError::Internal("no upstream configured"));
     };
-    let up = match target.connect().await {
+    let ends = ClientAddrs {
+        source: peer,
+        destination: accepted.local,
+    };
+    let up = match target.connect(Some(ends)).await {
         Ok(up) => up,
         Err(e) => {
             shared.metrics.upstream_connect_failed();
