@@ -49,13 +49,13 @@ pub enum Received {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
-    #[error("no PROXY protocol header: the connection starts with neither signature")]
+    #[error("no header: the connection starts with neither the v1 nor the v2 signature")]
     Missing,
-    #[error("invalid PROXY protocol header: {0}")]
+    #[error("invalid header: {0}")]
     Invalid(String),
-    #[error("connection closed before the end of the PROXY protocol header")]
+    #[error("connection closed inside the header")]
     Closed,
-    #[error("I/O error reading the PROXY protocol header: {0}")]
+    #[error("I/O error reading the header: {0}")]
     Io(#[source] io::Error),
 }
 
