@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod network;
+
+pub use network::{Network, NetworkError};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +84,14 @@ pub struct ListenerConfig {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer,
+    /// giving the client's real address; TLS and IMAP follow it.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The only sources allowed to connect when `proxy_protocol` is on (the load balancers):
+    /// anyone else could claim any client address. Required then, and only then.
+    #[serde(default)]
+    pub proxy_from: Vec<Network>,
     /// `[[listener.certificate]]` tables: certificates chosen by the server name the client
     /// asks for (SNI). `cert`/`key` (or the generated certificate) serve every other client.
     #[serde(rename = "certificate", default)]
@@ -108,6 +120,8 @@ impl ListenerConfig {
             tls,
             cert: None,
             key: None,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
             certificates: Vec::new(),
         }
     }
@@ -547,6 +561,21 @@ impl Config {
                     ),
                 ));
             }
+            if l.proxy_protocol && l.proxy_from.is_empty() {
+                return Err(Invalid::new(
+                    at("proxy_from"),
+                    "required with proxy_protocol = true: the networks of the load balancers \
+                     allowed to send the PROXY header (a client elsewhere could claim any \
+                     address)",
+                ));
+            }
+            if !l.proxy_protocol && !l.proxy_from.is_empty() {
+                return Err(Invalid::new(
+                    at("proxy_from"),
+                    "set, but proxy_protocol is not true: say proxy_protocol = true to read \
+                     the PROXY header, or remove proxy_from",
+                ));
+            }
             Self::validate_named_certificates(i, l)?;
             for (j, other) in self.listeners[..i].iter().enumerate() {
                 if other.bind == l.bind {
@@ -643,11 +672,6 @@ impl Config {
                 ));
             }
             Self::validate_upstream(up, &at)?;
-            // Accepted by the schema ahead of their implementation (issue 10): refused until
-            // then, rather than silently ignored.
-            if up.send_proxy != SendProxy::None {
-                return Err(Invalid::new(at("send_proxy"), "not supported yet"));
-            }
         }
         Ok(())
     }
@@ -1083,16 +1107,12 @@ mod tests {
              [[upstream]]\nname = \"mail2\"\naddress = \"m2:993\"\ntls = \"implicit\"\n\
              send_proxy = \"v2\"\nforward_id = true\n"
         );
-        let mut many: Config = toml::from_str(&text).unwrap();
-        many.resolve(Path::new(""));
+        let many = parse(&text).unwrap();
         let names: Vec<_> = many.upstreams.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(names, ["mail1", "mail2"]);
         assert_eq!(many.upstreams[1].server_name.as_deref(), Some("m2"));
         assert_eq!(many.upstreams[1].send_proxy, SendProxy::V2);
         assert!(many.upstreams[1].forward_id);
-        // send_proxy is not implemented yet: refused rather than ignored.
-        assert!(parse(&text).is_err());
-        assert!(parse(&text.replace("send_proxy = \"v2\"\n", "")).is_ok());
         let err = parse(&format!(
             "{MINIMAL}[[upstream]]\nname = \"a\"\naddress = \"m1:143\"\n\
              [[upstream]]\nname = \"a\"\naddress = \"m2:143\"\n"
@@ -1107,6 +1127,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.name"), "{err}");
+    }
+
+    #[test]
+    fn proxy_protocol_needs_its_trusted_sources() {
+        let c = parse(&format!(
+            "{MINIMAL}proxy_protocol = true\nproxy_from = [\"10.0.0.0/8\", \"127.0.0.1\"]\n"
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert!(l.proxy_protocol);
+        assert_eq!(l.proxy_from.len(), 2);
+        assert!(l.proxy_from[1].contains("127.0.0.1".parse().unwrap()));
+
+        let err = parse(&format!("{MINIMAL}proxy_protocol = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`listener[0].proxy_from`") && err.contains("required"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}proxy_protocol = true\nproxy_from = []\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(":4:") && err.contains("required"), "{err}");
+        let err = parse(&format!("{MINIMAL}proxy_from = [\"10.0.0.0/8\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`listener[0].proxy_from`") && err.contains("proxy_protocol is not true"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}proxy_protocol = true\nproxy_from = [\"10.0.0.0/8\", \"10.0.0.0/40\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(":4:") && err.contains("\"10.0.0.0/40\" is not a network"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}proxy_protocol = true\nproxy_from = [\"10.1.2.3/8\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the network is 10.0.0.0/8"), "{err}");
+    }
+
+    #[test]
+    fn send_proxy_is_accepted_per_upstream() {
+        for (value, expected) in [("v1", SendProxy::V1), ("v2", SendProxy::V2)] {
+            let c = parse(&format!(
+                "{MINIMAL}[upstream]\naddress = \"mail:143\"\nsend_proxy = \"{value}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.upstreams[0].send_proxy, expected);
+        }
+        let err = parse(&format!("{MINIMAL}[upstream]\nsend_proxy = \"v3\"\n"))
+            .unwrap_err()
+            .to_string();
+        // The one-or-many `upstream` shape hides which field serde disliked.
+        assert!(err.contains("`upstream`"), "{err}");
     }
 
     #[test]

@@ -203,6 +203,7 @@ impl Server {
                 name: l.name.clone(),
                 tls: l.tls,
                 acceptor,
+                proxy_from: l.proxy_protocol.then(|| l.proxy_from.clone()),
             });
             accept_loops.spawn(accept_loop(AcceptLoop {
                 socket,
@@ -356,7 +357,7 @@ async fn learned_capabilities(first: Option<&Target>) -> Vec<String> {
     let Some(target) = first else {
         return fallback();
     };
-    match target.connect().await {
+    match target.connect(None).await {
         Ok(up) => crate::imap::response::parse_response(bytes::Bytes::from(up.greeting))
             .ok()
             .and_then(|r| crate::imap::capability::CapabilitySet::from_response(&r))
@@ -450,16 +451,25 @@ async fn accept_loop(mut a: AcceptLoop) {
             }
         };
         let id = a.ids.fetch_add(1, Ordering::Relaxed);
+        // Behind a load balancer the TCP peer is only `via`; `peer`, the client, is known once
+        // its PROXY header is read (session::accept records it).
         let span = tracing::info_span!(
             "conn",
             id,
-            %peer,
+            peer = tracing::field::Empty,
+            via = tracing::field::Empty,
             listener = %a.listener.name,
             user = tracing::field::Empty
         );
+        let tcp_peer_field = if a.listener.proxy_from.is_some() {
+            "via"
+        } else {
+            "peer"
+        };
+        span.record(tcp_peer_field, tracing::field::display(peer));
         let Ok(permit) = a.connections.clone().try_acquire_owned() else {
             tracing::warn!(parent: &span, "connection limit reached: refusing");
-            tokio::spawn(refuse(tcp, a.listener.clone()).instrument(span));
+            tokio::spawn(refuse(tcp, peer, a.listener.clone()).instrument(span));
             continue;
         };
         let listener = a.listener.clone();
@@ -473,6 +483,11 @@ async fn accept_loop(mut a: AcceptLoop) {
                     Err(e @ SessionError::Upstream(_)) => {
                         tracing::warn!(error = %e, "session failed")
                     }
+                    Err(
+                        e @ (SessionError::ProxyUntrusted(_)
+                        | SessionError::ProxyHeader(_)
+                        | SessionError::ProxyTimeout),
+                    ) => tracing::warn!(error = %e, "connection refused"),
                     Err(e) => tracing::info!(error = %e, "session ended"),
                 }
                 drop(permit);
@@ -482,13 +497,19 @@ async fn accept_loop(mut a: AcceptLoop) {
     }
 }
 
-/// `* BYE` for a connection over the limit (after the handshake on an implicit-TLS listener, so
-/// that the client can read it).
-async fn refuse(tcp: TcpStream, listener: Arc<Listener>) {
+/// `* BYE` for a connection over the limit (after the PROXY header and the handshake on
+/// listeners that have them, so that the client can read it).
+async fn refuse(mut tcp: TcpStream, peer: SocketAddr, listener: Arc<Listener>) {
     use tokio::io::AsyncWriteExt;
     tune(&tcp);
     const BYE: &[u8] = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
-    let _ = timeout(Duration::from_secs(5), async {
+    let limit = Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + limit;
+    if let Err(refusal) = session::accept::real_ends(&mut tcp, peer, &listener, deadline).await {
+        listener.metrics.proxy_protocol_refused(refusal.reason());
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
         let mut stream = match (&listener.acceptor, listener.tls) {
             (Some(acceptor), ListenerTls::Implicit) => tls::accept(acceptor, tcp).await.ok()?,
             _ => Stream::Plain(tcp),

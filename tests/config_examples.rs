@@ -207,6 +207,26 @@ fn sni_certificate_name_errors_point_at_the_name() {
 }
 
 #[test]
+fn proxy_protocol_without_trusted_sources() {
+    let (field, loc, msg) = invalid(&format!(
+        "{MINIMAL}proxy_protocol = true\nproxy_from = []\n"
+    ));
+    assert_eq!(field, "listener[0].proxy_from");
+    assert_eq!(loc, Some(Location { line: 4, column: 1 }));
+    assert!(msg.contains("required with proxy_protocol = true"), "{msg}");
+}
+
+#[test]
+fn a_trusted_source_that_is_not_a_network() {
+    let text = format!("{MINIMAL}proxy_protocol = true\nproxy_from = [\"10.0.0.0/8\", \"lb1\"]\n");
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(
+        msg.contains(":4:") && msg.contains("\"lb1\" is not a network"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn duplicate_bind() {
     let (field, loc, msg) = invalid(&format!("{MINIMAL}name = \"a\"\n{MINIMAL}"));
     assert_eq!(field, "listener[1].bind");

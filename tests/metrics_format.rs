@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imapgate::metrics::{CommandResult, Direction, LoginResult, Metrics};
+use imapgate::metrics::{CommandResult, Direction, LoginResult, Metrics, ProxyRefusal};
 
 /// Every built-in family, its type and its label names (sorted), as the issue specifies them.
 const EXPECTED: &[(&str, &str, &[&str])] = &[
@@ -17,6 +17,11 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
         "imapgate_tls_handshake_failures_total",
         "counter",
         &["listener"],
+    ),
+    (
+        "imapgate_proxy_protocol_refused_total",
+        "counter",
+        &["listener", "reason"],
     ),
     ("imapgate_upstream_connect_failures_total", "counter", &[]),
     ("imapgate_commands_total", "counter", &["command", "result"]),
@@ -65,6 +70,8 @@ pub fn busy_registry() -> Metrics {
     std::mem::forget(m.connection_opened("127.0.0.1:1143"));
     drop(guard);
     m.tls_handshake_failed("imaps");
+    m.listener("lb")
+        .proxy_protocol_refused(ProxyRefusal::Untrusted);
     m.upstream_connect_failed();
     let ms = Duration::from_millis;
     for (command, result, duration) in [

@@ -9,11 +9,12 @@ use prometheus::{
     Registry,
 };
 
-use super::labels::{Direction, LoginResult};
+use super::labels::{Direction, LoginResult, ProxyRefusal};
 
 pub const CONNECTIONS_TOTAL: &str = "imapgate_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "imapgate_connections_active";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "imapgate_tls_handshake_failures_total";
+pub const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "imapgate_proxy_protocol_refused_total";
 pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "imapgate_upstream_connect_failures_total";
 pub const COMMANDS_TOTAL: &str = "imapgate_commands_total";
 pub const COMMAND_DURATION_SECONDS: &str = "imapgate_command_duration_seconds";
@@ -36,6 +37,7 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (CONNECTIONS_TOTAL, false),
     (CONNECTIONS_ACTIVE, false),
     (TLS_HANDSHAKE_FAILURES_TOTAL, false),
+    (PROXY_PROTOCOL_REFUSED_TOTAL, false),
     (UPSTREAM_CONNECT_FAILURES_TOTAL, false),
     (COMMANDS_TOTAL, false),
     (COMMAND_DURATION_SECONDS, true),
@@ -83,6 +85,7 @@ pub(crate) struct Builtin {
     pub connections_total: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub proxy_protocol_refused: IntCounterVec,
     pub upstream_connect_failures: IntCounter,
     pub commands_total: IntCounterVec,
     pub command_duration: HistogramVec,
@@ -131,6 +134,12 @@ impl Builtin {
             TLS_HANDSHAKE_FAILURES_TOTAL,
             "Client TLS handshakes (implicit or STARTTLS) that failed or timed out, by listener.",
             &["listener"],
+        )?;
+        let proxy_protocol_refused = counter_vec(
+            PROXY_PROTOCOL_REFUSED_TOTAL,
+            "Connections on a proxy_protocol listener closed before TLS or IMAP, by listener and \
+             reason (untrusted source, missing, invalid or late header, closed inside it).",
+            &["listener", "reason"],
         )?;
         let upstream_connect_failures = IntCounter::new(
             UPSTREAM_CONNECT_FAILURES_TOTAL,
@@ -226,6 +235,7 @@ impl Builtin {
             connections_total,
             connections_active,
             tls_handshake_failures,
+            proxy_protocol_refused,
             upstream_connect_failures,
             commands_total,
             command_duration,
@@ -256,6 +266,8 @@ impl Builtin {
             connections_total: self.connections_total.with_label_values(&[name]),
             connections_active: self.connections_active.with_label_values(&[name]),
             tls_handshake_failures: self.tls_handshake_failures.with_label_values(&[name]),
+            proxy_protocol_refused: self.proxy_protocol_refused.clone(),
+            name: name.into(),
         }
     }
 
@@ -277,6 +289,9 @@ pub struct ListenerMetrics {
     connections_total: IntCounter,
     connections_active: IntGauge,
     tls_handshake_failures: IntCounter,
+    // Resolved at the first refusal: only listeners that read PROXY headers get series.
+    proxy_protocol_refused: IntCounterVec,
+    name: Box<str>,
 }
 
 impl ListenerMetrics {
@@ -292,6 +307,12 @@ impl ListenerMetrics {
 
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    pub fn proxy_protocol_refused(&self, reason: ProxyRefusal) {
+        self.proxy_protocol_refused
+            .with_label_values(&[&*self.name, reason.as_str()])
+            .inc();
     }
 }
 

@@ -84,6 +84,34 @@ impl LoginResult {
     }
 }
 
+/// Why a connection on a `proxy_protocol` listener was closed before TLS or IMAP, for
+/// `imapgate_proxy_protocol_refused_total{listener,reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyRefusal {
+    /// The TCP peer is outside the listener's `proxy_from`.
+    Untrusted,
+    /// The connection did not start with a PROXY header.
+    Missing,
+    /// The header was malformed.
+    Invalid,
+    /// No complete header within the pre-login timeout.
+    Timeout,
+    /// The peer closed the connection (or it failed) inside the header.
+    Closed,
+}
+
+impl ProxyRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyRefusal::Untrusted => "untrusted",
+            ProxyRefusal::Missing => "missing",
+            ProxyRefusal::Invalid => "invalid",
+            ProxyRefusal::Timeout => "timeout",
+            ProxyRefusal::Closed => "closed",
+        }
+    }
+}
+
 /// Which way bytes or messages went, for `imapgate_bytes_total{direction}` and
 /// `imapgate_parse_errors_total{direction}`.
 ///

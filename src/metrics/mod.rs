@@ -28,7 +28,7 @@ use prometheus::{IntCounter, Registry, TextEncoder};
 
 pub use self::builtin::{ConnectionGuard, ListenerMetrics, PolicyHookMetrics, UpstreamMetrics};
 pub use self::http::{HealthState, MetricsServer, bind, serve};
-pub use self::labels::{CommandResult, Direction, LoginResult};
+pub use self::labels::{CommandResult, Direction, LoginResult, ProxyRefusal};
 pub use self::names::POLICY_PREFIX;
 pub use self::policy_defined::{PolicyCounter, PolicyGauge, PolicyHistogram};
 

@@ -320,7 +320,7 @@ async fn probe_loop(p: Probe) {
 /// Connects as a session would and reads the greeting, within `limit`.
 pub async fn probe(target: &Target, limit: Duration) -> Result<(), ProbeError> {
     let deadline = Instant::now() + limit;
-    let upstream = timeout_at(deadline, target.connect())
+    let upstream = timeout_at(deadline, target.connect(None))
         .await
         .map_err(|_| ProbeError::Timeout(limit))?
         .map_err(ProbeError::Connect)?;

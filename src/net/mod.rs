@@ -4,10 +4,13 @@
 //! written once; [`tls`] builds the rustls configurations from the config file, and
 //! [`certs`] chooses the client leg's certificate by SNI and swaps certificates on reload;
 //! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
-//! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read.
+//! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read;
+//! [`proxy_protocol`] reads and writes the PROXY protocol header that carries a client's real
+//! address through load balancers.
 
 pub mod certs;
 pub mod health;
+pub mod proxy_protocol;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

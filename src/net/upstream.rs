@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_rustls::TlsConnector;
 
+use super::proxy_protocol;
+pub use super::proxy_protocol::ClientAddrs;
 use super::stream::{Stream, tune};
 use super::tls::{self, TlsError};
 use crate::config::{UpstreamConfig, UpstreamTls};
@@ -40,9 +42,10 @@ impl Target {
         &self.config.name
     }
 
-    /// Connects, reads the greeting and, for STARTTLS, upgrades.
-    pub async fn connect(&self) -> Result<Upstream, UpstreamError> {
-        connect(&self.config, self.tls.clone()).await
+    /// Connects, sends the PROXY header if configured (`client`'s addresses; without a
+    /// client, a header saying so), reads the greeting and, for STARTTLS, upgrades.
+    pub async fn connect(&self, client: Option<ClientAddrs>) -> Result<Upstream, UpstreamError> {
+        connect_for(&self.config, self.tls.clone(), client).await
     }
 }
 
@@ -114,6 +117,16 @@ pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<Arc<ClientConfig>>,
 ) -> Result<Upstream, UpstreamError> {
+    connect_for(cfg, tls, None).await
+}
+
+/// [`connect`] on behalf of `client`, whose addresses go in the PROXY header when
+/// `cfg.send_proxy` asks for one: written first, before TLS and the greeting.
+pub async fn connect_for(
+    cfg: &UpstreamConfig,
+    tls: Option<Arc<ClientConfig>>,
+    client: Option<ClientAddrs>,
+) -> Result<Upstream, UpstreamError> {
     let conn = Conn {
         address: &cfg.address,
         deadline: Instant::now() + cfg.connect_timeout(),
@@ -131,7 +144,12 @@ pub async fn connect(
             });
         }
     };
-    let tcp = conn.tcp().await?;
+    let mut tcp = conn.tcp().await?;
+    let header = proxy_protocol::encode(cfg.send_proxy, client)
+        .map_err(|e| conn.io("encoding the PROXY header", e))?;
+    if let Some(header) = header {
+        conn.send_proxy_header(&mut tcp, &header).await?;
+    }
     let server_name = cfg.tls_server_name();
     match (cfg.tls, connector) {
         (UpstreamTls::Implicit, Some(connector)) => {
@@ -199,6 +217,18 @@ impl Conn<'_> {
             })?;
         tune(&tcp);
         Ok(tcp)
+    }
+
+    async fn send_proxy_header(
+        &self,
+        tcp: &mut TcpStream,
+        header: &[u8],
+    ) -> Result<(), UpstreamError> {
+        const PHASE: &str = "sending the PROXY header";
+        timeout_at(self.deadline, tcp.write_all(header))
+            .await
+            .map_err(|_| self.timeout(PHASE))?
+            .map_err(|e| self.io(PHASE, e))
     }
 
     async fn handshake(
@@ -425,6 +455,7 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
+    use crate::config::SendProxy;
     use crate::net::tls::test_pki::TestPki;
 
     /// Plays a server for one connection.
@@ -740,6 +771,77 @@ mod tests {
             matches!(err, UpstreamError::StarttlsUnexpected { .. }),
             "{err}"
         );
+    }
+
+    fn documentation_client() -> ClientAddrs {
+        ClientAddrs {
+            source: "203.0.113.7:4242".parse().unwrap(),
+            destination: "192.0.2.1:993".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_proxy_header_comes_before_anything_else() {
+        const HEADER: &[u8] = b"PROXY TCP4 203.0.113.7 192.0.2.1 4242 993\r\n";
+        let (addr, server) = serve(|mut tcp| async move {
+            assert_eq!(read_exactly(&mut tcp, HEADER.len()).await, HEADER);
+            tcp.write_all(b"* OK hi\r\n").await.unwrap();
+            assert_eq!(read_exactly(&mut tcp, 8).await, b"a NOOP\r\n");
+        })
+        .await;
+        let mut config = cfg(addr, UpstreamTls::None);
+        config.send_proxy = SendProxy::V1;
+        let mut up = connect_for(&config, None, Some(documentation_client()))
+            .await
+            .unwrap();
+        assert_eq!(up.greeting, b"* OK hi\r\n");
+        up.stream.write_all(b"a NOOP\r\n").await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_proxy_header_precedes_the_tls_handshake() {
+        let pki = TestPki::new();
+        let acceptor =
+            TlsAcceptor::from(tls::server_config(Some(&pki.cert), Some(&pki.key)).unwrap());
+        let (addr, server) = serve(move |mut tcp| async move {
+            let header = read_exactly(&mut tcp, 28).await;
+            assert_eq!(
+                header,
+                proxy_protocol::encode(SendProxy::V2, Some(documentation_client()))
+                    .unwrap()
+                    .unwrap()
+            );
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            tls.write_all(b"* OK tls\r\n").await.unwrap();
+            tls.flush().await.unwrap();
+            let _ = read_exactly(&mut tls, 1).await;
+        })
+        .await;
+        let mut config = cfg(addr, UpstreamTls::Implicit);
+        config.send_proxy = SendProxy::V2;
+        let client = tls::client_config(Some(&pki.ca), true).unwrap();
+        let mut up = connect_for(&config, Some(client), Some(documentation_client()))
+            .await
+            .unwrap();
+        assert_eq!(up.greeting, b"* OK tls\r\n");
+        up.stream.write_all(b"x").await.unwrap();
+        up.stream.flush().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_a_client_the_header_says_local() {
+        let (addr, server) = serve(|mut tcp| async move {
+            assert_eq!(read_exactly(&mut tcp, 15).await, b"PROXY UNKNOWN\r\n");
+            tcp.write_all(b"* OK hi\r\n").await.unwrap();
+        })
+        .await;
+        let mut config = cfg(addr, UpstreamTls::None);
+        config.send_proxy = SendProxy::V1;
+        let up = connect(&config, None).await.unwrap();
+        assert_eq!(up.greeting, b"* OK hi\r\n");
+        server.await.unwrap();
     }
 
     #[test]

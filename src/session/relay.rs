@@ -20,10 +20,10 @@ use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
 use super::prelogin::Responder;
-use super::route::{self, ClientAddrs};
+use super::route;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
-use crate::config::{Limits, ListenerTls};
+use crate::config::{Limits, ListenerTls, Network};
 use crate::imap::command::CommandKind;
 use crate::imap::encode::{self, ResponseValue};
 use crate::imap::response::Status;
@@ -32,8 +32,9 @@ use crate::metrics::{
 };
 use crate::net::Stream;
 use crate::net::health::UpstreamHealth;
+use crate::net::proxy_protocol::HeaderError;
 use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{Target, UpstreamError};
+use crate::net::upstream::{ClientAddrs, Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -76,6 +77,9 @@ pub struct Listener {
     pub tls: ListenerTls,
     pub acceptor: Option<TlsAcceptor>,
     pub metrics: ListenerMetrics,
+    /// With `proxy_protocol = true`: the sources allowed to connect, each of which must send
+    /// a PROXY header first. `None`: the TCP peer is the client.
+    pub proxy_from: Option<Vec<Network>>,
 }
 
 /// What every session shares.
@@ -116,6 +120,12 @@ pub enum SessionError {
     ClientTls(#[source] TlsError),
     #[error("client: TLS handshake timed out")]
     ClientTlsTimeout,
+    #[error("PROXY protocol: {0} is outside the listener's proxy_from: connection refused")]
+    ProxyUntrusted(SocketAddr),
+    #[error("PROXY protocol: {0}")]
+    ProxyHeader(#[source] HeaderError),
+    #[error("PROXY protocol: no complete header within the pre-login timeout")]
+    ProxyTimeout,
     #[error("{0}")]
     Upstream(#[source] UpstreamError),
     #[error("client I/O: {0}")]
@@ -140,8 +150,8 @@ pub async fn serve(
     let accepted = super::accept::accept(tcp, peer, &listener, &shared).await?;
     let (mut client, peer) = (accepted.stream, accepted.peer);
     let addrs = ClientAddrs {
-        peer,
-        local: accepted.local,
+        source: peer,
+        destination: accepted.local,
     };
     let info = ConnInfo {
         id,
@@ -160,7 +170,7 @@ pub async fn serve(
             let Some(target) = shared.upstreams.first() else {
                 return Err(SessionError::Internal("no upstream configured"));
             };
-            match target.connect().await {
+            match target.connect(Some(addrs)).await {
                 Ok(up) => (Bytes::from(up.greeting), Leg::Socket(up.stream)),
                 Err(e) => {
                     shared.metrics.upstream_connect_failed();

@@ -8,7 +8,6 @@
 //! not pass to the conversation: its own ID command's answer and the upstream's `+` requests
 //! during the replay.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -25,6 +24,7 @@ use crate::imap::framing::{Direction, Frame, Framer, Limits};
 use crate::imap::response::{ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
 use crate::net::Stream;
+pub use crate::net::upstream::ClientAddrs;
 use crate::policy::{LoginView, Verdict};
 
 /// How long the replayed login may take once connected (the upstream's password check,
@@ -41,15 +41,6 @@ const OWN_ID_FIELDS: &[&str] = &[
     "x-connected-port",
     "x-session-id",
 ];
-
-/// Where the client connection comes from, for the upstream.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddrs {
-    /// The client's real address.
-    pub peer: SocketAddr,
-    /// The address it connected to (imapgate's listener).
-    pub local: SocketAddr,
-}
 
 /// What became of a login.
 pub enum Outcome {
@@ -118,7 +109,7 @@ pub async fn login(
             );
             continue;
         };
-        let up = match target.connect().await {
+        let up = match target.connect(Some(addrs)).await {
             Ok(up) => up,
             Err(e) => {
                 shared.metrics.upstream_connect_failed();
@@ -260,10 +251,10 @@ impl Leg {
             fields.push(value.clone().map_or(Value::Nil, Value::String));
         }
         for (key, value) in [
-            ("x-originating-ip", addrs.peer.ip().to_string()),
-            ("x-originating-port", addrs.peer.port().to_string()),
-            ("x-connected-ip", addrs.local.ip().to_string()),
-            ("x-connected-port", addrs.local.port().to_string()),
+            ("x-originating-ip", addrs.source.ip().to_string()),
+            ("x-originating-port", addrs.source.port().to_string()),
+            ("x-connected-ip", addrs.destination.ip().to_string()),
+            ("x-connected-port", addrs.destination.port().to_string()),
             ("x-session-id", format!("imapgate-{session_id}")),
         ] {
             fields.push(Value::String(key.as_bytes().to_vec()));

@@ -172,6 +172,16 @@ impl Client {
         self.peer
     }
 
+    /// This end's address (what the server sees as its peer, without a proxy between).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream
+            .as_ref()
+            .expect("connection gone")
+            .tcp()
+            .local_addr()
+            .expect("local address")
+    }
+
     /// Changes the timeout of every later read.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

@@ -71,6 +71,10 @@ pub struct DovecotOptions {
     pub shared_imap_processes: bool,
     /// Raw settings appended to the config (they override the template's).
     pub extra_config: String,
+    /// A third listener, plain IMAP expecting a PROXY protocol header first
+    /// (`haproxy = yes`; see [`Dovecot::haproxy_addr`]). Dovecot believes the header only
+    /// from `haproxy_trusted_networks`, which the test sets in `extra_config`.
+    pub haproxy_listener: bool,
 }
 
 /// Settings behind [`DovecotOptions::shared_imap_processes`] (all users share one uid, which
@@ -93,6 +97,7 @@ pub struct Dovecot {
     conf: PathBuf,
     addr: SocketAddr,
     tls_addr: SocketAddr,
+    haproxy_addr: Option<SocketAddr>,
     pki: Pki,
     mail_owner: (u32, u32),
     child: Child,
@@ -187,7 +192,7 @@ impl Dovecot {
         users.extend(opts.users.iter().cloned());
         write_passwd(&root.join("passwd"), &users);
 
-        let (imap_port, imaps_port) = free_ports();
+        let (imap_port, imaps_port, haproxy_port) = free_ports();
         let (login_user, internal_user, internal_group) = if root_run {
             ("dovenull".into(), "dovecot".into(), "dovecot".into())
         } else {
@@ -237,6 +242,13 @@ impl Dovecot {
             config.push_str("\n# --- shared_imap_processes ---\n");
             config.push_str(SHARED_IMAP_PROCESSES);
         }
+        if opts.haproxy_listener {
+            config.push_str("\n# --- haproxy_listener ---\n");
+            config.push_str(&format!(
+                "service imap-login {{\n  inet_listener imap_haproxy {{\n    \
+                 port = {haproxy_port}\n    haproxy = yes\n  }}\n}}\n"
+            ));
+        }
         if !opts.extra_config.is_empty() {
             config.push_str("\n# --- extra_config ---\n");
             config.push_str(&opts.extra_config);
@@ -269,6 +281,9 @@ impl Dovecot {
             conf,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, imap_port)),
             tls_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, imaps_port)),
+            haproxy_addr: opts
+                .haproxy_listener
+                .then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, haproxy_port))),
             pki,
             mail_owner,
             child,
@@ -284,7 +299,10 @@ impl Dovecot {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("dovecot exited during startup ({status})"));
             }
-            let last = match probe_greeting(self.addr).and_then(|()| probe_connect(self.tls_addr)) {
+            let last = match probe_greeting(self.addr)
+                .and_then(|()| probe_connect(self.tls_addr))
+                .and_then(|()| self.haproxy_addr.map_or(Ok(()), probe_connect))
+            {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -307,6 +325,12 @@ impl Dovecot {
     /// `127.0.0.1`, signed by the CA at [`Dovecot::ca_pem_path`].
     pub fn tls_addr(&self) -> SocketAddr {
         self.tls_addr
+    }
+
+    /// The listener that expects a PROXY protocol header first (with
+    /// [`DovecotOptions::haproxy_listener`]).
+    pub fn haproxy_addr(&self) -> Option<SocketAddr> {
+        self.haproxy_addr
     }
 
     /// The CA certificate (PEM file) that signed Dovecot's certificate.
@@ -513,14 +537,12 @@ fn write_passwd(path: &Path, users: &[(String, String)]) {
     set_mode(path, 0o644);
 }
 
-/// Two distinct free ports on 127.0.0.1 (both held until both are known).
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+/// Three distinct free ports on 127.0.0.1 (all held until all are known).
+fn free_ports() -> (u16, u16, u16) {
+    let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    let (a, b, c) = (bind(), bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    (port(&a), port(&b), port(&c))
 }
 
 fn probe_connect(addr: SocketAddr) -> Result<(), String> {

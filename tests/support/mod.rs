@@ -5,7 +5,8 @@
 //! - [`client`]: a small async IMAP client whose tests read like transcripts;
 //! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received
 //!   and answered, chunk by chunk with timings), which can also inject bytes of its own;
-//! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact.
+//! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact;
+//! - [`haproxy`]: a private real HAProxy in TCP mode in front of one server.
 //!
 //! ```ignore
 //! mod support;
@@ -28,6 +29,7 @@
 pub mod client;
 pub mod dovecot;
 pub mod evidence;
+pub mod haproxy;
 pub mod pki;
 pub mod proxy;
 pub mod tap;
