@@ -9,7 +9,7 @@ use prometheus::{
     Registry,
 };
 
-use super::labels::{Direction, LoginResult};
+use super::labels::{Direction, LoginResult, SessionLimit};
 
 pub const CONNECTIONS_TOTAL: &str = "imapgate_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "imapgate_connections_active";
@@ -27,6 +27,8 @@ pub const AUDIT_DROPPED_TOTAL: &str = "imapgate_audit_dropped_total";
 pub const SERIES_OVERFLOW_TOTAL: &str = "imapgate_policy_metric_overflow_total";
 pub const DESYNC_TOTAL: &str = "imapgate_desync_total";
 pub const RESPONSES_HIDDEN_TOTAL: &str = "imapgate_responses_hidden_total";
+pub const SESSIONS_REFUSED_TOTAL: &str = "imapgate_sessions_refused_total";
+pub const SESSIONS_KICKED_TOTAL: &str = "imapgate_sessions_kicked_total";
 
 /// Every built-in family name and whether it is a histogram (whose `_bucket`, `_sum` and
 /// `_count` series also take names), for the clash check of policy-defined metrics.
@@ -47,6 +49,8 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (SERIES_OVERFLOW_TOTAL, false),
     (DESYNC_TOTAL, false),
     (RESPONSES_HIDDEN_TOTAL, false),
+    (SESSIONS_REFUSED_TOTAL, false),
+    (SESSIONS_KICKED_TOTAL, false),
 ];
 
 /// From forwarding a command to its tagged response. A NOOP answers in about a millisecond on a
@@ -92,6 +96,8 @@ pub(crate) struct Builtin {
     pub series_overflow: IntCounterVec,
     pub desync: IntCounter,
     pub responses_hidden: IntCounter,
+    pub sessions_refused: [IntCounter; 3],
+    pub sessions_kicked: IntCounter,
 }
 
 impl Builtin {
@@ -194,6 +200,17 @@ impl Builtin {
              pattern, or not judged because a policy failed on them.",
         )?;
         registry.register(Box::new(responses_hidden.clone()))?;
+        let sessions_refused_vec = counter_vec(
+            SESSIONS_REFUSED_TOTAL,
+            "Sessions refused or ended by a connection limit, by limit (max_connections and \
+             max_connections_per_address at accept, max_connections_per_user at login).",
+            &["limit"],
+        )?;
+        let sessions_kicked = IntCounter::new(
+            SESSIONS_KICKED_TOTAL,
+            "Sessions an administrator ended through the admin endpoint.",
+        )?;
+        registry.register(Box::new(sessions_kicked.clone()))?;
 
         // Resolved now, so that these series exist (at 0) from the first scrape: `rate()` over
         // a series that appears at its first increment misses that increment.
@@ -201,6 +218,8 @@ impl Builtin {
         let bytes = Direction::ALL.map(|d| bytes_vec.with_label_values(&[d.as_str()]));
         let parse_errors =
             Direction::ALL.map(|d| parse_errors_vec.with_label_values(&[d.as_str()]));
+        let sessions_refused =
+            SessionLimit::ALL.map(|l| sessions_refused_vec.with_label_values(&[l.as_str()]));
 
         Ok(Builtin {
             connections_total,
@@ -219,6 +238,8 @@ impl Builtin {
             series_overflow,
             desync,
             responses_hidden,
+            sessions_refused,
+            sessions_kicked,
         })
     }
 

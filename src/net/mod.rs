@@ -2,8 +2,10 @@
 //!
 //! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
 //! written once; [`tls`] builds the rustls configurations from the config file;
-//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included.
+//! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included; [`http`]
+//! serves the operators' endpoints (metrics and health, admin).
 
+pub mod http;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -6,14 +6,17 @@
 //! - [`pending`]: commands in flight; the desync tripwire.
 //! - `judge`: policies applied to commands and responses, in one place.
 //! - [`relay`]: the I/O driver.
+//! - [`registry`]: every live session, for the operators (connection limits, kick).
 
 pub mod accept;
 mod judge;
 mod modes;
 pub mod outbox;
 pub mod pending;
+pub mod registry;
 pub mod relay;
 pub mod state;
 
+pub use registry::{ConnectionLimits, LimitExceeded, Registry, SessionHandle, SessionInfo};
 pub use relay::{Listener, SessionError, Shared, serve};
 pub use state::{Control, Conversation, Event, ImapState, Settings};

@@ -19,6 +19,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
+use super::registry::{Registry, SessionHandle};
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
 use crate::config::{Limits, ListenerTls};
@@ -28,9 +29,9 @@ use crate::imap::response::Status;
 use crate::metrics::{
     CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
 };
+use crate::net::Stream;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{Target, UpstreamError};
-use crate::net::Stream;
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -85,6 +86,8 @@ pub struct Shared {
     pub upstreams: Arc<[Target]>,
     pub settings: Settings,
     pub limits: Limits,
+    /// Every live session: the admin endpoint's view, the per-user and per-address limits.
+    pub sessions: Registry,
 }
 
 /// Why a session ended early; the variant says which side failed.
@@ -117,6 +120,15 @@ pub async fn serve(
     let started = Instant::now();
     let accepted = super::accept::accept(tcp, peer, &listener, &shared).await?;
     let (mut client, peer) = (accepted.stream, accepted.peer);
+    let session = match shared.sessions.register(id, peer, &listener.name) {
+        Ok(session) => session,
+        Err(refused) => {
+            tracing::info!(%peer, "{refused}: refusing");
+            shared.metrics.session_refused(refused.limit());
+            close_with_bye(&mut client, refused.bye_text()).await;
+            return Ok(());
+        }
+    };
     let Some(target) = shared.upstreams.first() else {
         return Err(SessionError::Internal("no upstream configured"));
     };
@@ -124,16 +136,16 @@ pub async fn serve(
         Ok(up) => up,
         Err(e) => {
             shared.metrics.upstream_connect_failed();
-            let bye = bye_line("The mail server is unavailable, try again later");
-            let _ = timeout(CLOSE_FLUSH, async {
-                client.write_all(&bye).await?;
-                client.shutdown().await
-            })
+            close_with_bye(
+                &mut client,
+                "The mail server is unavailable, try again later",
+            )
             .await;
             return Err(SessionError::Upstream(e));
         }
     };
     tracing::debug!(%peer, tls = client.is_tls(), "upstream connected");
+    session.set_upstream(&target.config.name);
     let info = ConnInfo {
         id,
         peer: peer.to_string(),
@@ -159,8 +171,19 @@ pub async fn serve(
         started,
         last_client_activity: Instant::now(),
         logged_user: None,
+        session,
     };
     driver.run(client, up.stream).await
+}
+
+/// Says `* BYE [UNAVAILABLE] text` to a client before any conversation, and closes.
+async fn close_with_bye(client: &mut Stream, text: &str) {
+    let bye = bye_line(text);
+    let _ = timeout(CLOSE_FLUSH, async {
+        client.write_all(&bye).await?;
+        client.shutdown().await
+    })
+    .await;
 }
 
 /// The `* BYE` line of imapgate's own, encoded from values.
@@ -186,6 +209,8 @@ struct Driver {
     started: Instant,
     last_client_activity: Instant,
     logged_user: Option<String>,
+    /// Unregisters the session when the driver is dropped.
+    session: SessionHandle,
 }
 
 /// What one round of the select loop produced.
@@ -199,6 +224,7 @@ enum Io {
     Timeout,
     Shutdown,
     HoldDue,
+    Kicked,
 }
 
 impl Driver {
@@ -212,6 +238,7 @@ impl Driver {
         let mut client_needs_flush = false;
         let mut upstream_needs_flush = false;
         let mut shutdown_seen = *self.shutdown.borrow();
+        let mut kicked = false;
         if shutdown_seen {
             self.conv.bye("Server shutting down");
         }
@@ -275,6 +302,7 @@ impl Driver {
                     _ = sleep_until(deadline) => Io::Timeout,
                     _ = sleep_until(hold.unwrap_or(deadline)), if hold.is_some() => Io::HoldDue,
                     _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
+                    _ = self.session.kicked(), if !kicked => Io::Kicked,
                 }
             };
             match io {
@@ -284,6 +312,7 @@ impl Driver {
                 }
                 Io::ClientRead(Ok(n)) => {
                     client_read.update(n);
+                    self.session.count_in(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::ClientToUpstream, n as u64);
@@ -296,6 +325,7 @@ impl Driver {
                 }
                 Io::UpstreamRead(Ok(n)) => {
                     upstream_read.update(n);
+                    self.session.count_out(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::UpstreamToClient, n as u64);
@@ -342,6 +372,12 @@ impl Driver {
                     if *self.shutdown.borrow() {
                         self.conv.bye("Server shutting down");
                     }
+                }
+                Io::Kicked => {
+                    kicked = true;
+                    tracing::info!("disconnected by an administrator");
+                    self.conv
+                        .bye_unavailable("Disconnected by an administrator");
                 }
             }
         }
@@ -390,6 +426,15 @@ impl Driver {
                 Event::Login { ok, user } => {
                     if ok {
                         tracing::info!(user = user.as_deref().unwrap_or("?"), "login succeeded");
+                        // The upstream has accepted the login by now; the limit ends the
+                        // session rather than the login.
+                        if let Some(u) = &user
+                            && let Err(refused) = self.session.logged_in(u)
+                        {
+                            tracing::info!(user = u.as_str(), "{refused}: closing");
+                            self.shared.metrics.session_refused(refused.limit());
+                            self.conv.bye_unavailable(refused.bye_text());
+                        }
                     } else {
                         tracing::info!(user = user.as_deref().unwrap_or("?"), "login failed");
                     }
