@@ -46,6 +46,19 @@ pub struct Config {
     /// `[admin]`: present means enabled.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// `[routing]`: present means imapgate reads each login itself and routes it (also the
+    /// case with several upstreams, or a policy with `on_login`).
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+}
+
+/// Logins read by imapgate and routed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// The capabilities offered before login. Default: those of the first upstream's
+    /// greeting, read at start (filtered as every upstream's are).
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// One address imapgate accepts clients on.
@@ -67,6 +80,23 @@ pub struct ListenerConfig {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// `[[listener.certificate]]` tables: certificates chosen by the server name the client
+    /// asks for (SNI). `cert`/`key` (or the generated certificate) serve every other client.
+    #[serde(rename = "certificate", default)]
+    pub certificates: Vec<NamedCertificate>,
+}
+
+/// A certificate a TLS listener shows to clients asking for one of `names`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedCertificate {
+    /// DNS names, or `*.domain` for any one label in front of `domain`; matched without
+    /// regard to case.
+    pub names: Vec<String>,
+    /// PEM certificate chain, leaf first; it must be valid for every name of `names`.
+    pub cert: PathBuf,
+    /// PEM private key of the leaf.
+    pub key: PathBuf,
 }
 
 impl ListenerConfig {
@@ -78,6 +108,7 @@ impl ListenerConfig {
             tls,
             cert: None,
             key: None,
+            certificates: Vec::new(),
         }
     }
 }
@@ -516,6 +547,10 @@ impl Config {
             }
             listener.cert.as_mut().map(anchor);
             listener.key.as_mut().map(anchor);
+            for named in &mut listener.certificates {
+                anchor(&mut named.cert);
+                anchor(&mut named.key);
+            }
         }
         if self.upstreams.is_empty() {
             self.upstreams = default_upstreams();
@@ -557,6 +592,7 @@ impl Config {
                     ),
                 ));
             }
+            Self::validate_named_certificates(i, l)?;
             for (j, other) in self.listeners[..i].iter().enumerate() {
                 if other.bind == l.bind {
                     return Err(Invalid::new(
@@ -618,6 +654,48 @@ impl Config {
         Ok(())
     }
 
+    /// SNI names: each a DNS name or `*.domain`, used once per listener, on a TLS listener.
+    fn validate_named_certificates(i: usize, l: &ListenerConfig) -> Result<(), Invalid> {
+        let at = |j: usize, rest: &[Seg]| {
+            let mut field = vec![
+                Seg::key("listener"),
+                Seg::Index(i),
+                Seg::key("certificate"),
+                Seg::Index(j),
+            ];
+            field.extend_from_slice(rest);
+            field
+        };
+        if l.tls == ListenerTls::None && !l.certificates.is_empty() {
+            return Err(Invalid::new(
+                at(0, &[]),
+                "a listener with tls = \"none\" shows no certificate",
+            ));
+        }
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for (j, named) in l.certificates.iter().enumerate() {
+            if named.names.is_empty() {
+                return Err(Invalid::new(
+                    at(j, &[Seg::key("names")]),
+                    "give at least one server name (the listener's `cert` serves the others)",
+                ));
+            }
+            for (k, name) in named.names.iter().enumerate() {
+                let field = || at(j, &[Seg::key("names"), Seg::Index(k)]);
+                check_sni_name(name).map_err(|why| Invalid::new(field(), why))?;
+                let folded = name.to_ascii_lowercase();
+                if let Some((_, other)) = seen.iter().find(|(n, _)| *n == folded) {
+                    return Err(Invalid::new(
+                        field(),
+                        format!("{name:?} is also a name of certificate[{other}]"),
+                    ));
+                }
+                seen.push((folded, j));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_upstreams(&self) -> Result<(), Invalid> {
         let many = self.upstreams.len() > 1;
         for (i, up) in self.upstreams.iter().enumerate() {
@@ -655,15 +733,6 @@ impl Config {
             if up.send_proxy != SendProxy::None {
                 return Err(Invalid::new(at("send_proxy"), "not supported yet"));
             }
-            if up.forward_id {
-                return Err(Invalid::new(at("forward_id"), "not supported yet"));
-            }
-        }
-        if many {
-            return Err(Invalid::new(
-                vec![Seg::key("upstream"), Seg::Index(1)],
-                "routing between several upstreams is not supported yet: configure one",
-            ));
         }
         Ok(())
     }
@@ -831,6 +900,36 @@ impl Seg {
     fn key(k: &str) -> Seg {
         Seg::Key(k.to_owned())
     }
+}
+
+/// A name a certificate is chosen by: a DNS name (`mail.example.org`) or a wildcard for one
+/// label in front of a domain of at least two labels (`*.example.org`), like a certificate's
+/// own wildcard. The error says what is wrong.
+pub fn check_sni_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{name:?} is an IP address: clients never send one as SNI (RFC 6066), so \
+             connections by address get the listener's `cert`"
+        ));
+    }
+    let domain = name.strip_prefix("*.").unwrap_or(name);
+    if domain.contains('*') {
+        return Err(format!(
+            "{name:?}: a wildcard is a whole first label, as in \"*.example.org\""
+        ));
+    }
+    if name.ends_with('.') {
+        return Err(format!("{name:?}: write the name without its final dot"));
+    }
+    if rustls_pki_types::DnsName::try_from(domain).is_err() {
+        return Err(format!("{name:?} is not a DNS name"));
+    }
+    if domain.len() < name.len() && !domain.contains('.') {
+        return Err(format!(
+            "{name:?}: a wildcard needs a domain of at least two labels (\"*.example.org\")"
+        ));
+    }
+    Ok(())
 }
 
 /// Splits `host:port`, `[v6]:port`; `None` when the port is missing or not a number.
@@ -1067,8 +1166,9 @@ mod tests {
         assert_eq!(many.upstreams[1].server_name.as_deref(), Some("m2"));
         assert_eq!(many.upstreams[1].send_proxy, SendProxy::V2);
         assert!(many.upstreams[1].forward_id);
-        // Not yet implemented, so refused rather than ignored.
+        // send_proxy is not implemented yet: refused rather than ignored.
         assert!(parse(&text).is_err());
+        assert!(parse(&text.replace("send_proxy = \"v2\"\n", "")).is_ok());
         let err = parse(&format!(
             "{MINIMAL}[[upstream]]\nname = \"a\"\naddress = \"m1:143\"\n\
              [[upstream]]\nname = \"a\"\naddress = \"m2:143\"\n"
@@ -1175,6 +1275,90 @@ mod tests {
             ))
             .is_err()
         );
+    }
+
+    #[test]
+    fn certificates_by_server_name() {
+        let text = format!(
+            "{MINIMAL}cert = \"default.pem\"\nkey = \"default.key\"\n\
+             [[listener.certificate]]\nnames = [\"mail.example.org\", \"*.Example.org\"]\n\
+             cert = \"example.pem\"\nkey = \"/keys/example.key\"\n\
+             [[listener.certificate]]\nnames = [\"imap.example.net\"]\n\
+             cert = \"net.pem\"\nkey = \"net.key\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let named = &c.listeners[0].certificates;
+        assert_eq!(named.len(), 2);
+        assert_eq!(named[0].names, ["mail.example.org", "*.Example.org"]);
+        assert_eq!(named[0].cert, Path::new("/etc/imapgate/example.pem"));
+        assert_eq!(named[0].key, Path::new("/keys/example.key"));
+        assert_eq!(named[1].key, Path::new("/etc/imapgate/net.key"));
+        // Without a default certificate, the generated one serves the other names.
+        let text = format!(
+            "{MINIMAL}[[listener.certificate]]\nnames = [\"a.example\"]\n\
+             cert = \"a.pem\"\nkey = \"a.key\"\n"
+        );
+        assert!(parse(&text).unwrap().listeners[0].cert.is_none());
+    }
+
+    #[test]
+    fn certificate_names_are_checked() {
+        let with = |names: &str| {
+            format!(
+                "{MINIMAL}[[listener.certificate]]\nnames = [\"ok.example\"]\n\
+                 cert = \"a.pem\"\nkey = \"a.key\"\n\
+                 [[listener.certificate]]\nnames = {names}\ncert = \"b.pem\"\nkey = \"b.key\"\n"
+            )
+        };
+        for (names, field, why) in [
+            ("[]", "listener[0].certificate[1].names", "at least one"),
+            (
+                "[\"x\", \"*\"]",
+                "listener[0].certificate[1].names[1]",
+                "wildcard",
+            ),
+            ("[\"a.*.example\"]", "names[0]", "whole first label"),
+            ("[\"*a.example\"]", "names[0]", "whole first label"),
+            ("[\"*.example\"]", "names[0]", "two labels"),
+            ("[\"127.0.0.1\"]", "names[0]", "IP address"),
+            ("[\"::1\"]", "names[0]", "IP address"),
+            ("[\"mail.example.\"]", "names[0]", "final dot"),
+            ("[\"bad name.example\"]", "names[0]", "not a DNS name"),
+            ("[\"\"]", "names[0]", "not a DNS name"),
+            (
+                "[\"OK.example\"]",
+                "names[0]",
+                "also a name of certificate[0]",
+            ),
+            (
+                "[\"b.example\", \"B.Example\"]",
+                "names[1]",
+                "certificate[1]",
+            ),
+        ] {
+            let err = parse(&with(names)).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(why), "{names}: {err}");
+        }
+        parse(&with(
+            "[\"*.ok.example\", \"b.example\", \"xn--bcher-kva.example\"]",
+        ))
+        .unwrap();
+        let err = parse(&format!(
+            "{MINIMAL}tls = \"none\"\n[[listener.certificate]]\nnames = [\"a.example\"]\n\
+             cert = \"a.pem\"\nkey = \"a.key\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listener[0].certificate[0]") && err.contains("none"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}[[listener.certificate]]\nnames = [\"a.example\"]\ncert = \"a.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("missing field `key`"), "{err}");
     }
 
     #[test]

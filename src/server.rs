@@ -16,11 +16,13 @@ use crate::admin::{self, Admin, AdminError, TokenSlot};
 use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
 use crate::metrics::{HealthState, Metrics, SessionLimit};
+use crate::net::certs::{CertError, ClientCerts};
 use crate::net::http::{self, Reply};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
 use crate::policy::{Policies, PolicyError};
+use crate::session::relay::Routing;
 use crate::session::{self, ConnectionLimits, Listener, Registry, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
@@ -64,6 +66,7 @@ pub enum ServerError {
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     policies: Policies,
+    certs: ClientCerts,
     metrics: Metrics,
     audit: Audit,
     health: HealthState,
@@ -78,38 +81,20 @@ pub struct Server {
     drain: Duration,
 }
 
-/// One acceptor per listener (`None` for plaintext ones) and the upstreams, each with the TLS
-/// client configuration it needs.
-pub type TlsSetup = (Vec<Option<TlsAcceptor>>, Vec<Target>);
+/// What the config's TLS needs: one acceptor per listener (`None` for plaintext ones), the
+/// certificate stores behind them, and the upstreams, each with the TLS client configuration
+/// it needs.
+pub struct TlsSetup {
+    pub acceptors: Vec<Option<TlsAcceptor>>,
+    pub certs: ClientCerts,
+    pub upstreams: Vec<Target>,
+}
 
 /// The TLS configurations the config asks for; used by `check` too, so that unreadable
 /// certificates are reported before the proxy runs.
 pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
-    let mut acceptors = Vec::new();
     // Listeners without a certificate share one generated self-signed certificate.
-    let mut self_signed: Option<Arc<rustls::ServerConfig>> = None;
-    for l in &config.listeners {
-        let acceptor = match l.tls {
-            ListenerTls::None => None,
-            ListenerTls::Implicit | ListenerTls::Starttls => {
-                let generated = l.cert.is_none() && l.key.is_none();
-                let cfg = match (&self_signed, generated) {
-                    (Some(cfg), true) => cfg.clone(),
-                    _ => tls::server_config(l.cert.as_deref(), l.key.as_deref()).map_err(
-                        |source| ServerError::ListenerTls {
-                            name: l.name.clone(),
-                            source,
-                        },
-                    )?,
-                };
-                if generated {
-                    self_signed = Some(cfg.clone());
-                }
-                Some(TlsAcceptor::from(cfg))
-            }
-        };
-        acceptors.push(acceptor);
-    }
+    let (certs, acceptors) = ClientCerts::load(config)?;
     let mut upstreams = Vec::new();
     for up in &config.upstreams {
         let tls = match up.tls {
@@ -128,13 +113,30 @@ pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
             tls,
         });
     }
-    Ok((acceptors, upstreams))
+    Ok(TlsSetup {
+        acceptors,
+        certs,
+        upstreams,
+    })
+}
+
+impl From<CertError> for ServerError {
+    fn from(e: CertError) -> Self {
+        ServerError::ListenerTls {
+            name: e.listener,
+            source: e.source,
+        }
+    }
 }
 
 impl Server {
     /// Binds every listener and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let (acceptors, upstreams) = tls_setup(&config)?;
+        let TlsSetup {
+            acceptors,
+            certs,
+            upstreams,
+        } = tls_setup(&config)?;
         let upstreams: Arc<[Target]> = upstreams.into();
         let metrics = Metrics::new();
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
@@ -172,6 +174,7 @@ impl Server {
         if !config.policies.is_empty() {
             tracing::info!(policies = ?policies.current().names(), "policies loaded");
         }
+        let routing = routing_setup(&config, &policies, &upstreams).await;
         let limits = config.limits.clone();
         let settings = Settings {
             listener_tls: ListenerTls::None,
@@ -205,6 +208,7 @@ impl Server {
                 metrics: metrics.clone(),
                 audit: audit.clone(),
                 upstreams: upstreams.clone(),
+                routing: routing.clone(),
                 settings: Settings {
                     listener_tls: l.tls,
                     ..settings.clone()
@@ -231,6 +235,7 @@ impl Server {
         Ok(Server {
             addrs,
             policies,
+            certs,
             metrics,
             audit,
             health,
@@ -260,6 +265,14 @@ impl Server {
     pub fn reload_policies(&self, config: &Config) -> Result<Vec<String>, PolicyError> {
         self.policies.reload(&config.policies, &config.lua)?;
         Ok(self.policies.current().names())
+    }
+
+    /// Reads every TLS listener's certificates and keys again from the files `config` names
+    /// and, if all of them load, makes them the ones new handshakes use; otherwise the old
+    /// ones stay and the error says which listener and file failed. Sessions already
+    /// established keep the certificate they were shown. Returns the listeners reloaded.
+    pub fn reload_certificates(&self, config: &Config) -> Result<Vec<String>, ServerError> {
+        Ok(self.certs.reload(config)?)
     }
 
     /// The bound address of the metrics endpoint, when one is configured.
@@ -333,6 +346,67 @@ impl Server {
             endpoint.stop();
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Whether imapgate reads logins itself and routes them, and what it offers before login:
+/// the configured capabilities, or the first upstream's (its greeting, read now; a built-in
+/// list when it cannot be reached), keeping only the SASL mechanisms imapgate can replay.
+async fn routing_setup(
+    config: &Config,
+    policies: &Policies,
+    upstreams: &[Target],
+) -> Option<Arc<Routing>> {
+    let routed = config.routing.is_some()
+        || upstreams.len() > 1
+        || policies.current().has_hook(crate::policy::Hook::Login);
+    if !routed {
+        return None;
+    }
+    let configured = config.routing.as_ref().and_then(|r| r.capabilities.clone());
+    let mut capabilities = match configured {
+        Some(caps) => caps,
+        None => learned_capabilities(upstreams.first()).await,
+    };
+    capabilities.retain(|c| {
+        let upper = c.to_ascii_uppercase();
+        match upper.strip_prefix("AUTH=") {
+            Some(mechanism) => crate::session::prelogin::MECHANISMS.contains(&mechanism),
+            None => !matches!(upper.as_str(), "STARTTLS" | "LOGINDISABLED"),
+        }
+    });
+    tracing::info!(?capabilities, "imapgate reads logins and routes them");
+    Some(Arc::new(Routing { capabilities }))
+}
+
+async fn learned_capabilities(first: Option<&Target>) -> Vec<String> {
+    let fallback = || {
+        [
+            "IMAP4rev1",
+            "SASL-IR",
+            "LITERAL+",
+            "ID",
+            "ENABLE",
+            "IDLE",
+            "AUTH=PLAIN",
+            "AUTH=LOGIN",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let Some(target) = first else {
+        return fallback();
+    };
+    match target.connect().await {
+        Ok(up) => crate::imap::response::parse_response(bytes::Bytes::from(up.greeting))
+            .ok()
+            .and_then(|r| crate::imap::capability::CapabilitySet::from_response(&r))
+            .map(|caps| caps.names().to_vec())
+            .unwrap_or_else(fallback),
+        Err(e) => {
+            tracing::warn!(upstream = target.name(), error = %e, "cannot learn the upstream's capabilities: using a built-in list");
+            fallback()
+        }
     }
 }
 
@@ -555,12 +629,13 @@ pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), Server
     result
 }
 
-/// SIGHUP: re-reads the config file and swaps in its policies, or keeps the old ones.
+/// SIGHUP: re-reads the config file and swaps in its policies and certificates; each kind
+/// is kept as it is when its new version does not load.
 fn reload(server: &Server, path: &std::path::Path) {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the current policies");
+            tracing::error!(error = %e, "SIGHUP: the config does not load; keeping the current policies and certificates");
             return;
         }
     };
@@ -574,5 +649,12 @@ fn reload(server: &Server, path: &std::path::Path) {
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: a policy does not load; keeping the current policies")
         }
+    }
+    match server.reload_certificates(&config) {
+        Ok(listeners) => tracing::info!(?listeners, "SIGHUP: certificates reloaded"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: a certificate does not load; keeping the current certificates"
+        ),
     }
 }

@@ -180,6 +180,33 @@ fn key_without_cert() {
 }
 
 #[test]
+fn sni_certificate_name_errors_point_at_the_name() {
+    let text = "[[listener]]\nbind = \"127.0.0.1:1\"\n\
+                [[listener]]\nbind = \"127.0.0.1:2\"\n\
+                [[listener.certificate]]\nnames = [\"a.example\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+                [[listener.certificate]]\nnames = [\"b.example\", \"*.b.*.example\"]\n\
+                cert = \"b.pem\"\nkey = \"b.key\"\n";
+    let (field, loc, msg) = invalid(text);
+    assert_eq!(field, "listener[1].certificate[1].names[1]");
+    assert_eq!(
+        loc,
+        Some(Location {
+            line: 10,
+            column: 23
+        })
+    );
+    assert!(
+        msg.contains("\"*.b.*.example\": a wildcard is a whole first label"),
+        "{msg}"
+    );
+    let parsed = parse(&text.replace("*.b.*.example", "*.b.example")).unwrap();
+    assert_eq!(
+        parsed.listeners[1].certificates[1].cert,
+        Path::new("/etc/imapgate/b.pem")
+    );
+}
+
+#[test]
 fn duplicate_bind() {
     let (field, loc, msg) = invalid(&format!("{MINIMAL}name = \"a\"\n{MINIMAL}"));
     assert_eq!(field, "listener[1].bind");

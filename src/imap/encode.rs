@@ -307,9 +307,10 @@ pub fn response(value: &ResponseValue) -> Result<Encoded, EncodeError> {
     let mut out = Encoded::new();
     match value {
         ResponseValue::Continuation { text } => {
-            out.raw(b"+");
+            // continue-req = "+" SP (resp-text / base64) CRLF: the SP even before nothing
+            // (an empty SASL challenge).
+            out.raw(b"+ ");
             if !text.is_empty() {
-                out.raw(b" ");
                 out.text(text)?;
             }
         }

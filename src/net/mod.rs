@@ -1,10 +1,12 @@
 //! Networking: listeners, TLS and the upstream connection.
 //!
 //! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
-//! written once; [`tls`] builds the rustls configurations from the config file;
+//! written once; [`tls`] builds the rustls configurations from the config file, and
+//! [`certs`] chooses the client leg's certificate by SNI and swaps certificates on reload;
 //! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included; [`http`]
 //! serves the operators' endpoints (metrics and health, admin).
 
+pub mod certs;
 pub mod http;
 pub mod stream;
 pub mod tls;

@@ -9,12 +9,14 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, ring};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::certs::{CertSet, CertStore};
 use super::stream::Stream;
 
 /// The ALPN protocol id for IMAP (RFC 9051 and the IANA registry). Offering it on both legs
@@ -46,6 +48,11 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::Error,
     },
+    #[error(
+        "{}: the certificate is not valid for {name:?}, a name it is configured for",
+        path.display()
+    )]
+    NameNotCovered { path: PathBuf, name: String },
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{}: cannot read the CA certificates: {source}", path.display())]
@@ -75,39 +82,59 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// The client-leg configuration. With neither `cert` nor `key` a self-signed certificate
-/// is generated, so that a first run needs no files; it is never silently trusted by a
-/// client, so this only suits tests and trying imapgate out.
+/// The client-leg configuration for one certificate. With neither `cert` nor `key` a
+/// self-signed certificate is generated, so that a first run needs no files; it is never
+/// silently trusted by a client, so this only suits tests and trying imapgate out.
 pub fn server_config(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (chain, key, origin) = match (cert, key) {
-        (Some(cert), Some(key)) => (load_chain(cert)?, load_key(key)?, cert.to_owned()),
+    let key = match (cert, key) {
+        (Some(cert), Some(key)) => certified_key(cert, key)?,
         (None, None) => {
             tracing::warn!(
                 names = ?SELF_SIGNED_NAMES,
                 "no cert/key configured: using a freshly generated self-signed certificate; \
                  clients will not trust it without an exception"
             );
-            let (cert, key) = self_signed(&SELF_SIGNED_NAMES)?;
-            (vec![cert], key, PathBuf::from("<generated>"))
+            generated_key()?
         }
         _ => return Err(TlsError::Incomplete),
     };
+    server_config_with(Arc::new(CertStore::new(CertSet::single(Arc::new(key)))))
+}
+
+/// The client-leg configuration choosing its certificates with `certs` (by SNI, and
+/// replaceable while it is in use).
+pub fn server_config_with(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|source| TlsError::Unusable {
-            path: origin,
-            source,
-        })?;
+        .with_cert_resolver(certs);
     // rustls refuses a client whose ALPN list lacks "imap" and accepts one that sends no
     // ALPN at all, which is what RFC 7301 and the IMAP clients in the wild need.
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A certificate chain and its key, read from PEM files and checked to belong together.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let chain = load_chain(cert)?;
+    let key = load_key(key)?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|source| TlsError::Unusable {
+        path: cert.to_owned(),
+        source,
+    })
+}
+
+/// A freshly generated self-signed certificate for [`SELF_SIGNED_NAMES`].
+pub fn generated_key() -> Result<CertifiedKey, TlsError> {
+    let (cert, key) = self_signed(&SELF_SIGNED_NAMES)?;
+    CertifiedKey::from_der(vec![cert], key, &provider()).map_err(|source| TlsError::Unusable {
+        path: PathBuf::from("<generated>"),
+        source,
+    })
 }
 
 /// The upstream-leg configuration: system roots plus `ca`, or no verification at all.

@@ -137,6 +137,17 @@ pub fn imap_table(
         })?,
     )?;
     imap.set(
+        "route",
+        lua.create_function(|lua, t: Table| {
+            let v = lua.create_table()?;
+            v.set("verdict", "route")?;
+            v.set("upstream", t.get::<Value>("upstream")?)?;
+            v.set("fallbacks", t.get::<Value>("fallbacks")?)?;
+            v.set("user", t.get::<Value>("user")?)?;
+            Ok(v)
+        })?,
+    )?;
+    imap.set(
         "drop",
         lua.create_function(|lua, ()| {
             let v = lua.create_table()?;
@@ -501,8 +512,33 @@ pub fn verdict_from_table(t: &Table) -> mlua::Result<Verdict> {
             Ok(Verdict::Delay(d.min(MAX_DELAY)))
         }
         Some("drop") => Ok(Verdict::Drop),
+        Some("route") => {
+            let name = |v: String| {
+                let ok = !v.is_empty()
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                ok.then_some(v).ok_or_else(|| {
+                    err("route: upstream names are letters, digits, '-', '_', '.'".into())
+                })
+            };
+            let mut upstreams = vec![name(t.get::<String>("upstream")?)?];
+            if let Some(fallbacks) = t.get::<Option<Table>>("fallbacks")? {
+                for f in fallbacks.sequence_values::<String>() {
+                    upstreams.push(name(f?)?);
+                }
+            }
+            let user = t.get::<Option<String>>("user")?;
+            if let Some(u) = &user
+                && (u.is_empty() || u.len() > MAX_TEXT || u.contains(['\r', '\n', '\0']))
+            {
+                return Err(err(
+                    "route: user must be 1 to 512 bytes without CR, LF or NUL".into(),
+                ));
+            }
+            Ok(Verdict::Route(super::Route { upstreams, user }))
+        }
         _ => Err(err(
-            "a hook returns nothing or a verdict made by imap.reject/close/delay/drop".into(),
+            "a hook returns nothing or a verdict made by imap.reject/close/delay/drop/route".into(),
         )),
     }
 }

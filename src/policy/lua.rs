@@ -29,13 +29,14 @@ use crate::imap::response::{DataKind, Status};
 
 /// Instructions between two budget checks.
 const CHECK_EVERY: u32 = 1000;
-const HOOKS: [Hook; 6] = [
+const HOOKS: [Hook; 7] = [
     Hook::Connect,
     Hook::Capability,
     Hook::Command,
     Hook::Response,
     Hook::Complete,
     Hook::Disconnect,
+    Hook::Login,
 ];
 
 fn hook_index(hook: Hook) -> usize {
@@ -46,6 +47,7 @@ fn hook_index(hook: Hook) -> usize {
         Hook::Response => 3,
         Hook::Complete => 4,
         Hook::Disconnect => 5,
+        Hook::Login => 6,
     }
 }
 
@@ -57,12 +59,12 @@ struct PolicyMeta {
     responses: Option<HashSet<String>>,
     /// `on_complete` filter; `None` means the `commands` filter applies.
     completes: Option<HashSet<String>>,
-    has: [bool; 6],
+    has: [bool; 7],
     on_error: OnError,
 }
 
 struct VmPolicy {
-    hooks: [Option<Function>; 6],
+    hooks: [Option<Function>; 7],
 }
 
 /// The per-call budget, shared with the VM's count hook.
@@ -184,7 +186,7 @@ pub struct PolicySet {
     /// Command labels some `on_complete` hook wants.
     complete_hooked: HashSet<&'static str>,
     response_hooked: HashSet<&'static str>,
-    any: [bool; 6],
+    any: [bool; 7],
     instructions: u64,
     time: Duration,
 }
@@ -226,7 +228,7 @@ impl PolicySet {
             command_hooked: HashSet::new(),
             complete_hooked: HashSet::new(),
             response_hooked: HashSet::new(),
-            any: [false; 6],
+            any: [false; 7],
             instructions: 0,
             time: Duration::ZERO,
         }
@@ -275,7 +277,7 @@ impl PolicySet {
         let mut command_hooked = HashSet::new();
         let mut complete_hooked = HashSet::new();
         let mut response_hooked = HashSet::new();
-        let mut any = [false; 6];
+        let mut any = [false; 7];
         for m in &meta {
             for (slot, has) in any.iter_mut().zip(m.has) {
                 *slot |= has;
@@ -637,11 +639,39 @@ impl PolicySet {
     }
 }
 
+/// What `on_login` sees: `login.user` (the name the client gave) and `login.mechanism`
+/// (`LOGIN`, or the SASL mechanism). Never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoginView {
+    pub user: Option<String>,
+    pub mechanism: String,
+}
+
+impl PolicySet {
+    /// `on_login` (imapgate owns the login): [`Verdict::Pass`] (the default upstream),
+    /// [`Verdict::Route`], [`Verdict::Reject`], [`Verdict::Close`] or [`Verdict::Delay`].
+    #[must_use]
+    pub fn on_login(&self, ctx: &mut ConnCtx, login: &LoginView) -> Verdict {
+        self.chain(
+            ctx,
+            Hook::Login,
+            Some("LOGIN"),
+            |_| true,
+            &mut |vm, f, c| {
+                let t = vm.lua.create_table()?;
+                t.raw_set("user", login.user.as_deref())?;
+                t.raw_set("mechanism", login.mechanism.as_str())?;
+                verdict_of(f.call::<Value>((c, t))?)
+            },
+        )
+    }
+}
+
 /// What a failed hook means under the policy's `on_error`: `None` to go on as if it passed.
 fn failed(hook: Hook, on_error: OnError) -> Option<Verdict> {
     match (on_error, hook) {
         (OnError::Open, _) | (OnError::Closed, Hook::Disconnect) => None,
-        (OnError::Closed, Hook::Command | Hook::Response) => Some(Verdict::Reject {
+        (OnError::Closed, Hook::Command | Hook::Response | Hook::Login) => Some(Verdict::Reject {
             status: Status::No,
             code: Some("UNAVAILABLE".into()),
             text: "Policy check failed, try again later".into(),
@@ -905,6 +935,7 @@ fn contract(
         "on_response",
         "on_complete",
         "on_disconnect",
+        "on_login",
     ];
     for pair in t.pairs::<Value, Value>() {
         let (k, _) = pair.map_err(|e| bad(flatten_error(&e)))?;
@@ -966,8 +997,8 @@ fn contract(
     let responses = list("responses", &|s| {
         api::RESPONSE_KINDS.iter().any(|k| k.as_str() == s)
     })?;
-    let mut hooks: [Option<Function>; 6] = Default::default();
-    let mut has = [false; 6];
+    let mut hooks: [Option<Function>; 7] = Default::default();
+    let mut has = [false; 7];
     for hook in HOOKS {
         match t
             .get::<Value>(hook.as_str())

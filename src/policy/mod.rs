@@ -25,7 +25,7 @@ use crate::config::{LuaConfig, PolicyConfig};
 use crate::imap::response::Status;
 use crate::metrics::Metrics;
 
-pub use lua::PolicySet;
+pub use lua::{LoginView, PolicySet};
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
 
 /// What a hook decided. Each hook has its own set (see [`Hook::allows`]); a verdict a hook
@@ -48,6 +48,17 @@ pub enum Verdict {
     Delay(Duration),
     /// Do not relay this response (e.g. a LIST entry outside the client's namespace).
     Drop,
+    /// `on_login`: the upstream (and fallbacks) that serves this login.
+    Route(Route),
+}
+
+/// Where a login goes: `imap.route{ upstream = "mail2", fallbacks = { "mail3" }, user = "x" }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Upstream names in the order to try: the route's upstream, then its fallbacks.
+    pub upstreams: Vec<String>,
+    /// The user name to log in as upstream instead of the client's (LOGIN and PLAIN only).
+    pub user: Option<String>,
 }
 
 impl Verdict {
@@ -58,6 +69,7 @@ impl Verdict {
             Verdict::Close { .. } => "close",
             Verdict::Delay(_) => "delay",
             Verdict::Drop => "drop",
+            Verdict::Route(_) => "route",
         }
     }
 }
@@ -71,6 +83,8 @@ pub enum Hook {
     Response,
     Complete,
     Disconnect,
+    /// The client gave its credentials (when imapgate owns the login).
+    Login,
 }
 
 impl Hook {
@@ -82,6 +96,7 @@ impl Hook {
             Hook::Response => "on_response",
             Hook::Complete => "on_complete",
             Hook::Disconnect => "on_disconnect",
+            Hook::Login => "on_login",
         }
     }
 
@@ -90,8 +105,11 @@ impl Hook {
         match verdict {
             Verdict::Pass => true,
             Verdict::Close { .. } => self != Hook::Disconnect,
-            Verdict::Reject { .. } | Verdict::Delay(_) => self == Hook::Command,
+            Verdict::Reject { .. } | Verdict::Delay(_) => {
+                matches!(self, Hook::Command | Hook::Login)
+            }
             Verdict::Drop => self == Hook::Response,
+            Verdict::Route(_) => self == Hook::Login,
         }
     }
 
@@ -102,6 +120,9 @@ impl Hook {
             Hook::Command => "nothing, imap.reject{...}, imap.close() or imap.delay(ms)",
             Hook::Response => "nothing, imap.drop() or imap.close()",
             Hook::Disconnect => "nothing",
+            Hook::Login => {
+                "nothing, imap.route{...}, imap.reject{...}, imap.close() or imap.delay(ms)"
+            }
         }
     }
 }

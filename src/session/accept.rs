@@ -20,6 +20,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// The TCP peer itself (the load balancer, behind one).
     pub connected_from: SocketAddr,
+    /// The address the client connected to (this listener's).
+    pub local: SocketAddr,
 }
 
 /// Runs the setup of one accepted TCP connection, bounded by the pre-login timeout.
@@ -30,6 +32,7 @@ pub async fn accept(
     shared: &Shared,
 ) -> Result<Accepted, SessionError> {
     tune(&tcp);
+    let local = tcp.local_addr().map_err(SessionError::Client)?;
     let stream = match (&listener.acceptor, listener.tls) {
         (Some(acceptor), ListenerTls::Implicit) => {
             match timeout(shared.limits.preauth_timeout(), tls::accept(acceptor, tcp)).await {
@@ -50,5 +53,6 @@ pub async fn accept(
         stream,
         peer,
         connected_from: peer,
+        local,
     })
 }

@@ -80,8 +80,9 @@ impl Conversation {
                 self.reply_untagged_bye(&text);
                 self.push_control(Control::Close { flush: true });
             }
-            // Not a verdict for commands: never a silent pass.
-            Verdict::Drop => self.refuse_command(
+            // Not verdicts for commands (the engine never lets them through): never a
+            // silent pass.
+            Verdict::Drop | Verdict::Route(_) => self.refuse_command(
                 &command,
                 Status::No,
                 Some("UNAVAILABLE"),
@@ -293,7 +294,7 @@ impl Conversation {
                 return Judged::Done;
             }
             // A hook that failed (or answered what a response cannot): fail closed.
-            Verdict::Reject { .. } | Verdict::Delay(_) => {
+            Verdict::Reject { .. } | Verdict::Delay(_) | Verdict::Route(_) => {
                 self.events.push(Event::Hidden);
                 return Judged::Failed;
             }

@@ -4,6 +4,7 @@
 //! - [`state`]: the conversation: framing, parsing, state, what goes where.
 //! - `modes`: how the client's next bytes are read, and the upstream's `+` that says so.
 //! - [`pending`]: commands in flight; the desync tripwire.
+//! - [`prelogin`]: imapgate's stand-in for the upstream before login, when it routes logins.
 //! - `judge`: policies applied to commands and responses, in one place.
 //! - [`relay`]: the I/O driver.
 //! - [`registry`]: every live session, for the operators (connection limits, kick).
@@ -13,8 +14,10 @@ mod judge;
 mod modes;
 pub mod outbox;
 pub mod pending;
+pub mod prelogin;
 pub mod registry;
 pub mod relay;
+pub mod route;
 pub mod state;
 
 pub use registry::{ConnectionLimits, LimitExceeded, Registry, SessionHandle, SessionInfo};

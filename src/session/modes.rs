@@ -174,6 +174,12 @@ impl Sasl {
     }
 }
 
+/// The user a decoded SASL response of `mechanism` names (the first response: PLAIN's
+/// authcid, LOGIN's user name, XOAUTH2's `user=`, OAUTHBEARER's `a=`).
+pub fn user_in_sasl(mechanism: &str, decoded: &[u8]) -> Option<String> {
+    Mechanism::from_name(mechanism.as_bytes()).user_in(decoded)
+}
+
 /// The user named by AUTHENTICATE's initial response (SASL-IR, RFC 4959), if any.
 pub fn sasl_initial_user(command: &Command) -> Option<String> {
     let mechanism = Mechanism::from_name(&command.arg_string(0)?);

@@ -92,6 +92,8 @@ pub struct Pending {
     /// A policy failed on one of this command's untagged responses (fail closed): the
     /// command completes `NO [UNAVAILABLE]` whatever the upstream said.
     pub failed: bool,
+    /// A login a policy refused before any upstream saw it (imapgate answers it).
+    pub refused: bool,
 }
 
 impl Pending {
@@ -105,6 +107,7 @@ impl Pending {
             list_filter: None,
             held_inbox: None,
             failed: false,
+            refused: false,
         }
     }
 
@@ -140,6 +143,11 @@ impl PendingTags {
 
     pub fn is_full(&self) -> bool {
         self.items.len() >= MAX_PENDING
+    }
+
+    /// The oldest command in flight with this tag.
+    pub fn by_tag_mut(&mut self, tag: &[u8]) -> Option<&mut Pending> {
+        self.items.iter_mut().find(|p| p.tag == tag)
     }
 
     pub fn get_mut(&mut self, seq: u64) -> Option<&mut Pending> {

@@ -19,7 +19,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
+use super::prelogin::Responder;
 use super::registry::{Registry, SessionHandle};
+use super::route::{self, ClientAddrs};
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
 use crate::config::{Limits, ListenerTls};
@@ -84,10 +86,26 @@ pub struct Shared {
     /// The configured upstreams; the first is the default route (the only one when
     /// imapgate does not own the login).
     pub upstreams: Arc<[Target]>,
+    /// Present when imapgate reads logins itself and routes them.
+    pub routing: Option<Arc<Routing>>,
     pub settings: Settings,
     pub limits: Limits,
     /// Every live session: the admin endpoint's view, the per-user and per-address limits.
     pub sessions: Registry,
+}
+
+/// How imapgate stands in for the upstream before login, when it routes logins.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Offered before login (the conversation filters them as an upstream's).
+    pub capabilities: Vec<String>,
+}
+
+/// The upstream leg of a session: a connected server, or, before a routed login, imapgate's
+/// stand-in for one.
+enum Leg {
+    Socket(Stream),
+    Standin(Box<Responder>),
 }
 
 /// Why a session ended early; the variant says which side failed.
@@ -129,23 +147,10 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let Some(target) = shared.upstreams.first() else {
-        return Err(SessionError::Internal("no upstream configured"));
+    let addrs = ClientAddrs {
+        peer,
+        local: accepted.local,
     };
-    let up = match target.connect().await {
-        Ok(up) => up,
-        Err(e) => {
-            shared.metrics.upstream_connect_failed();
-            close_with_bye(
-                &mut client,
-                "The mail server is unavailable, try again later",
-            )
-            .await;
-            return Err(SessionError::Upstream(e));
-        }
-    };
-    tracing::debug!(%peer, tls = client.is_tls(), "upstream connected");
-    session.set_upstream(&target.config.name);
     let info = ConnInfo {
         id,
         peer: peer.to_string(),
@@ -154,16 +159,45 @@ pub async fn serve(
         sni: client.sni().map(str::to_owned),
         ..ConnInfo::default()
     };
+    let (greeting, leg) = match &shared.routing {
+        Some(routing) => {
+            let standin = Responder::new(routing.capabilities.clone(), shared.limits.line);
+            (standin.greeting(), Leg::Standin(Box::new(standin)))
+        }
+        None => {
+            let Some(target) = shared.upstreams.first() else {
+                return Err(SessionError::Internal("no upstream configured"));
+            };
+            match target.connect().await {
+                Ok(up) => {
+                    session.set_upstream(&target.config.name);
+                    (Bytes::from(up.greeting), Leg::Socket(up.stream))
+                }
+                Err(e) => {
+                    shared.metrics.upstream_connect_failed();
+                    let bye = bye_line("The mail server is unavailable, try again later");
+                    let _ = timeout(CLOSE_FLUSH, async {
+                        client.write_all(&bye).await?;
+                        client.shutdown().await
+                    })
+                    .await;
+                    return Err(SessionError::Upstream(e));
+                }
+            }
+        }
+    };
+    tracing::debug!(%peer, tls = client.is_tls(), routed = shared.routing.is_some(), "session starts");
     let conv = Conversation::new(
         shared.settings.clone(),
         client.is_tls(),
-        Bytes::from(up.greeting),
+        greeting,
         shared.policies.clone(),
         info,
     );
     let driver = Driver {
         id,
         peer: peer.to_string(),
+        addrs,
         conv,
         listener,
         shared,
@@ -171,9 +205,10 @@ pub async fn serve(
         started,
         last_client_activity: Instant::now(),
         logged_user: None,
+        upstream_name: None,
         session,
     };
-    driver.run(client, up.stream).await
+    driver.run(client, leg).await
 }
 
 /// Says `* BYE [UNAVAILABLE] text` to a client before any conversation, and closes.
@@ -202,6 +237,7 @@ fn bye_line(text: &str) -> Vec<u8> {
 struct Driver {
     id: u64,
     peer: String,
+    addrs: ClientAddrs,
     conv: Conversation,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
@@ -209,6 +245,8 @@ struct Driver {
     started: Instant,
     last_client_activity: Instant,
     logged_user: Option<String>,
+    /// The upstream a routed login went to.
+    upstream_name: Option<String>,
     /// Unregisters the session when the driver is dropped.
     session: SessionHandle,
 }
@@ -228,9 +266,15 @@ enum Io {
 }
 
 impl Driver {
-    async fn run(mut self, client: Stream, upstream: Stream) -> Result<(), SessionError> {
+    async fn run(mut self, client: Stream, leg: Leg) -> Result<(), SessionError> {
         let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut ur, mut uw) = tokio::io::split(upstream);
+        let (mut ur, mut uw, mut standin) = match leg {
+            Leg::Socket(stream) => {
+                let (r, w) = tokio::io::split(stream);
+                (Some(r), Some(w), None)
+            }
+            Leg::Standin(responder) => (None, None, Some(responder)),
+        };
         let mut client_read = ReadSize::default();
         let mut upstream_read = ReadSize::default();
         let mut client_open = true;
@@ -243,6 +287,12 @@ impl Driver {
             self.conv.bye("Server shutting down");
         }
         loop {
+            if let Some(responder) = standin.as_mut()
+                && let Some(stream) = self.stand_in(responder).await
+            {
+                let (r, w) = tokio::io::split(stream);
+                (ur, uw, standin) = (Some(r), Some(w), None);
+            }
             self.report_events();
             while let Some(control) = self.conv.take_control() {
                 match control {
@@ -252,12 +302,18 @@ impl Driver {
                             .map_err(SessionError::Client)?;
                         let stream = cr.unsplit(cw);
                         let stream = self.start_tls(stream).await?;
+                        self.conv.client_sni(stream.sni());
                         (cr, cw) = tokio::io::split(stream);
                         self.conv.client_tls_established();
                     }
                     Control::ShutdownUpstreamWrite => {
                         client_open = false;
-                        flush_all(&mut uw, &mut self.conv.to_upstream)
+                        let Some(uw) = uw.as_mut() else {
+                            // Gone before logging in: nothing upstream to tell.
+                            self.finish();
+                            return Ok(());
+                        };
+                        flush_all(uw, &mut self.conv.to_upstream)
                             .await
                             .map_err(SessionError::UpstreamIo)?;
                         let _ = uw.shutdown().await;
@@ -269,7 +325,9 @@ impl Driver {
                                     .await;
                         }
                         let _ = timeout(CLOSE_FLUSH, cw.shutdown()).await;
-                        let _ = timeout(CLOSE_FLUSH, uw.shutdown()).await;
+                        if let Some(uw) = uw.as_mut() {
+                            let _ = timeout(CLOSE_FLUSH, uw.shutdown()).await;
+                        }
                         self.finish();
                         return Ok(());
                     }
@@ -282,20 +340,20 @@ impl Driver {
             let deadline = self.deadline();
             let hold = self.conv.hold_deadline().map(Instant::from_std);
             let want_client = client_open && self.conv.wants_client_input();
-            let want_upstream = upstream_open && self.conv.wants_upstream_input();
+            let want_upstream = upstream_open && ur.is_some() && self.conv.wants_upstream_input();
             let io = {
                 let conv = &mut self.conv;
                 let parts = conv_parts(conv);
                 let client_pending = !parts.to_client.is_empty();
-                let upstream_pending = !parts.to_upstream.is_empty();
+                let upstream_pending = uw.is_some() && !parts.to_upstream.is_empty();
                 tokio::select! {
                     r = read_into(&mut cr, parts.client_buf, client_read.0), if want_client => Io::ClientRead(r),
-                    r = read_into(&mut ur, parts.upstream_buf, upstream_read.0), if want_upstream => Io::UpstreamRead(r),
+                    r = read_leg(&mut ur, parts.upstream_buf, upstream_read.0), if want_upstream => Io::UpstreamRead(r),
                     r = write_or_flush(&mut cw, parts.to_client), if client_pending || client_needs_flush => match r {
                         Written::Wrote(r) => Io::ClientWrote(r),
                         Written::Flushed(r) => Io::ClientFlushed(r),
                     },
-                    r = write_or_flush(&mut uw, parts.to_upstream), if upstream_pending || upstream_needs_flush => match r {
+                    r = write_leg(&mut uw, parts.to_upstream), if upstream_pending || upstream_needs_flush => match r {
                         Written::Wrote(r) => Io::UpstreamWrote(r),
                         Written::Flushed(r) => Io::UpstreamFlushed(r),
                     },
@@ -380,6 +438,63 @@ impl Driver {
                         .bye_unavailable("Disconnected by an administrator");
                 }
             }
+        }
+    }
+
+    /// Before a routed login: what the conversation sent "upstream" goes to the stand-in,
+    /// its answers come back, and credentials are routed and replayed. Gives the upstream
+    /// connection once a login succeeded.
+    async fn stand_in(&mut self, responder: &mut Responder) -> Option<Stream> {
+        loop {
+            let sent = self.conv.to_upstream.drain_to_vec();
+            if sent.is_empty() {
+                return None;
+            }
+            responder.input(&sent);
+            self.answer_from_standin(responder.take_output());
+            if responder.logged_out() {
+                self.conv.upstream_eof();
+                return None;
+            }
+            let Some(creds) = responder.take_credentials() else {
+                continue;
+            };
+            self.report_events();
+            let id_fields = responder.id_fields().to_vec();
+            let outcome = route::login(
+                &self.shared,
+                &mut self.conv,
+                self.addrs,
+                self.id,
+                creds,
+                &id_fields,
+            )
+            .await;
+            match outcome {
+                route::Outcome::LoggedIn {
+                    stream,
+                    upstream,
+                    answer,
+                } => {
+                    tracing::Span::current().record("upstream", upstream.as_str());
+                    self.session.set_upstream(&upstream);
+                    self.upstream_name = Some(upstream);
+                    self.answer_from_standin(answer);
+                    return Some(stream);
+                }
+                route::Outcome::Answered(answer) => self.answer_from_standin(answer),
+                route::Outcome::Close(text) => {
+                    self.conv.bye(&text);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn answer_from_standin(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.conv.upstream_buffer().extend_from_slice(&bytes);
+            self.conv.upstream_input();
         }
     }
 
@@ -593,6 +708,26 @@ async fn read_into<R: AsyncRead + Unpin>(
     }
     buf.reserve(size);
     r.read_buf(buf).await
+}
+
+/// Reads the upstream leg; never ready while there is none (before a routed login).
+async fn read_leg(
+    r: &mut Option<ReadHalf<Stream>>,
+    buf: &mut bytes::BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    match r {
+        Some(r) => read_into(r, buf, size).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes to the upstream leg; never ready while there is none.
+async fn write_leg(w: &mut Option<WriteHalf<Stream>>, outbox: &Outbox) -> Written {
+    match w {
+        Some(w) => write_or_flush(w, outbox).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn write_some<W: AsyncWrite + Unpin>(

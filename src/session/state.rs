@@ -674,6 +674,15 @@ impl Conversation {
         self.user = None;
     }
 
+    /// The server name the client asked for in its STARTTLS handshake: `ctx.sni` from now on
+    /// (an implicit-TLS connection has it from the start).
+    pub fn client_sni(&mut self, sni: Option<&str>) {
+        if self.ctx.info.sni.as_deref() != sni {
+            self.ctx.info.sni = sni.map(str::to_owned);
+            self.ctx.changed();
+        }
+    }
+
     /// Refuses a parsed command with a tagged answer of imapgate's own.
     pub(super) fn refuse_command(
         &mut self,
@@ -963,6 +972,14 @@ impl Conversation {
     fn complete(&mut self, pending: &Pending, status: Status) {
         let ok = status == Status::Ok;
         match &pending.kind {
+            PendingKind::Login { user } | PendingKind::Authenticate { user } if pending.refused => {
+                // A policy refused it (imapgate's answer): a refused login, not a command.
+                self.events.push(Event::Rejected {
+                    name: pending.name,
+                    user: user.clone(),
+                });
+                return;
+            }
             PendingKind::Login { user } | PendingKind::Authenticate { user } => {
                 if ok {
                     self.state = ImapState::Authenticated;
@@ -996,6 +1013,14 @@ impl Conversation {
             status,
             elapsed: pending.started.elapsed(),
         });
+    }
+
+    /// The login in flight with this tag was refused by a policy (routing): its answer is
+    /// imapgate's, and it counts as refused, not failed.
+    pub(super) fn mark_login_refused(&mut self, tag: &[u8]) {
+        if let Some(p) = self.pending.by_tag_mut(tag) {
+            p.refused = true;
+        }
     }
 
     /// After authentication the longer line limit applies.

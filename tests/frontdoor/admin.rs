@@ -5,12 +5,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use imapgate::config::{AdminConfig, Config, UpstreamTls};
+use imapgate::config::{
+    AdminConfig, Config, PolicyConfig, RoutingConfig, UpstreamConfig, UpstreamTls,
+};
 use serde_json::Value;
 
 use crate::support::evidence::{http_request, poll, sample, scrape};
 use crate::support::proxy::{IMAPS, PLAIN, Proxy, ProxyProcess, config_for, toml_path};
-use crate::support::{Client, Dovecot, quote};
+use crate::support::{Client, Dovecot, DovecotOptions, quote};
 
 const TOKEN: &str = "adm1n-t0ken-for-tests";
 const WAIT: Duration = Duration::from_secs(10);
@@ -381,4 +383,56 @@ async fn the_token_file_is_reread_on_sighup_and_never_logged() {
     );
     let log = proxy.log();
     assert!(!log.contains(old) && !log.contains(new), "{log}");
+}
+
+/// With routed logins, `GET /sessions` names the upstream each login went to (none before
+/// login: imapgate stands in for the server), and a kick ends the routed session.
+#[tokio::test]
+async fn routed_sessions_show_their_upstream_and_can_be_kicked() {
+    let mail1 = Dovecot::start(DovecotOptions::default());
+    let mail2 = Dovecot::start(DovecotOptions::default());
+    let dir = crate::support::temp_dir();
+    let script = dir.path().join("route.lua");
+    std::fs::write(
+        &script,
+        r#"return { name = "route",
+  on_login = function(ctx, login)
+    if login.user == "bob" then return imap.route{ upstream = "mail2" } end
+  end }"#,
+    )
+    .expect("write policy");
+    let mut config = admin_config(&mail1);
+    let upstream = |dc: &Dovecot, name: &str| UpstreamConfig {
+        name: name.to_owned(),
+        address: dc.addr().to_string(),
+        ..UpstreamConfig::default()
+    };
+    config.upstreams = vec![upstream(&mail1, "mail1"), upstream(&mail2, "mail2")];
+    config.routing = Some(RoutingConfig::default());
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
+    let (proxy, admin) = start(config).await;
+    let addr = proxy.addr(PLAIN);
+
+    let mut waiting = Client::connect(addr).await;
+    waiting.read_greeting().await;
+    let (mut alice, _) = logged_in(addr, "alice", "alicepw").await;
+    let (mut bob, _) = logged_in(addr, "bob", "bobpw").await;
+    let list = sessions(admin).await;
+    assert_eq!(of_user(&list, "alice")[0]["upstream"], "mail1", "{list:#?}");
+    assert_eq!(of_user(&list, "bob")[0]["upstream"], "mail2", "{list:#?}");
+    let before_login: Vec<_> = list.iter().filter(|s| s["user"].is_null()).collect();
+    assert_eq!(before_login.len(), 1, "{list:#?}");
+    assert!(before_login[0]["upstream"].is_null(), "{list:#?}");
+
+    assert_eq!(kick(admin, "bob").await, 1);
+    let rest = String::from_utf8_lossy(&bob.expect_closed().await).into_owned();
+    assert!(rest.contains(&format!("{KICKED}\r\n")), "{rest:?}");
+    alice.ok("a2 NOOP").await;
+    waiting.ok("w1 NOOP").await;
+    alice.logout().await;
+    proxy.shutdown().await;
 }

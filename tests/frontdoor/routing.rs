@@ -1,1 +1,210 @@
-//! (filled in by the routing work of issue 10)
+//! Logins read by imapgate and routed: two private Dovecots holding different mail, users
+//! landing on theirs, the login replayed unchanged (LOGIN, AUTHENTICATE PLAIN with and without
+//! an initial response, AUTHENTICATE LOGIN), a failed login followed by a good one, fallbacks
+//! and an upstream nobody can reach.
+
+use std::net::SocketAddr;
+
+use imapgate::config::{Config, PolicyConfig, RoutingConfig, UpstreamConfig, UpstreamTls};
+
+use crate::support::proxy::{PLAIN, Proxy, config_for};
+use crate::support::{Client, Dovecot, DovecotOptions, assert_tagged, list_names};
+
+/// Two Dovecots with alice and bob on both; each holds a folder naming it.
+struct Backends {
+    mail1: Dovecot,
+    mail2: Dovecot,
+}
+
+impl Backends {
+    async fn start() -> Backends {
+        let mail1 = Dovecot::start(DovecotOptions::default());
+        let mail2 = Dovecot::start(DovecotOptions::default());
+        for (dc, folder) in [(&mail1, "on-mail1"), (&mail2, "on-mail2")] {
+            for user in ["alice", "bob"] {
+                let mut c = Client::connect(dc.addr()).await;
+                c.read_greeting().await;
+                c.login(user, &format!("{user}pw")).await;
+                c.ok(&format!("c CREATE {folder}")).await;
+                c.logout().await;
+            }
+        }
+        Backends { mail1, mail2 }
+    }
+
+    fn upstream(dc: &Dovecot, name: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_owned(),
+            address: dc.addr().to_string(),
+            ..UpstreamConfig::default()
+        }
+    }
+
+    /// imapgate routing between mail1 (the default) and mail2, with `policy`.
+    async fn gate(&self, policy: Option<&str>, dir: &std::path::Path) -> Proxy {
+        let mut config: Config = config_for(&self.mail1, UpstreamTls::None);
+        config.upstreams = vec![
+            Self::upstream(&self.mail1, "mail1"),
+            Self::upstream(&self.mail2, "mail2"),
+        ];
+        config.routing = Some(RoutingConfig::default());
+        if let Some(source) = policy {
+            let script = dir.join("route.lua");
+            std::fs::write(&script, source).expect("write policy");
+            config.policies = vec![PolicyConfig {
+                script,
+                options: toml::Table::new(),
+                on_error: Default::default(),
+            }];
+        }
+        Proxy::start(config).await
+    }
+}
+
+async fn client(addr: SocketAddr) -> (Client, String) {
+    let mut c = Client::connect(addr).await;
+    let greeting = c.read_greeting().await;
+    (c, greeting)
+}
+
+/// The folder naming the backend a logged-in client sees.
+async fn backend_of(c: &mut Client) -> String {
+    let list = c.ok("w LIST \"\" \"on-*\"").await;
+    list_names(&list).join(",")
+}
+
+const BOB_TO_MAIL2: &str = r#"return { name = "route",
+  on_login = function(ctx, login)
+    if login.user == "bob" then return imap.route{ upstream = "mail2" } end
+  end }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_land_on_their_backend() {
+    // C: a LOGIN alice alicepw   -> mail1 (no route: the default upstream)
+    // C: a LOGIN bob bobpw       -> mail2 (imap.route{ upstream = "mail2" })
+    let b = Backends::start().await;
+    let (before1, before2) = (b.mail1.log().len(), b.mail2.log().len());
+    let dir = crate::support::temp_dir();
+    let gate = b.gate(Some(BOB_TO_MAIL2), dir.path()).await;
+    let (mut c, greeting) = client(gate.addr(PLAIN)).await;
+    assert!(greeting.contains("imapgate ready"), "{greeting}");
+    let caps = c.ok("c CAPABILITY").await;
+    assert!(caps[0].contains("AUTH=PLAIN"), "{caps:?}");
+    c.login("alice", "alicepw").await;
+    assert_eq!(backend_of(&mut c).await, "on-mail1");
+    c.logout().await;
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    let answer = c.login("bob", "bobpw").await;
+    assert!(
+        answer.last().is_some_and(|l| l.contains("[CAPABILITY")),
+        "the upstream's own answer, with its capabilities: {answer:?}"
+    );
+    assert_eq!(backend_of(&mut c).await, "on-mail2");
+    c.ok("s SELECT INBOX").await;
+    c.logout().await;
+    // Dovecot's logs agree (since the setup's own logins).
+    let (log1, log2) = (b.mail1.log(), b.mail2.log());
+    let (log1, log2) = (&log1[before1..], &log2[before2..]);
+    assert!(log2.contains("Login: user=<bob>"), "{log2}");
+    assert!(log1.contains("Login: user=<alice>"), "{log1}");
+    assert!(!log1.contains("Login: user=<bob>"), "{log1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sasl_form_is_replayed() {
+    let b = Backends::start().await;
+    let dir = crate::support::temp_dir();
+    let gate = b.gate(Some(BOB_TO_MAIL2), dir.path()).await;
+    // PLAIN with an initial response: "\0bob\0bobpw".
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    c.ok("a AUTHENTICATE PLAIN AGJvYgBib2Jwdw==").await;
+    assert_eq!(backend_of(&mut c).await, "on-mail2");
+    c.logout().await;
+    // PLAIN without: the response after imapgate's own "+".
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    c.send_line("a AUTHENTICATE PLAIN").await;
+    assert_eq!(c.read_response().await.trim_end(), "+");
+    c.send_line("AGJvYgBib2Jwdw==").await;
+    assert_tagged(&c.read_until_tagged("a").await, "a", "OK");
+    assert_eq!(backend_of(&mut c).await, "on-mail2");
+    c.logout().await;
+    // LOGIN: user, then password.
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    c.send_line("a AUTHENTICATE LOGIN").await;
+    assert!(c.read_response().await.starts_with("+ VXNlcm5hbWU6"));
+    c.send_line("Ym9i").await; // bob
+    assert!(c.read_response().await.starts_with("+ UGFzc3dvcmQ6"));
+    c.send_line("Ym9icHc=").await; // bobpw
+    assert_tagged(&c.read_until_tagged("a").await, "a", "OK");
+    assert_eq!(backend_of(&mut c).await, "on-mail2");
+    c.logout().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_login_can_be_tried_again() {
+    // C: a LOGIN bob wrong    S: a NO [AUTHENTICATIONFAILED] (from mail2)
+    // C: b LOGIN alice alicepw  S: b OK (mail1), still one connection
+    let b = Backends::start().await;
+    let dir = crate::support::temp_dir();
+    let gate = b.gate(Some(BOB_TO_MAIL2), dir.path()).await;
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    let r = c.no("a LOGIN bob wrong").await;
+    assert!(
+        r.last().is_some_and(|l| l.contains("AUTHENTICATIONFAILED")),
+        "{r:?}"
+    );
+    c.bad("b SELECT INBOX").await;
+    c.ok("c LOGIN alice alicepw").await;
+    assert_eq!(backend_of(&mut c).await, "on-mail1");
+    c.logout().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallbacks_are_tried_in_order_and_none_left_is_unavailable() {
+    let b = Backends::start().await;
+    let dir = crate::support::temp_dir();
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut config: Config = config_for(&b.mail1, UpstreamTls::None);
+    config.upstreams = vec![
+        Backends::upstream(&b.mail1, "mail1"),
+        Backends::upstream(&b.mail2, "mail2"),
+        UpstreamConfig {
+            name: "dead".into(),
+            address: dead.to_string(),
+            connect_timeout_s: 2,
+            ..UpstreamConfig::default()
+        },
+    ];
+    config.routing = Some(RoutingConfig::default());
+    let script = dir.path().join("route.lua");
+    std::fs::write(
+        &script,
+        r#"return { name = "route", on_login = function(ctx, login)
+             if login.user == "bob" then return imap.route{ upstream = "dead", fallbacks = { "mail2" } } end
+             return imap.route{ upstream = "dead" }
+           end }"#,
+    )
+    .expect("policy");
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
+    let gate = Proxy::start(config).await;
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    c.login("bob", "bobpw").await;
+    assert_eq!(backend_of(&mut c).await, "on-mail2");
+    c.logout().await;
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    let r = c.no("a LOGIN alice alicepw").await;
+    assert!(
+        r.last().is_some_and(|l| l.contains("[UNAVAILABLE]")),
+        "{r:?}"
+    );
+    // Not a hang, not a dropped connection: the session goes on.
+    c.ok("n NOOP").await;
+    c.logout().await;
+}

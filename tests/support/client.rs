@@ -176,6 +176,19 @@ impl Client {
         }
     }
 
+    /// The leaf certificate the server showed, on a TLS connection.
+    pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        match &self.stream {
+            Some(Stream::ClientTls(tls)) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| leaf.clone().into_owned()),
+            _ => None,
+        }
+    }
+
     /// The address connected to.
     pub fn peer(&self) -> SocketAddr {
         self.peer

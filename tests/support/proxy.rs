@@ -81,6 +81,11 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {listener}"))
     }
 
+    /// The running server, for what a test does to it directly (reloads).
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("imapgate is running")
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.server.as_ref().and_then(Server::metrics_addr)
     }
