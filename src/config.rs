@@ -47,6 +47,9 @@ pub struct Config {
     /// `[metrics]`: present means enabled.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// `[admin]`: present means enabled.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// `[routing]`: present means imapgate reads each login itself and routes it (also the
     /// case with several upstreams, or a policy with `on_login`).
     #[serde(default)]
@@ -279,6 +282,11 @@ impl HealthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Sessions one user (case-insensitively) may have at once; 0: unlimited. Checked when a
+    /// login succeeds.
+    pub max_connections_per_user: usize,
+    /// Sessions one client address may have at once; 0: unlimited. Checked at accept.
+    pub max_connections_per_address: usize,
     /// Longest command line before authentication: small, since anyone can send it.
     pub preauth_line: usize,
     /// Longest line after authentication (a UID set of a large mailbox can be long).
@@ -295,6 +303,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
+            max_connections_per_user: 0,
+            max_connections_per_address: 0,
             preauth_line: 8192,
             line: 65_536,
             literal: 64 * 1024 * 1024,
@@ -418,6 +428,70 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[admin]`: the operators' endpoint (sessions, kick). Every request must carry the token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// The bearer token itself; exactly one of `token` and `token_file`.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the token (surrounding whitespace ignored), read at start and on SIGHUP.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9144))
+}
+
+impl AdminConfig {
+    /// An endpoint on `bind` with an inline token, for code and tests that build a config
+    /// without a file.
+    pub fn with_token(bind: SocketAddr, token: &str) -> AdminConfig {
+        AdminConfig {
+            bind,
+            token: Some(Secret(token.to_owned())),
+            token_file: None,
+        }
+    }
+}
+
+/// A value that must never reach a log: its `Debug` says only that it is there.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Why a bearer token is not usable; never quotes the token.
+pub fn check_token(token: &str) -> Result<(), &'static str> {
+    if token.is_empty() {
+        return Err("the token is empty");
+    }
+    // RFC 6750's b64token is narrower; any visible ASCII is accepted, but nothing that an
+    // Authorization header could not carry or that a shell or editor may have mangled.
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token must be visible ASCII characters, without spaces");
+    }
+    Ok(())
+}
+
 /// A position in the config file, 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
@@ -538,6 +612,9 @@ impl Config {
         for policy in &mut self.policies {
             anchor(&mut policy.script);
         }
+        if let Some(admin) = &mut self.admin {
+            admin.token_file.as_mut().map(anchor);
+        }
     }
 
     /// Checks what serde cannot: values that must agree with each other, and ranges.
@@ -595,7 +672,48 @@ impl Config {
         self.validate_upstreams()?;
         self.validate_limits()?;
         self.validate_health()?;
+        self.validate_admin()?;
         self.validate_log()
+    }
+
+    fn validate_admin(&self) -> Result<(), Invalid> {
+        let Some(admin) = &self.admin else {
+            return Ok(());
+        };
+        let at = |key: &str| vec![Seg::key("admin"), Seg::key(key)];
+        match (&admin.token, &admin.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    at("token_file"),
+                    "give `token` or `token_file`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(Invalid::new(
+                    vec![Seg::key("admin")],
+                    "`token` or `token_file` is required: every request must carry it",
+                ));
+            }
+            (Some(token), None) => {
+                check_token(token.expose()).map_err(|why| Invalid::new(at("token"), why))?;
+            }
+            (None, Some(_)) => {}
+        }
+        if let Some(m) = &self.metrics
+            && m.bind == admin.bind
+        {
+            return Err(Invalid::new(
+                at("bind"),
+                format!("{} is also the metrics endpoint's bind", admin.bind),
+            ));
+        }
+        if let Some(i) = self.listeners.iter().position(|l| l.bind == admin.bind) {
+            return Err(Invalid::new(
+                at("bind"),
+                format!("{} is also bound by listener[{i}]", admin.bind),
+            ));
+        }
+        Ok(())
     }
 
     /// SNI names: each a DNS name or `*.domain`, used once per listener, on a TLS listener.
@@ -731,6 +849,24 @@ impl Config {
         let at = |key: &str| vec![Seg::key("limits"), Seg::key(key)];
         if lim.max_connections == 0 {
             return Err(Invalid::new(at("max_connections"), "must be at least 1"));
+        }
+        for (key, value) in [
+            ("max_connections_per_user", lim.max_connections_per_user),
+            (
+                "max_connections_per_address",
+                lim.max_connections_per_address,
+            ),
+        ] {
+            if value > lim.max_connections {
+                return Err(Invalid::new(
+                    at(key),
+                    format!(
+                        "{value} is larger than `max_connections` ({}): it would never apply \
+                         (0 means unlimited)",
+                        lim.max_connections
+                    ),
+                ));
+            }
         }
         if lim.line < 1024 {
             return Err(Invalid::new(
@@ -1232,6 +1368,79 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "`listener[1].bind`: 127.0.0.1:1993 is also bound by listener[0]"
+        );
+    }
+
+    #[test]
+    fn admin_needs_exactly_one_usable_token() {
+        let admin = |body: &str| parse(&format!("{MINIMAL}[admin]\n{body}"));
+        let c = admin("token = \"s3cret-Token_1\"\n").unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(a.bind, "127.0.0.1:9144".parse().unwrap());
+        assert_eq!(a.token.as_ref().map(Secret::expose), Some("s3cret-Token_1"));
+        // Whatever prints the config never prints the token.
+        assert!(!format!("{a:?}").contains("s3cret"), "{a:?}");
+        let c = admin("bind = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n").unwrap();
+        assert_eq!(
+            c.admin.unwrap().token_file.unwrap(),
+            Path::new("/etc/imapgate/admin.token")
+        );
+        for (body, field, message) in [
+            ("", "`admin`", "is required"),
+            (
+                "token = \"a\"\ntoken_file = \"f\"\n",
+                "`admin.token_file`",
+                "not both",
+            ),
+            ("token = \"\"\n", "`admin.token`", "empty"),
+            ("token = \"two words\"\n", "`admin.token`", "visible ASCII"),
+            (
+                "token = \"x\"\nbind = \"127.0.0.1:1993\"\n",
+                "`admin.bind`",
+                "listener[0]",
+            ),
+        ] {
+            let err = admin(body).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains(message),
+                "{body:?}: {err}"
+            );
+            assert!(!err.contains("two words"), "{err}");
+        }
+        let err = parse(&format!(
+            "{MINIMAL}[metrics]\nbind = \"127.0.0.1:9144\"\n[admin]\ntoken = \"x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("metrics endpoint"), "{err}");
+        assert!(admin("token = \"x\"\nport = 1\n").is_err());
+    }
+
+    #[test]
+    fn per_user_and_per_address_limits() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_connections_per_user, 0);
+        assert_eq!(c.limits.max_connections_per_address, 0);
+        let c = parse(&format!(
+            "{MINIMAL}[limits]\nmax_connections_per_user = 5\nmax_connections_per_address = 50\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_connections_per_user, 5);
+        assert_eq!(c.limits.max_connections_per_address, 50);
+        let err = parse(&format!(
+            "{MINIMAL}[limits]\nmax_connections = 10\nmax_connections_per_address = 11\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("limits.max_connections_per_address") && err.contains("never apply"),
+            "{err}"
+        );
+        assert!(
+            parse(&format!(
+                "{MINIMAL}[limits]\nmax_connections_per_user = -1\n"
+            ))
+            .is_err()
         );
     }
 

@@ -6,9 +6,11 @@
 //! - [`net`]: listeners, TLS (server and client side) and the upstream connection.
 //! - [`imap`]: the protocol core. Framing, parsing and encoding of IMAP on byte slices; no sockets.
 //! - [`session`]: one client connection: the state machine and the relay between both legs.
+//! - [`admin`]: the operators' endpoint (sessions, kick) over the session registry.
 //!
 //! Layers call downward only: `session` uses `imap`, `net` and `config`; `imap` uses nothing of ours.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod dissect;

@@ -84,6 +84,9 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
     imapgate::server::tls_setup(&config)?;
+    if let Some(admin) = &config.admin {
+        imapgate::admin::load_token(admin)?;
+    }
     let names = imapgate::policy::check(&config)?;
     println!(
         "{}: ok ({} policies: {})",

@@ -12,18 +12,20 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
+use crate::admin::{self, Admin, AdminError, TokenSlot};
 use crate::audit::{Audit, AuditError};
 use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
-use crate::metrics::{HealthState, Metrics, MetricsError};
+use crate::metrics::{HealthState, Metrics, SessionLimit};
 use crate::net::certs::{CertError, ClientCerts};
 use crate::net::health::{self, Prober, UpstreamHealth};
+use crate::net::http::{self, Reply};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
 use crate::net::{Stream, tune};
 use crate::policy::api::HostShared;
 use crate::policy::{Policies, PolicyError};
 use crate::session::relay::Routing;
-use crate::session::{self, Listener, SessionError, Settings, Shared};
+use crate::session::{self, ConnectionLimits, Listener, Registry, SessionError, Settings, Shared};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
 const BYE_GRACE: Duration = Duration::from_secs(2);
@@ -52,8 +54,14 @@ pub enum ServerError {
     Policy(#[source] PolicyError),
     #[error("audit log: {0}")]
     Audit(#[source] AuditError),
-    #[error("metrics endpoint: {0}")]
-    Metrics(#[source] MetricsError),
+    #[error("{name} endpoint: cannot bind {bind}: {source}")]
+    Endpoint {
+        name: &'static str,
+        bind: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Admin(#[source] AdminError),
 }
 
 /// A started proxy: its listeners accept until [`Server::shutdown`].
@@ -67,6 +75,8 @@ pub struct Server {
     upstream_health: UpstreamHealth,
     prober: Prober,
     metrics_endpoint: Option<EndpointThread>,
+    admin_endpoint: Option<(EndpointThread, TokenSlot)>,
+    sessions: Registry,
     stop_accepting: watch::Sender<bool>,
     bye: watch::Sender<bool>,
     connections: Arc<Semaphore>,
@@ -141,7 +151,30 @@ impl Server {
         let prober = health::start(&upstreams, &upstream_health, &config.health);
         let health = HealthState::with_upstreams(upstream_health.clone());
         let metrics_endpoint = match &config.metrics {
-            Some(m) => Some(EndpointThread::start(m.bind, metrics.clone(), health.clone()).await?),
+            Some(m) => {
+                let handler = crate::metrics::handler(metrics.clone(), health.clone());
+                Some(EndpointThread::start("metrics", m.bind, handler).await?)
+            }
+            None => None,
+        };
+        let sessions = Registry::new(ConnectionLimits {
+            per_user: config.limits.max_connections_per_user,
+            per_address: config.limits.max_connections_per_address,
+        });
+        let admin_endpoint = match &config.admin {
+            Some(a) => {
+                let token = TokenSlot::new(admin::load_token(a).map_err(ServerError::Admin)?);
+                let handler = Admin {
+                    sessions: sessions.clone(),
+                    token: token.clone(),
+                    metrics: metrics.clone(),
+                }
+                .handler();
+                Some((
+                    EndpointThread::start("admin", a.bind, handler).await?,
+                    token,
+                ))
+            }
             None => None,
         };
         let host = HostShared {
@@ -197,6 +230,7 @@ impl Server {
                     ..settings.clone()
                 },
                 limits: limits.clone(),
+                sessions: sessions.clone(),
             });
             let listener = Arc::new(Listener {
                 metrics: metrics.listener(&l.name),
@@ -225,6 +259,8 @@ impl Server {
             upstream_health,
             prober,
             metrics_endpoint,
+            admin_endpoint,
+            sessions,
             stop_accepting,
             bye,
             connections,
@@ -261,6 +297,32 @@ impl Server {
     /// The bound address of the metrics endpoint, when one is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_endpoint.as_ref().map(|e| e.addr)
+    }
+
+    /// The bound address of the admin endpoint, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_endpoint.as_ref().map(|(e, _)| e.addr)
+    }
+
+    /// Re-reads the admin token (its file, typically) from `config`; on failure the current
+    /// token stays. The endpoint's bind is read at start only.
+    pub fn reload_admin_token(&self, config: &Config) -> Result<(), AdminError> {
+        let (Some((endpoint, slot)), Some(admin)) = (&self.admin_endpoint, &config.admin) else {
+            if self.admin_endpoint.is_some() != config.admin.is_some() {
+                tracing::warn!("SIGHUP: [admin] added or removed: takes effect at restart");
+            }
+            return Ok(());
+        };
+        if admin.bind != endpoint.bind {
+            tracing::warn!(bind = %admin.bind, "SIGHUP: [admin] bind changed: takes effect at restart");
+        }
+        slot.replace(admin::load_token(admin)?);
+        Ok(())
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> &Registry {
+        &self.sessions
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -303,6 +365,9 @@ impl Server {
             tracing::warn!(error = %e, "audit log not flushed");
         }
         if let Some(endpoint) = self.metrics_endpoint.take() {
+            endpoint.stop();
+        }
+        if let Some((endpoint, _)) = self.admin_endpoint.take() {
             endpoint.stop();
         }
         tracing::info!("stopped");
@@ -370,20 +435,26 @@ async fn learned_capabilities(first: Option<&Target>) -> Vec<String> {
     }
 }
 
-/// The metrics and health endpoint, on a thread and runtime of its own: `/healthz` must
-/// answer while every worker of the sessions' runtime is busy, and a load balancer must see
-/// the drain.
+/// An operator endpoint (metrics and health, admin), on a thread and runtime of its own:
+/// `/healthz` must answer, and an operator must be able to kick a session, while every worker
+/// of the sessions' runtime is busy; a load balancer must see the drain.
 struct EndpointThread {
+    /// As configured (port 0 stays 0), to tell a changed bind at SIGHUP.
+    bind: SocketAddr,
+    /// As bound.
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl EndpointThread {
-    async fn start(
+    async fn start<H>(
+        name: &'static str,
         bind: SocketAddr,
-        metrics: Metrics,
-        health: HealthState,
-    ) -> Result<EndpointThread, ServerError> {
+        handler: H,
+    ) -> Result<EndpointThread, ServerError>
+    where
+        H: Fn(&hyper::Request<hyper::body::Incoming>) -> Reply + Send + Sync + 'static,
+    {
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -391,23 +462,20 @@ impl EndpointThread {
             .build()
             .map_err(ServerError::Runtime)?;
         std::thread::Builder::new()
-            .name("imapgate-metrics".into())
+            .name(format!("imapgate-{name}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    let endpoint = match crate::metrics::bind(bind, metrics, health).await {
-                        Ok(endpoint) => endpoint,
+                    // Bound here: the socket belongs to this thread's runtime.
+                    let listener = match http::bind(bind, name).await {
+                        Ok(listener) => listener,
                         Err(e) => {
                             let _ = bound_tx.send(Err(e));
                             return;
                         }
                     };
-                    let _ = bound_tx.send(Ok(endpoint.local_addr()));
+                    let _ = bound_tx.send(Ok(listener.local_addr()));
                     tokio::select! {
-                        result = endpoint.run() => {
-                            if let Err(e) = result {
-                                tracing::error!(error = %e, "metrics endpoint failed");
-                            }
-                        }
+                        () = listener.serve(handler) => {}
                         _ = stop_rx => {}
                     }
                 });
@@ -415,9 +483,11 @@ impl EndpointThread {
             .map_err(ServerError::Runtime)?;
         let addr = bound_rx
             .await
-            .map_err(|_| ServerError::Runtime(std::io::Error::other("metrics thread ended")))?
-            .map_err(ServerError::Metrics)?;
-        Ok(EndpointThread { addr, stop })
+            .map_err(|_| {
+                ServerError::Runtime(std::io::Error::other(format!("{name} thread ended")))
+            })?
+            .map_err(|source| ServerError::Endpoint { name, bind, source })?;
+        Ok(EndpointThread { bind, addr, stop })
     }
 
     fn stop(self) {
@@ -469,6 +539,9 @@ async fn accept_loop(mut a: AcceptLoop) {
         span.record(tcp_peer_field, tracing::field::display(peer));
         let Ok(permit) = a.connections.clone().try_acquire_owned() else {
             tracing::warn!(parent: &span, "connection limit reached: refusing");
+            a.shared
+                .metrics
+                .session_refused(SessionLimit::MaxConnections);
             tokio::spawn(refuse(tcp, peer, a.listener.clone()).instrument(span));
             continue;
         };
@@ -612,6 +685,10 @@ fn reload(server: &Server, path: &std::path::Path) {
         }
     };
     server.reopen_audit();
+    match server.reload_admin_token(&config) {
+        Ok(()) => {}
+        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the current admin token"),
+    }
     match server.reload_policies(&config) {
         Ok(names) => tracing::info!(policies = ?names, "SIGHUP: policies reloaded"),
         Err(e) => {

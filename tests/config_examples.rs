@@ -363,3 +363,51 @@ fn bad_log_level() {
     assert_eq!(field, "log.level");
     parse(&format!("{MINIMAL}[log]\nlevel = \"WARN\"\n")).unwrap();
 }
+
+#[test]
+fn admin_mistakes_name_the_field_and_never_the_token() {
+    let (field, loc, msg) = invalid(&format!(
+        "{MINIMAL}[admin]\nbind = \"127.0.0.1:9144\"\ntoken = \"not valid\"\n"
+    ));
+    assert_eq!(field, "admin.token");
+    assert_eq!(loc.map(|l| l.line), Some(5));
+    assert!(
+        msg.contains("visible ASCII") && !msg.contains("not valid"),
+        "{msg}"
+    );
+    let (field, _, msg) = invalid(&format!(
+        "{MINIMAL}[admin]\ntoken = \"t\"\ntoken_file = \"admin.token\"\n"
+    ));
+    assert_eq!(field, "admin.token_file");
+    assert!(msg.contains("not both"), "{msg}");
+    let (field, _, msg) = invalid(&format!("{MINIMAL}[admin]\nbind = \"127.0.0.1:9144\"\n"));
+    assert_eq!(field, "admin");
+    assert!(msg.contains("`token` or `token_file` is required"), "{msg}");
+    let c = parse(&format!(
+        "{MINIMAL}[admin]\ntoken_file = \"secrets/admin.token\"\n"
+    ))
+    .unwrap();
+    let admin = c.admin.unwrap();
+    assert_eq!(admin.bind, "127.0.0.1:9144".parse().unwrap());
+    assert_eq!(
+        admin.token_file.as_deref(),
+        Some(Path::new("/etc/imapgate/secrets/admin.token"))
+    );
+}
+
+#[test]
+fn per_user_and_per_address_limits_must_be_able_to_apply() {
+    for key in ["max_connections_per_user", "max_connections_per_address"] {
+        let (field, _, msg) = invalid(&format!(
+            "{MINIMAL}[limits]\nmax_connections = 100\n{key} = 101\n"
+        ));
+        assert_eq!(field, format!("limits.{key}"));
+        assert!(msg.contains("never apply"), "{msg}");
+        // Equal to the total is allowed (a single-user deployment), and 0 is unlimited.
+        parse(&format!(
+            "{MINIMAL}[limits]\nmax_connections = 100\n{key} = 100\n"
+        ))
+        .unwrap();
+        parse(&format!("{MINIMAL}[limits]\n{key} = 0\n")).unwrap();
+    }
+}

@@ -9,7 +9,7 @@ use prometheus::{
     Registry,
 };
 
-use super::labels::{Direction, LoginResult, ProxyRefusal};
+use super::labels::{Direction, LoginResult, ProxyRefusal, SessionLimit};
 
 pub const CONNECTIONS_TOTAL: &str = "imapgate_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "imapgate_connections_active";
@@ -30,6 +30,8 @@ pub const DESYNC_TOTAL: &str = "imapgate_desync_total";
 pub const RESPONSES_HIDDEN_TOTAL: &str = "imapgate_responses_hidden_total";
 pub const UPSTREAM_UP: &str = "imapgate_upstream_up";
 pub const UPSTREAM_PROBE_FAILURES_TOTAL: &str = "imapgate_upstream_probe_failures_total";
+pub const SESSIONS_REFUSED_TOTAL: &str = "imapgate_sessions_refused_total";
+pub const SESSIONS_KICKED_TOTAL: &str = "imapgate_sessions_kicked_total";
 
 /// Every built-in family name and whether it is a histogram (whose `_bucket`, `_sum` and
 /// `_count` series also take names), for the clash check of policy-defined metrics.
@@ -53,6 +55,8 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (RESPONSES_HIDDEN_TOTAL, false),
     (UPSTREAM_UP, false),
     (UPSTREAM_PROBE_FAILURES_TOTAL, false),
+    (SESSIONS_REFUSED_TOTAL, false),
+    (SESSIONS_KICKED_TOTAL, false),
 ];
 
 /// From forwarding a command to its tagged response. A NOOP answers in about a millisecond on a
@@ -101,6 +105,8 @@ pub(crate) struct Builtin {
     pub responses_hidden: IntCounter,
     pub upstream_up: IntGaugeVec,
     pub upstream_probe_failures: IntCounterVec,
+    pub sessions_refused: [IntCounter; 3],
+    pub sessions_kicked: IntCounter,
 }
 
 impl Builtin {
@@ -223,6 +229,17 @@ impl Builtin {
             "Health probes of the upstream that failed (connect, TLS, greeting or timeout).",
             &["upstream"],
         )?;
+        let sessions_refused_vec = counter_vec(
+            SESSIONS_REFUSED_TOTAL,
+            "Sessions refused or ended by a connection limit, by limit (max_connections and \
+             max_connections_per_address at accept, max_connections_per_user at login).",
+            &["limit"],
+        )?;
+        let sessions_kicked = IntCounter::new(
+            SESSIONS_KICKED_TOTAL,
+            "Sessions an administrator ended through the admin endpoint.",
+        )?;
+        registry.register(Box::new(sessions_kicked.clone()))?;
 
         // Resolved now, so that these series exist (at 0) from the first scrape: `rate()` over
         // a series that appears at its first increment misses that increment.
@@ -230,6 +247,8 @@ impl Builtin {
         let bytes = Direction::ALL.map(|d| bytes_vec.with_label_values(&[d.as_str()]));
         let parse_errors =
             Direction::ALL.map(|d| parse_errors_vec.with_label_values(&[d.as_str()]));
+        let sessions_refused =
+            SessionLimit::ALL.map(|l| sessions_refused_vec.with_label_values(&[l.as_str()]));
 
         Ok(Builtin {
             connections_total,
@@ -251,6 +270,8 @@ impl Builtin {
             responses_hidden,
             upstream_up,
             upstream_probe_failures,
+            sessions_refused,
+            sessions_kicked,
         })
     }
 

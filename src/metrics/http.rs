@@ -1,38 +1,21 @@
 //! The HTTP endpoint: `GET /metrics` for Prometheus, `GET /healthz` for load balancers and
 //! orchestrators.
 //!
-//! Deliberately small: HTTP/1.1 only, no TLS (bind it to loopback or a management network),
-//! a cap on concurrent connections and a header read timeout so that a stuck or hostile client
-//! cannot pile up sockets in the proxy's process.
+//! Served by [`crate::net::http`] (HTTP/1.1 only, no TLS, bounded connections).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::{Metrics, MetricsError};
 use crate::net::health::UpstreamHealth;
-
-/// Concurrent HTTP connections served; more are closed at once. Prometheus uses one per scrape
-/// target, so a handful is plenty.
-const MAX_CONNECTIONS: usize = 16;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// No connection lives longer than this, kept alive or not.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
-/// After a failed `accept` (e.g. out of file descriptors), wait before trying again rather than
-/// spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+use crate::net::http::{self, HttpListener, Reply, plain};
 
 /// Whether the proxy can serve new clients: `/healthz` answers 200 while it does, 503 once it
 /// drains (so that a load balancer stops sending clients before the sessions are closed) and
@@ -83,8 +66,7 @@ impl HealthState {
 /// when `bind` asked for port 0.
 #[derive(Debug)]
 pub struct MetricsServer {
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    http: HttpListener,
     metrics: Metrics,
     health: HealthState,
 }
@@ -96,12 +78,11 @@ pub async fn bind(
     metrics: Metrics,
     health: HealthState,
 ) -> Result<MetricsServer, MetricsError> {
-    let bind_error = |source| MetricsError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-    let local_addr = listener.local_addr().map_err(bind_error)?;
+    let http = http::bind(addr, "metrics")
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
     Ok(MetricsServer {
-        listener,
-        local_addr,
+        http,
         metrics,
         health,
     })
@@ -118,48 +99,28 @@ pub async fn serve(
 
 impl MetricsServer {
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.http.local_addr()
     }
 
-    /// Serves until the task is dropped or aborted. Failed accepts are logged and retried, never
-    /// fatal: losing the metrics endpoint must not take the proxy down, nor should a burst of
-    /// connections end it. (The `Result` leaves room for fatal errors later.)
+    /// Serves until the task is dropped or aborted (the `Result` leaves room for fatal errors
+    /// later).
     pub async fn run(self) -> Result<(), MetricsError> {
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(64 * 1024);
-        tracing::info!(addr = %self.local_addr, "metrics endpoint listening");
-        loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics endpoint: accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "metrics endpoint: too many connections, closing");
-                continue;
-            };
-            let metrics = self.metrics.clone();
-            let health = self.health.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &metrics, &health);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = http.serve_connection(TokioIo::new(stream), service);
-            tokio::spawn(async move {
-                if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await
-                {
-                    tracing::debug!(%peer, %error, "metrics endpoint: connection");
-                }
-                drop(permit);
-            });
-        }
+        let MetricsServer {
+            http,
+            metrics,
+            health,
+        } = self;
+        http.serve(handler(metrics, health)).await;
+        Ok(())
     }
+}
+
+/// The endpoint's answers, for [`HttpListener::serve`].
+pub fn handler(
+    metrics: Metrics,
+    health: HealthState,
+) -> impl Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static {
+    move |req| respond(req, &metrics, &health)
 }
 
 /// The whole routing table.
@@ -192,17 +153,4 @@ fn respond(
         _ if health.no_upstream() => plain(StatusCode::SERVICE_UNAVAILABLE, "no upstream"),
         _ => plain(StatusCode::OK, "ok"),
     }
-}
-
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    // A health answer is about now; a proxy cache in between must not replay it.
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }

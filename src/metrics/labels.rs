@@ -112,6 +112,31 @@ impl ProxyRefusal {
     }
 }
 
+/// Which connection limit refused a session, for `imapgate_sessions_refused_total{limit}`;
+/// named after the `[limits]` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionLimit {
+    MaxConnections,
+    PerAddress,
+    PerUser,
+}
+
+impl SessionLimit {
+    pub const ALL: [SessionLimit; 3] = [
+        SessionLimit::MaxConnections,
+        SessionLimit::PerAddress,
+        SessionLimit::PerUser,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionLimit::MaxConnections => "max_connections",
+            SessionLimit::PerAddress => "max_connections_per_address",
+            SessionLimit::PerUser => "max_connections_per_user",
+        }
+    }
+}
+
 /// Which way bytes or messages went, for `imapgate_bytes_total{direction}` and
 /// `imapgate_parse_errors_total{direction}`.
 ///
@@ -159,6 +184,9 @@ mod tests {
         }
         for (i, d) in Direction::ALL.iter().enumerate() {
             assert_eq!(*d as usize, i);
+        }
+        for (i, l) in SessionLimit::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i);
         }
     }
 

@@ -27,8 +27,8 @@ use std::time::Duration;
 use prometheus::{IntCounter, Registry, TextEncoder};
 
 pub use self::builtin::{ConnectionGuard, ListenerMetrics, PolicyHookMetrics, UpstreamMetrics};
-pub use self::http::{HealthState, MetricsServer, bind, serve};
-pub use self::labels::{CommandResult, Direction, LoginResult, ProxyRefusal};
+pub use self::http::{HealthState, MetricsServer, bind, handler, serve};
+pub use self::labels::{CommandResult, Direction, LoginResult, ProxyRefusal, SessionLimit};
 pub use self::names::POLICY_PREFIX;
 pub use self::policy_defined::{PolicyCounter, PolicyGauge, PolicyHistogram};
 
@@ -208,6 +208,16 @@ impl Metrics {
     /// Bytes relayed; called per read, so a pre-resolved atomic add.
     pub fn bytes(&self, direction: Direction, n: u64) {
         self.inner.builtin.bytes[direction as usize].inc_by(n);
+    }
+
+    /// A connection limit refused a session (or ended it, at login).
+    pub fn session_refused(&self, limit: SessionLimit) {
+        self.inner.builtin.sessions_refused[limit as usize].inc();
+    }
+
+    /// Sessions an administrator kicked.
+    pub fn sessions_kicked(&self, n: usize) {
+        self.inner.builtin.sessions_kicked.inc_by(n as u64);
     }
 
     pub fn desync(&self) {

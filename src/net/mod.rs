@@ -6,10 +6,12 @@
 //! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
 //! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read;
 //! [`proxy_protocol`] reads and writes the PROXY protocol header that carries a client's real
-//! address through load balancers.
+//! address through load balancers; [`http`] serves the operators' endpoints (metrics and
+//! health, admin).
 
 pub mod certs;
 pub mod health;
+pub mod http;
 pub mod proxy_protocol;
 pub mod stream;
 pub mod tls;

@@ -7,6 +7,7 @@
 //! - [`prelogin`]: imapgate's stand-in for the upstream before login, when it routes logins.
 //! - `judge`: policies applied to commands and responses, in one place.
 //! - [`relay`]: the I/O driver.
+//! - [`registry`]: every live session, for the operators (connection limits, kick).
 
 pub mod accept;
 mod judge;
@@ -14,9 +15,11 @@ mod modes;
 pub mod outbox;
 pub mod pending;
 pub mod prelogin;
+pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod state;
 
+pub use registry::{ConnectionLimits, LimitExceeded, Registry, SessionHandle, SessionInfo};
 pub use relay::{Listener, SessionError, Shared, serve};
 pub use state::{Control, Conversation, Event, ImapState, Settings};

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
 use super::prelogin::Responder;
+use super::registry::{Registry, SessionHandle};
 use super::route;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
@@ -97,6 +98,8 @@ pub struct Shared {
     pub health: UpstreamHealth,
     pub settings: Settings,
     pub limits: Limits,
+    /// Every live session: the admin endpoint's view, the per-user and per-address limits.
+    pub sessions: Registry,
 }
 
 /// How imapgate stands in for the upstream before login, when it routes logins.
@@ -149,6 +152,15 @@ pub async fn serve(
     let started = Instant::now();
     let accepted = super::accept::accept(tcp, peer, &listener, &shared).await?;
     let (mut client, peer) = (accepted.stream, accepted.peer);
+    let session = match shared.sessions.register(id, peer, &listener.name) {
+        Ok(session) => session,
+        Err(refused) => {
+            tracing::info!(%peer, "{refused}: refusing");
+            shared.metrics.session_refused(refused.limit());
+            close_with_bye(&mut client, refused.bye_text()).await;
+            return Ok(());
+        }
+    };
     let addrs = ClientAddrs {
         source: peer,
         destination: accepted.local,
@@ -171,7 +183,10 @@ pub async fn serve(
                 return Err(SessionError::Internal("no upstream configured"));
             };
             match target.connect(Some(addrs)).await {
-                Ok(up) => (Bytes::from(up.greeting), Leg::Socket(up.stream)),
+                Ok(up) => {
+                    session.set_upstream(&target.config.name);
+                    (Bytes::from(up.greeting), Leg::Socket(up.stream))
+                }
                 Err(e) => {
                     shared.metrics.upstream_connect_failed();
                     shared.health.connect_failed(0, &e);
@@ -206,8 +221,19 @@ pub async fn serve(
         last_client_activity: Instant::now(),
         logged_user: None,
         upstream_name: None,
+        session,
     };
     driver.run(client, leg).await
+}
+
+/// Says `* BYE [UNAVAILABLE] text` to a client before any conversation, and closes.
+async fn close_with_bye(client: &mut Stream, text: &str) {
+    let bye = bye_line(text);
+    let _ = timeout(CLOSE_FLUSH, async {
+        client.write_all(&bye).await?;
+        client.shutdown().await
+    })
+    .await;
 }
 
 /// The `* BYE` line of imapgate's own, encoded from values.
@@ -236,6 +262,8 @@ struct Driver {
     logged_user: Option<String>,
     /// The upstream a routed login went to.
     upstream_name: Option<String>,
+    /// Unregisters the session when the driver is dropped.
+    session: SessionHandle,
 }
 
 /// What one round of the select loop produced.
@@ -249,6 +277,7 @@ enum Io {
     Timeout,
     Shutdown,
     HoldDue,
+    Kicked,
 }
 
 impl Driver {
@@ -268,6 +297,7 @@ impl Driver {
         let mut client_needs_flush = false;
         let mut upstream_needs_flush = false;
         let mut shutdown_seen = *self.shutdown.borrow();
+        let mut kicked = false;
         if shutdown_seen {
             self.conv.bye("Server shutting down");
         }
@@ -345,6 +375,7 @@ impl Driver {
                     _ = sleep_until(deadline) => Io::Timeout,
                     _ = sleep_until(hold.unwrap_or(deadline)), if hold.is_some() => Io::HoldDue,
                     _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
+                    _ = self.session.kicked(), if !kicked => Io::Kicked,
                 }
             };
             match io {
@@ -354,6 +385,7 @@ impl Driver {
                 }
                 Io::ClientRead(Ok(n)) => {
                     client_read.update(n);
+                    self.session.count_in(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::ClientToUpstream, n as u64);
@@ -366,6 +398,7 @@ impl Driver {
                 }
                 Io::UpstreamRead(Ok(n)) => {
                     upstream_read.update(n);
+                    self.session.count_out(n);
                     self.shared
                         .metrics
                         .bytes(MetricsDirection::UpstreamToClient, n as u64);
@@ -413,6 +446,12 @@ impl Driver {
                         self.conv.bye("Server shutting down");
                     }
                 }
+                Io::Kicked => {
+                    kicked = true;
+                    tracing::info!("disconnected by an administrator");
+                    self.conv
+                        .bye_unavailable("Disconnected by an administrator");
+                }
             }
         }
     }
@@ -453,6 +492,7 @@ impl Driver {
                     answer,
                 } => {
                     tracing::Span::current().record("upstream", upstream.as_str());
+                    self.session.set_upstream(&upstream);
                     self.upstream_name = Some(upstream);
                     self.answer_from_standin(answer);
                     return Some(stream);
@@ -516,6 +556,15 @@ impl Driver {
                 Event::Login { ok, user } => {
                     if ok {
                         tracing::info!(user = user.as_deref().unwrap_or("?"), "login succeeded");
+                        // The upstream has accepted the login by now; the limit ends the
+                        // session rather than the login.
+                        if let Some(u) = &user
+                            && let Err(refused) = self.session.logged_in(u)
+                        {
+                            tracing::info!(user = u.as_str(), "{refused}: closing");
+                            self.shared.metrics.session_refused(refused.limit());
+                            self.conv.bye_unavailable(refused.bye_text());
+                        }
                     } else {
                         tracing::info!(user = user.as_deref().unwrap_or("?"), "login failed");
                     }

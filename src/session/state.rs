@@ -368,6 +368,12 @@ impl Conversation {
         self.close_with(None, text);
     }
 
+    /// `* BYE [UNAVAILABLE] text` (when the client can read it), then close: imapgate ends a
+    /// session that did nothing wrong (an operator's kick, a connection limit).
+    pub fn bye_unavailable(&mut self, text: &str) {
+        self.close_with(Some("UNAVAILABLE"), text);
+    }
+
     fn close_with(&mut self, code: Option<&str>, text: &str) {
         if self.closing() {
             return;

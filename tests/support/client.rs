@@ -95,6 +95,28 @@ impl Client {
         }
     }
 
+    /// Connects over plain TCP from a chosen local address (any of 127.0.0.0/8 on loopback),
+    /// so that a test can play several client addresses.
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Client {
+        let connect = async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(from, 0))?;
+            socket.connect(addr).await
+        };
+        let tcp = tokio::time::timeout(DEFAULT_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| panic!("connect {addr} from {from}: timed out"))
+            .unwrap_or_else(|e| panic!("connect {addr} from {from}: {e}"));
+        tcp.set_nodelay(true).expect("TCP_NODELAY");
+        Client {
+            stream: Some(Stream::Plain(tcp)),
+            buf: Vec::new(),
+            eof: false,
+            timeout: DEFAULT_TIMEOUT,
+            peer: addr,
+        }
+    }
+
     /// Connects with implicit TLS, trusting `ca_pem`, SNI `localhost`, ALPN `imap`.
     pub async fn connect_tls(addr: SocketAddr, ca_pem: &str) -> Client {
         Client::connect_tls_with(addr, "localhost", tls_config(ca_pem)).await

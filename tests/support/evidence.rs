@@ -45,6 +45,44 @@ pub async fn http_get_within(addr: SocketAddr, path: &str, limit: Duration) -> (
     (status, body)
 }
 
+/// `method path` over HTTP/1.1 with extra header lines (`"Authorization: Bearer x"`);
+/// (status, body). Panics when no answer comes within 10 s.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String) {
+    let limit = Duration::from_secs(10);
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for h in headers {
+            request.push_str(h);
+            request.push_str("\r\n");
+        }
+        request.push_str("Content-Length: 0\r\n\r\n");
+        s.write_all(request.as_bytes()).await.ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    };
+    let out = tokio::time::timeout(limit, ask)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} to {addr}: no answer within {limit:?}"))
+        .unwrap_or_else(|| panic!("{method} {path} to {addr}: connection failed"));
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// The /metrics text of the endpoint at `addr` (panics unless 200 within 10 s).
 pub async fn scrape(addr: SocketAddr) -> String {
     let (status, body) = http_get_within(addr, "/metrics", Duration::from_secs(10)).await;

@@ -90,6 +90,10 @@ impl Proxy {
         self.server.as_ref().and_then(Server::metrics_addr)
     }
 
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().and_then(Server::admin_addr)
+    }
+
     pub fn active(&self) -> usize {
         self.server.as_ref().map_or(0, Server::active)
     }
