@@ -113,6 +113,9 @@ pub async fn login(
             Ok(up) => up,
             Err(e) => {
                 shared.metrics.upstream_connect_failed();
+                if let Some(i) = shared.health.index(name) {
+                    shared.health.connect_failed(i, &e);
+                }
                 tracing::warn!(upstream = name, error = %e, "upstream unavailable, trying the next");
                 continue;
             }
