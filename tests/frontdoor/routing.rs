@@ -208,3 +208,60 @@ async fn fallbacks_are_tried_in_order_and_none_left_is_unavailable() {
     c.ok("n NOOP").await;
     c.logout().await;
 }
+
+/// The client's real address reaches the upstream in imapgate's own ID (`forward_id`), which
+/// Dovecot believes from its `login_trusted_networks`: behind a load balancer (a hand-made
+/// PROXY header for 203.0.113.7), Dovecot's log names 203.0.113.7 for the login, and the
+/// client's own ID fields go along.
+///
+/// ```text
+/// (PROXY TCP4 203.0.113.7 198.51.100.1 4242 143)
+/// C: i ID ("name" "mutt")          S: (imapgate's) * ID ... / i OK
+/// C: a LOGIN bob bobpw             imapgate -> mail2: imapgate1 ID ("name" "mutt"
+///                                  "x-originating-ip" "203.0.113.7" ...), then a LOGIN ...
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_client_address_goes_upstream_in_id() {
+    let trusted = "login_trusted_networks = 127.0.0.0/8\nimap_id_log = *\n";
+    let mail = Dovecot::start(DovecotOptions {
+        extra_config: trusted.into(),
+        ..DovecotOptions::default()
+    });
+    let mut config: Config = config_for(&mail, UpstreamTls::None);
+    config.upstreams = vec![UpstreamConfig {
+        forward_id: true,
+        ..Backends::upstream(&mail, "mail")
+    }];
+    config.routing = Some(RoutingConfig::default());
+    for l in &mut config.listeners {
+        l.proxy_protocol = true;
+        l.proxy_from = vec!["127.0.0.1".parse().expect("network")];
+    }
+    let gate = Proxy::start(config).await;
+    let mut c = Client::connect(gate.addr(PLAIN)).await;
+    c.send(b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 143\r\n").await;
+    c.read_greeting().await;
+    c.ok("i ID (\"name\" \"mutt\")").await;
+    c.login("bob", "bobpw").await;
+    c.logout().await;
+    let log = crate::support::evidence::poll(
+        "Dovecot logs the login",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = mail.log();
+            log.contains("Login: user=<bob>").then_some(log)
+        },
+    )
+    .await;
+    let login = log
+        .lines()
+        .find(|l| l.contains("Login: user=<bob>"))
+        .unwrap_or_default();
+    assert!(login.contains("rip=203.0.113.7"), "{login}");
+    assert!(login.contains("lip=198.51.100.1"), "{login}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ID sent") && l.contains("name=mutt")),
+        "the client's own ID fields went along: {log}"
+    );
+}
