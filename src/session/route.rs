@@ -75,11 +75,7 @@ pub async fn login(
         },
     };
     let route = loop {
-        let set = conv.policies.current();
-        conv.sync_ctx();
-        let verdict = set.on_login(&mut conv.ctx, &view);
-        conv.take_decisions();
-        match verdict {
+        match conv.judge_login(&view) {
             Verdict::Pass => break None,
             Verdict::Route(route) => break Some(route),
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,
