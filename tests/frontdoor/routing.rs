@@ -353,3 +353,54 @@ async fn login_verdicts_are_applied_and_fail_closed() {
         .expect("mallory's record");
     assert_eq!(mallory["result"], "refused");
 }
+
+/// Failover mid-run: bob's route is mail2, then mail1. With mail2 running his sessions land
+/// there; once mail2 is stopped, his next login lands on mail1 (and the failed connect marks
+/// mail2 down); with both gone, `NO [UNAVAILABLE]`, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_backend_mid_run_fails_over() {
+    let Backends { mail1, mail2 } = Backends::start().await;
+    let dir = crate::support::temp_dir();
+    let mut config: Config = config_for(&mail1, UpstreamTls::None);
+    config.upstreams = vec![
+        Backends::upstream(&mail1, "mail1"),
+        UpstreamConfig {
+            connect_timeout_s: 2,
+            ..Backends::upstream(&mail2, "mail2")
+        },
+    ];
+    let script = dir.path().join("route.lua");
+    std::fs::write(
+        &script,
+        r#"return { name = "route", on_login = function(ctx, login)
+             return imap.route{ upstream = "mail2", fallbacks = { "mail1" } }
+           end }"#,
+    )
+    .expect("policy");
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
+    let gate = Proxy::start(config).await;
+    let (mut before, _) = client(gate.addr(PLAIN)).await;
+    before.login("bob", "bobpw").await;
+    assert_eq!(backend_of(&mut before).await, "on-mail2");
+    drop(mail2);
+    // The session on mail2 ends with it ...
+    before.expect_closed().await;
+    // ... and the next login fails over.
+    let (mut after, _) = client(gate.addr(PLAIN)).await;
+    after.login("bob", "bobpw").await;
+    assert_eq!(backend_of(&mut after).await, "on-mail1");
+    after.logout().await;
+    let up = gate.server().upstream_health().up("mail2");
+    assert_eq!(up, Some(false), "the failed connect marked mail2 down");
+    drop(mail1);
+    let (mut last, _) = client(gate.addr(PLAIN)).await;
+    let r = last.no("a LOGIN bob bobpw").await;
+    assert!(
+        r.last().is_some_and(|l| l.contains("[UNAVAILABLE]")),
+        "{r:?}"
+    );
+}
