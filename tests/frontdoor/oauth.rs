@@ -68,12 +68,15 @@ impl Mech {
         }
     }
 
-    /// The client's one response, base64: Google's `user=NAME ^A auth=Bearer TOKEN ^A ^A`,
-    /// RFC 7628's GS2 header `n,a=NAME,` then `^A auth=Bearer TOKEN ^A ^A`.
+    /// The client's one response, base64: Google's `user=NAME ^A auth=Bearer TOKEN ^A ^A`;
+    /// RFC 7628's GS2 header `n,a=NAME,` then key-value pairs, as its example (section 4.1)
+    /// and mail clients send them: `^A host=... ^A port=... ^A auth=Bearer TOKEN ^A ^A`.
     fn response(self, user: &str, token: &str) -> String {
         match self {
             Mech::XOauth2 => b64(&format!("user={user}\x01auth=Bearer {token}\x01\x01")),
-            Mech::OauthBearer => b64(&format!("n,a={user},\x01auth=Bearer {token}\x01\x01")),
+            Mech::OauthBearer => b64(&format!(
+                "n,a={user},\x01host=localhost\x01port=143\x01auth=Bearer {token}\x01\x01"
+            )),
         }
     }
 
@@ -479,6 +482,61 @@ async fn a_long_token_logs_in_transparent_and_routed() {
         }
     }
     assert_eq!(checker.asked(), vec![long; 8]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_imaplib_xoauth2_through_imapgate() {
+    // imaplib sends AUTHENTICATE without an initial response and answers each "+" with what
+    // its authobject returns: the XOAUTH2 response first, an empty one to an error challenge.
+    let checker = checker();
+    let (mail1, mail2) = backends(&checker).await;
+    let transparent = Gate::transparent(&mail1).await;
+    let routed = Gate::routed(&mail1, &mail2).await;
+    let script = r#"
+import imaplib, sys
+port, user, bad, good = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+def xoauth2(token):
+    response = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    return lambda challenge: b"" if challenge else response
+m = imaplib.IMAP4("127.0.0.1", port)
+try:
+    m.authenticate("XOAUTH2", xoauth2(bad))
+    print("bad token accepted")
+except imaplib.IMAP4.error as e:
+    print("refused:", e)
+typ, _ = m.authenticate("XOAUTH2", xoauth2(good))
+print(typ)
+typ, data = m.list('""', '"on-*"')
+print(typ, b" ".join(data).decode())
+m.logout()
+"#;
+    for (gate, backend) in [(&transparent, "on-mail1"), (&routed, "on-mail2")] {
+        let out = tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(gate.addr().port().to_string())
+            .args(["bob", STALE_TOKEN, BOB_TOKEN])
+            .output()
+            .await
+            .expect("python3 runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "imaplib failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 3, "{stdout}");
+        assert!(
+            lines[0].starts_with("refused: ") && lines[0].contains("AUTHENTICATIONFAILED"),
+            "{stdout}"
+        );
+        assert_eq!(lines[1], "OK");
+        assert!(
+            lines[2].starts_with("OK ") && lines[2].ends_with(backend),
+            "{stdout}"
+        );
+    }
 }
 
 /// The imapgate binary in front of `mail1` (and, routed, `mail2`), logging at trace level.
