@@ -41,10 +41,11 @@ pub struct Literal {
 pub struct Limits {
     /// Longest line, in octets without its CRLF (literal data not counted).
     pub max_line: usize,
-    /// Longest line of a client message whose first line is an ID command (`tag ID ...`, its
-    /// lines after literals included), where it is larger than `max_line`. Dovecot reads a
-    /// pre-login ID up to its post-login line limit (imaptest sends one of 30 KiB before it logs
-    /// in); every other pre-login line keeps the short limit. 0: no allowance.
+    /// Longest line of a client message whose first line is an ID or AUTHENTICATE command
+    /// (`tag ID ...`, its lines after literals included), where it is larger than `max_line`.
+    /// Dovecot reads a pre-login ID up to its post-login line limit (imaptest sends one of
+    /// 30 KiB before it logs in) and an AUTHENTICATE initial response up to 8 KiB (an OAuth
+    /// token); every other pre-login line keeps the short limit. 0: no allowance.
     pub max_id_line: usize,
     /// Largest literal accepted at all.
     pub max_literal: u32,
@@ -506,19 +507,22 @@ pub fn tag_of(line: &[u8]) -> Option<&[u8]> {
 }
 
 /// ```abnf
-/// id = "ID" SP id-params-list   ; RFC 2971, after the tag and SP
+/// id           = "ID" SP id-params-list                              ; RFC 2971
+/// authenticate = "AUTHENTICATE" SP auth-type [SP initial-resp]      ; RFC 4959
 /// ```
-/// True when the message starting at `line` is an ID command, its name in any case.
+/// True when the message starting at `line` is one of the commands allowed a longer line
+/// before login (an ID, or an AUTHENTICATE with a long initial response), its name in any case.
 fn is_id_command(line: &[u8]) -> bool {
     let Some(tag) = tag_of(line) else {
         return false;
     };
     let rest = &line[tag.len() + 1..];
-    tag != b"*"
-        && tag != b"+"
-        && rest.len() > 2
-        && rest[..2].eq_ignore_ascii_case(b"ID")
-        && matches!(rest[2], b' ' | b'\r')
+    let named = |name: &[u8]| {
+        rest.len() > name.len()
+            && rest[..name.len()].eq_ignore_ascii_case(name)
+            && matches!(rest[name.len()], b' ' | b'\r')
+    };
+    tag != b"*" && tag != b"+" && (named(b"ID") || named(b"AUTHENTICATE"))
 }
 
 /// The literal announced at the end of a line (without its CRLF), if any.
@@ -848,6 +852,24 @@ mod tests {
 
     fn long(word: &str, n: usize) -> String {
         format!("{word}{}", "x".repeat(n))
+    }
+
+    #[test]
+    fn a_long_initial_response_is_allowed_like_an_id() {
+        // An OAuth token as AUTHENTICATE's initial response, longer than the pre-login line.
+        let line = format!("a AUTHENTICATE XOAUTH2 {}\r\n", "y".repeat(500));
+        let (frames, err) = frame_all(&mut pre_login(), line.as_bytes());
+        assert_eq!(err, None);
+        assert_eq!(frames.len(), 1);
+        let line = format!("a AUTHENTICATEX {}\r\n", "y".repeat(500));
+        let (_, err) = frame_all(&mut pre_login(), line.as_bytes());
+        assert!(
+            matches!(
+                err.map(|e| e.kind),
+                Some(FrameErrorKind::LineTooLong { .. })
+            ),
+            "only AUTHENTICATE itself"
+        );
     }
 
     /// Frames `input` one octet at a time.
