@@ -55,43 +55,51 @@ end
 -- exact[user] and domains[domain], both lower case.
 local exact, domains = {}, {}
 
-local function add_entry(key, upstream, where)
-  if type(key) ~= "string" or key == "" then
-    error(string.format("route: %s: a user must be a non-empty string", where), 0)
+local function add_domain(folded, key, upstream, where)
+  local domain = string.sub(folded, 3)
+  if string.sub(folded, 1, 2) ~= "*@" or domain == ""
+      or string.find(domain, "*", 1, true) or string.find(domain, "@", 1, true) then
+    error(string.format("route: %s: %q: the only wildcard is a whole domain, *@domain", where, key), 0)
   end
-  check_upstream(upstream, string.format("%s (%s)", where, key))
-  local folded = string.lower(key)
-  local star = string.find(folded, "*", 1, true)
-  local target, what = exact, folded
-  if star then
-    local domain = string.sub(folded, 3)
-    if star ~= 1 or string.sub(folded, 2, 2) ~= "@" or domain == ""
-        or string.find(domain, "*", 1, true) or string.find(domain, "@", 1, true) then
-      error(string.format("route: %s: %q: the only wildcard is a whole domain, *@domain", where, key), 0)
-    end
-    target, what = domains, domain
-  end
-  if target[what] then
+  if domains[domain] then
     error(string.format("route: %s: %q is mapped twice (user names are compared case-insensitively)", where, key), 0)
   end
-  target[what] = upstream
+  domains[domain] = upstream
+end
+
+-- Adds `entries` (user = upstream) to the map. The loop is kept lean: a map file may hold
+-- tens of thousands of lines, and the load runs under the instruction budget.
+local function add_entries(entries, where)
+  local lower, find = string.lower, string.find
+  for key, upstream in pairs(entries) do
+    if type(key) ~= "string" or key == "" then
+      error(string.format("route: %s: a user must be a non-empty string", where), 0)
+    end
+    if not configured[upstream] then
+      check_upstream(upstream, string.format("%s (%s)", where, key))
+    end
+    local folded = lower(key)
+    if find(folded, "*", 1, true) then
+      add_domain(folded, key, upstream, where)
+    elseif exact[folded] then
+      error(string.format("route: %s: %q is mapped twice (user names are compared case-insensitively)", where, key), 0)
+    else
+      exact[folded] = upstream
+    end
+  end
 end
 
 if o.users ~= nil then
   if type(o.users) ~= "table" then
     error("route: users is a table of user = upstream", 0)
   end
-  for user, upstream in pairs(o.users) do
-    add_entry(user, upstream, "users")
-  end
+  add_entries(o.users, "users")
 end
 if o.map_file ~= nil then
   if type(o.map_file) ~= "string" then
     error("route: map_file is a file name", 0)
   end
-  for user, upstream in pairs(imap.read_map(o.map_file)) do
-    add_entry(user, upstream, o.map_file)
-  end
+  add_entries(imap.read_map(o.map_file), o.map_file)
 end
 
 local pool = {}

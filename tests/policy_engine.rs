@@ -1591,7 +1591,7 @@ fn read_map_reads_only_named_files_and_only_at_load() {
     };
     // A file the options do not name.
     let source = format!("local m = imap.read_map({})\nreturn {{}}", quoted(&other));
-    let e = load(&[with_map(&source)]).err().expect("refused");
+    let e = load(&[with_map(&source)]).expect_err("refused");
     assert!(
         e.to_string()
             .contains("is not named by an option of this policy ending in `_file`"),
