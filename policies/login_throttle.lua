@@ -5,10 +5,10 @@
 -- headers.
 --
 -- Works whether imapgate routes logins or not. LOGIN and AUTHENTICATE are judged in
--- on_command (the address, and the user when the command names it: LOGIN, or AUTHENTICATE
--- with a SASL initial response); when imapgate owns the login, on_login judges the user an
--- AUTHENTICATE named only in its later SASL response. In transparent mode such a user is never
--- seen: the address alone counts. Failures are read in on_complete: a NO counts unless its
+-- on_command (the address, and the user when the command names it: LOGIN, unless the name
+-- is a literal, or AUTHENTICATE with a SASL initial response); when imapgate owns the login,
+-- on_login judges a user the command did not name (a literal, a later SASL response). In
+-- transparent mode such a user is never seen: the address alone counts. Failures are read in on_complete: a NO counts unless its
 -- code says the credentials were not what failed (UNAVAILABLE, SERVERBUG, LIMIT,
 -- PRIVACYREQUIRED, EXPIRED), so a server outage locks nobody out, and neither do this
 -- policy's own refusals.

@@ -371,7 +371,9 @@ impl fmt::Display for LogLevel {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub script: PathBuf,
-    /// Given to the script as `imap.options`; any table.
+    /// Given to the script as `imap.options`; any table. A top-level option whose name ends
+    /// in `_file` is a path ([`Config::resolve`] anchors it like the others), the only files
+    /// the script may read (`imap.read_map`, at load).
     #[serde(default)]
     pub options: toml::Table,
     /// What a command gets when this policy's hook fails (error, budget, memory): `closed`
