@@ -13,9 +13,10 @@ use std::io::Write;
 use bytes::Bytes;
 
 use crate::config::{Config, ListenerTls};
+use crate::imap::command::{CommandKind, parse_command};
 use crate::net::health::UpstreamHealth;
 use crate::policy::api::HostShared;
-use crate::policy::{ConnInfo, Policies, PolicyError};
+use crate::policy::{ConnInfo, LoginView, Policies, PolicyError, Verdict};
 use crate::session::state::{Control, Conversation, Event, Settings};
 
 const DEFAULT_GREETING: &str =
@@ -124,6 +125,8 @@ pub fn replay(
         info,
     );
     report(&mut conv, out, None, Some(&greeting))?;
+    // Where imapgate would route the logins (routing as the proxy decides it).
+    let routed = config.routing.is_some() || config.upstreams.len() > 1 || conv.has_login_hook();
     for (side, line) in lines {
         let wire = format!("{line}\r\n");
         match side {
@@ -131,7 +134,15 @@ pub fn replay(
                 writeln!(out, "C: {line}")?;
                 conv.client_buffer().extend_from_slice(wire.as_bytes());
                 conv.client_input();
+                let login = routed
+                    .then(|| login_of(&conv.to_upstream.peek_vec()))
+                    .flatten();
                 report(&mut conv, out, Some(&wire), None)?;
+                if let Some(login) = login {
+                    let verdict = conv.judge_login(&login);
+                    report(&mut conv, out, None, None)?;
+                    writeln!(out, "   routed: {}", describe(&verdict))?;
+                }
             }
             Side::Server => {
                 writeln!(out, "S: {line}")?;
@@ -232,4 +243,51 @@ fn print_lines(out: &mut impl Write, prefix: &str, text: &str) -> std::io::Resul
         writeln!(out, "{prefix}{line}")?;
     }
     Ok(())
+}
+
+/// The login a forwarded command is, for `on_login`: LOGIN's user, or AUTHENTICATE's
+/// mechanism and the user its initial response names.
+fn login_of(forwarded: &[u8]) -> Option<LoginView> {
+    let command = parse_command(Bytes::copy_from_slice(forwarded)).ok()?;
+    match command.name.kind {
+        CommandKind::Login => Some(LoginView {
+            user: command
+                .arg_string(0)
+                .map(|u| String::from_utf8_lossy(&u).into_owned()),
+            mechanism: "LOGIN".into(),
+            delayed_ms: 0,
+        }),
+        CommandKind::Authenticate => Some(LoginView {
+            user: crate::session::sasl_initial_user(&command),
+            mechanism: command
+                .arg_string(0)
+                .map(|m| String::from_utf8_lossy(&m).to_ascii_uppercase())
+                .unwrap_or_default(),
+            delayed_ms: 0,
+        }),
+        _ => None,
+    }
+}
+
+fn describe(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Pass => "the default upstream".into(),
+        Verdict::Route(route) => {
+            let mut text = route.upstreams.join(", then ");
+            if let Some(user) = &route.user {
+                text.push_str(&format!(" (as user {user})"));
+            }
+            text
+        }
+        Verdict::Reject { status, code, text } => format!(
+            "refused: {} {}{text}",
+            status.as_str(),
+            code.as_deref()
+                .map(|c| format!("[{c}] "))
+                .unwrap_or_default()
+        ),
+        Verdict::Close { text } => format!("closed: {text}"),
+        Verdict::Delay(d) => format!("delayed {} ms", d.as_millis()),
+        Verdict::Drop => "dropped".into(),
+    }
 }

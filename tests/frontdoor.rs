@@ -8,6 +8,8 @@ mod support;
 mod admin;
 #[path = "frontdoor/health.rs"]
 mod health;
+#[path = "frontdoor/oauth.rs"]
+mod oauth;
 #[path = "frontdoor/policies.rs"]
 mod policies;
 #[path = "frontdoor/proxy_protocol.rs"]

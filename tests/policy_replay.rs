@@ -73,6 +73,26 @@ fn search_rate_limit_transcript() {
 }
 
 #[test]
+fn routing_transcript() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/replay");
+    let out = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["replay", "--tls", "--config"])
+        .arg(dir.join("routing.toml"))
+        .arg(dir.join("routing.txt"))
+        .output()
+        .expect("imapgate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        normalize(&String::from_utf8_lossy(&out.stdout)),
+        expected("routing.out")
+    );
+}
+
+#[test]
 fn replay_reports_a_bad_transcript_line() {
     let dir = tempfile::tempdir().expect("temp dir");
     let t = dir.path().join("bad.txt");

@@ -20,6 +20,7 @@ pub mod relay;
 pub mod route;
 pub mod state;
 
+pub use modes::sasl_initial_user;
 pub use registry::{ConnectionLimits, LimitExceeded, Registry, SessionHandle, SessionInfo};
 pub use relay::{Listener, SessionError, Shared, serve};
 pub use state::{Control, Conversation, Event, ImapState, Settings};

@@ -136,9 +136,12 @@ impl Mechanism {
                 let authzid = header
                     .split(|&b| b == b',')
                     .find_map(|f| f.strip_prefix(b"a="))?;
+                // RFC 5801 saslname: "=2C" and "=3D" stand for "," and "=". An empty one
+                // (`n,a=,`) names nobody, as an empty XOAUTH2 `user=` does: not a user "".
                 return std::str::from_utf8(authzid)
                     .ok()
-                    .map(|s| s.replace("=2C", ",").replace("=3D", "="));
+                    .map(|s| s.replace("=2C", ",").replace("=3D", "="))
+                    .filter(|u| !u.is_empty());
             }
             Mechanism::Other => return None,
         };
@@ -312,5 +315,53 @@ impl Conversation {
             "Expected DONE to end IDLE",
         );
         self.to_upstream.push(Bytes::from_static(b"DONE\r\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_in_sasl;
+
+    #[test]
+    fn oauth_responses_name_their_user() {
+        // XOAUTH2: user=NAME ^A auth=Bearer TOKEN ^A ^A
+        let xoauth2 = b"user=alice@example.org\x01auth=Bearer t0k3n\x01\x01";
+        assert_eq!(
+            user_in_sasl("XOAUTH2", xoauth2).as_deref(),
+            Some("alice@example.org")
+        );
+        // OAUTHBEARER (RFC 7628 section 4.1): the GS2 header's authzid, host and port after.
+        let bearer = b"n,a=user@example.com,\x01host=server.example.com\x01port=143\x01\
+                       auth=Bearer vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg==\x01\x01";
+        assert_eq!(
+            user_in_sasl("oauthbearer", bearer).as_deref(),
+            Some("user@example.com")
+        );
+        // RFC 5801 escapes in the authzid.
+        assert_eq!(
+            user_in_sasl("OAUTHBEARER", b"n,a=a=2Cb=3Dc,\x01auth=Bearer x\x01\x01").as_deref(),
+            Some("a,b=c")
+        );
+    }
+
+    #[test]
+    fn oauth_responses_without_a_user_name_nobody() {
+        // No authzid: the server takes the user from the token; imapgate cannot know it.
+        assert_eq!(
+            user_in_sasl("OAUTHBEARER", b"n,,\x01auth=Bearer x\x01\x01"),
+            None
+        );
+        // An empty one is no user either (not a user "" that every such login would share).
+        assert_eq!(
+            user_in_sasl("OAUTHBEARER", b"n,a=,\x01auth=Bearer x\x01\x01"),
+            None
+        );
+        assert_eq!(
+            user_in_sasl("XOAUTH2", b"user=\x01auth=Bearer x\x01\x01"),
+            None
+        );
+        // The answer to an error challenge (RFC 7628 section 3.2.3: %x01), and XOAUTH2's empty one.
+        assert_eq!(user_in_sasl("OAUTHBEARER", b"\x01"), None);
+        assert_eq!(user_in_sasl("XOAUTH2", b""), None);
     }
 }

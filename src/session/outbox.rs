@@ -66,6 +66,11 @@ impl Outbox {
         }
     }
 
+    /// Everything queued, concatenated, left queued (for transcripts).
+    pub fn peek_vec(&self) -> Vec<u8> {
+        self.queue.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
     /// Everything queued, concatenated (for tests and transcripts).
     pub fn drain_to_vec(&mut self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);

@@ -486,6 +486,29 @@ mod tests {
     }
 
     #[test]
+    fn oauth_mechanisms_take_one_response_and_name_the_user() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let xoauth2 = b64("user=alice\x01auth=Bearer t0k3n\x01\x01");
+        let bearer = b64("n,a=bob,\x01host=localhost\x01port=143\x01auth=Bearer t0k3n\x01\x01");
+        let mut r = responder();
+        assert_eq!(
+            say(&mut r, &format!("a AUTHENTICATE XOAUTH2 {xoauth2}\r\n")),
+            ""
+        );
+        let c = r.take_credentials().expect("credentials");
+        assert_eq!(c.user.as_deref(), Some("alice"));
+        assert_eq!(say(&mut r, "b AUTHENTICATE OAUTHBEARER\r\n"), "+ \r\n");
+        assert_eq!(say(&mut r, &format!("{bearer}\r\n")), "");
+        let c = r.take_credentials().expect("credentials");
+        assert_eq!(c.user.as_deref(), Some("bob"));
+        assert!(
+            matches!(c.secret, Secret::Sasl { ref mechanism, ref responses } if mechanism == "OAUTHBEARER" && responses == &[bearer.as_bytes()]),
+        );
+        assert!(!format!("{c:?}").contains("t0k3n"), "never shown: {c:?}");
+    }
+
+    #[test]
     fn cancel_and_unknown_mechanisms() {
         let mut r = responder();
         say(&mut r, "a AUTHENTICATE PLAIN\r\n");

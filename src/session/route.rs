@@ -78,11 +78,7 @@ pub async fn login(
     let first_judged = std::time::Instant::now();
     let route = loop {
         view.delayed_ms = u64::try_from(first_judged.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let set = conv.policies.current();
-        conv.sync_ctx();
-        let verdict = set.on_login(&mut conv.ctx, &view);
-        conv.take_decisions();
-        match verdict {
+        match conv.judge_login(&view) {
             Verdict::Pass => break None,
             Verdict::Route(route) => break Some(route),
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,
@@ -126,8 +122,11 @@ pub async fn login(
         let mut leg = Leg::new(up.stream);
         let caps = greeting_caps(&up.greeting);
         let replayed = async {
-            if target.config.forward_id {
-                leg.forward_id(addrs, session_id, id_fields).await?;
+            // The client's ID goes on before its login, as it would directly; imapgate adds
+            // where the client really is when the upstream trusts it to say so.
+            let ours = target.config.forward_id.then_some((addrs, session_id));
+            if ours.is_some() || !id_fields.is_empty() {
+                leg.send_id(ours, id_fields).await?;
             }
             leg.replay(&creds, user_override.as_deref(), &caps).await
         };
@@ -239,12 +238,11 @@ impl Leg {
         }
     }
 
-    /// `ID` with the client's own fields and where it really comes from; the answer is
-    /// imapgate's to read, not the client's.
-    async fn forward_id(
+    /// `ID` with the client's own fields and, with `ours`, where it really comes from; the
+    /// answer is imapgate's to read, not the client's.
+    async fn send_id(
         &mut self,
-        addrs: ClientAddrs,
-        session_id: u64,
+        ours: Option<(ClientAddrs, u64)>,
         client_fields: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LegError> {
         let mut fields: Vec<Value> = Vec::new();
@@ -256,15 +254,17 @@ impl Leg {
             fields.push(Value::String(key.clone()));
             fields.push(value.clone().map_or(Value::Nil, Value::String));
         }
-        for (key, value) in [
-            ("x-originating-ip", addrs.source.ip().to_string()),
-            ("x-originating-port", addrs.source.port().to_string()),
-            ("x-connected-ip", addrs.destination.ip().to_string()),
-            ("x-connected-port", addrs.destination.port().to_string()),
-            ("x-session-id", format!("imapgate-{session_id}")),
-        ] {
-            fields.push(Value::String(key.as_bytes().to_vec()));
-            fields.push(Value::String(value.into_bytes()));
+        if let Some((addrs, session_id)) = ours {
+            for (key, value) in [
+                ("x-originating-ip", addrs.source.ip().to_string()),
+                ("x-originating-port", addrs.source.port().to_string()),
+                ("x-connected-ip", addrs.destination.ip().to_string()),
+                ("x-connected-port", addrs.destination.port().to_string()),
+                ("x-session-id", format!("imapgate-{session_id}")),
+            ] {
+                fields.push(Value::String(key.as_bytes().to_vec()));
+                fields.push(Value::String(value.into_bytes()));
+            }
         }
         let command = encode::command(ID_TAG, b"ID", &[Value::List(fields)], self.options())?;
         self.send_segments(Bytes::from(command.bytes)).await?;

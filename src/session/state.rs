@@ -1019,6 +1019,21 @@ impl Conversation {
         });
     }
 
+    /// The `on_login` verdict of the policies for a login imapgate reads itself (routing;
+    /// also `imapgate replay`).
+    pub fn judge_login(&mut self, login: &crate::policy::LoginView) -> Verdict {
+        let set = self.policies.current();
+        self.sync_ctx();
+        let verdict = set.on_login(&mut self.ctx, login);
+        self.take_decisions();
+        verdict
+    }
+
+    /// Whether a policy decides where logins go.
+    pub fn has_login_hook(&self) -> bool {
+        self.policies.peek().has_hook(Hook::Login)
+    }
+
     /// The login in flight with this tag was refused by a policy (routing): its answer is
     /// imapgate's, and it counts as refused, not failed.
     pub(super) fn mark_login_refused(&mut self, tag: &[u8]) {

@@ -208,3 +208,199 @@ async fn fallbacks_are_tried_in_order_and_none_left_is_unavailable() {
     c.ok("n NOOP").await;
     c.logout().await;
 }
+
+/// The client's real address reaches the upstream in imapgate's own ID (`forward_id`), which
+/// Dovecot believes from its `login_trusted_networks`: behind a load balancer (a hand-made
+/// PROXY header for 203.0.113.7), Dovecot's log names 203.0.113.7 for the login, and the
+/// client's own ID fields go along.
+///
+/// ```text
+/// (PROXY TCP4 203.0.113.7 198.51.100.1 4242 143)
+/// C: i ID ("name" "mutt")          S: (imapgate's) * ID ... / i OK
+/// C: a LOGIN bob bobpw             imapgate -> mail2: imapgate1 ID ("name" "mutt"
+///                                  "x-originating-ip" "203.0.113.7" ...), then a LOGIN ...
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_client_address_goes_upstream_in_id() {
+    let trusted = "login_trusted_networks = 127.0.0.0/8\nimap_id_log = *\n";
+    let mail = Dovecot::start(DovecotOptions {
+        extra_config: trusted.into(),
+        ..DovecotOptions::default()
+    });
+    let mut config: Config = config_for(&mail, UpstreamTls::None);
+    config.upstreams = vec![UpstreamConfig {
+        forward_id: true,
+        ..Backends::upstream(&mail, "mail")
+    }];
+    config.routing = Some(RoutingConfig::default());
+    for l in &mut config.listeners {
+        l.proxy_protocol = true;
+        l.proxy_from = vec!["127.0.0.1".parse().expect("network")];
+    }
+    let gate = Proxy::start(config).await;
+    let mut c = Client::connect(gate.addr(PLAIN)).await;
+    c.send(b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 143\r\n")
+        .await;
+    c.read_greeting().await;
+    c.ok("i ID (\"name\" \"mutt\")").await;
+    c.login("bob", "bobpw").await;
+    c.logout().await;
+    let log = crate::support::evidence::poll(
+        "Dovecot logs the login",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = mail.log();
+            log.contains("Login: user=<bob>").then_some(log)
+        },
+    )
+    .await;
+    let login = log
+        .lines()
+        .find(|l| l.contains("Login: user=<bob>"))
+        .unwrap_or_default();
+    assert!(login.contains("rip=203.0.113.7"), "{login}");
+    assert!(login.contains("lip=198.51.100.1"), "{login}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ID sent") && l.contains("name=mutt")),
+        "the client's own ID fields went along: {log}"
+    );
+}
+
+/// What `on_login` decides, applied: a refusal is imapgate's answer (the upstream never sees
+/// the credentials) and a refused login naming its user in the audit log; a verdict the hook
+/// cannot apply, or a route to an upstream that is not configured, fails closed; `close`
+/// ends the session.
+///
+/// ```text
+/// C: a LOGIN mallory pw    S: a NO [CONTACTADMIN] Not here       (imap.reject)
+/// C: b LOGIN drop pw       S: b NO [UNAVAILABLE] ...              (imap.drop(): an error)
+/// C: c LOGIN nowhere pw    S: c NO [UNAVAILABLE] ...              (no such upstream)
+/// C: d LOGIN bye pw        S: * BYE Go away                       (imap.close)
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_verdicts_are_applied_and_fail_closed() {
+    let b = Backends::start().await;
+    let before = (b.mail1.log().len(), b.mail2.log().len());
+    let dir = crate::support::temp_dir();
+    let audit = dir.path().join("audit.jsonl");
+    let mut config: Config = config_for(&b.mail1, UpstreamTls::None);
+    config.upstreams = vec![
+        Backends::upstream(&b.mail1, "mail1"),
+        Backends::upstream(&b.mail2, "mail2"),
+    ];
+    config.log.audit = Some(audit.display().to_string());
+    let script = dir.path().join("route.lua");
+    std::fs::write(
+        &script,
+        r#"return { name = "route", on_login = function(ctx, login)
+             if login.user == "mallory" then
+               return imap.reject{ code = "CONTACTADMIN", text = "Not here" }
+             elseif login.user == "drop" then return imap.drop()
+             elseif login.user == "nowhere" then return imap.route{ upstream = "mail9" }
+             elseif login.user == "bye" then return imap.close("Go away")
+             end
+           end }"#,
+    )
+    .expect("policy");
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
+    let gate = Proxy::start(config).await;
+    let (mut c, _) = client(gate.addr(PLAIN)).await;
+    let r = c.no("a LOGIN mallory pw").await;
+    assert_eq!(
+        r.last().map(String::as_str),
+        Some("a NO [CONTACTADMIN] Not here")
+    );
+    let r = c.no("b LOGIN drop pw").await;
+    assert!(
+        r.last()
+            .is_some_and(|l| l.starts_with("b NO [UNAVAILABLE]")),
+        "{r:?}"
+    );
+    let r = c.no("c LOGIN nowhere pw").await;
+    assert!(
+        r.last()
+            .is_some_and(|l| l.starts_with("c NO [UNAVAILABLE]")),
+        "{r:?}"
+    );
+    c.send_line("d LOGIN bye pw").await;
+    let r = c
+        .collect_until("d", std::time::Duration::from_secs(10))
+        .await;
+    assert!(r.iter().any(|l| l == "* BYE Go away"), "{r:?}");
+    c.expect_closed().await;
+    // None of it reached a server.
+    let (log1, log2) = (b.mail1.log(), b.mail2.log());
+    for user in ["mallory", "drop", "nowhere", "bye"] {
+        let needle = format!("user=<{user}>");
+        assert!(!log1[before.0..].contains(&needle) && !log2[before.1..].contains(&needle));
+    }
+    let records =
+        crate::support::evidence::poll("the audit log", std::time::Duration::from_secs(10), || {
+            let r = crate::support::evidence::audit_records(&audit);
+            r.iter()
+                .any(|r| r["event"] == "login" && r["user"] == "mallory")
+                .then_some(r)
+        })
+        .await;
+    let mallory = records
+        .iter()
+        .find(|r| r["event"] == "login" && r["user"] == "mallory")
+        .expect("mallory's record");
+    assert_eq!(mallory["result"], "refused");
+}
+
+/// Failover mid-run: bob's route is mail2, then mail1. With mail2 running his sessions land
+/// there; once mail2 is stopped, his next login lands on mail1 (and the failed connect marks
+/// mail2 down); with both gone, `NO [UNAVAILABLE]`, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_backend_mid_run_fails_over() {
+    let Backends { mail1, mail2 } = Backends::start().await;
+    let dir = crate::support::temp_dir();
+    let mut config: Config = config_for(&mail1, UpstreamTls::None);
+    config.upstreams = vec![
+        Backends::upstream(&mail1, "mail1"),
+        UpstreamConfig {
+            connect_timeout_s: 2,
+            ..Backends::upstream(&mail2, "mail2")
+        },
+    ];
+    let script = dir.path().join("route.lua");
+    std::fs::write(
+        &script,
+        r#"return { name = "route", on_login = function(ctx, login)
+             return imap.route{ upstream = "mail2", fallbacks = { "mail1" } }
+           end }"#,
+    )
+    .expect("policy");
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
+    let gate = Proxy::start(config).await;
+    let (mut before, _) = client(gate.addr(PLAIN)).await;
+    before.login("bob", "bobpw").await;
+    assert_eq!(backend_of(&mut before).await, "on-mail2");
+    drop(mail2);
+    // The session on mail2 ends with it ...
+    before.expect_closed().await;
+    // ... and the next login fails over.
+    let (mut after, _) = client(gate.addr(PLAIN)).await;
+    after.login("bob", "bobpw").await;
+    assert_eq!(backend_of(&mut after).await, "on-mail1");
+    after.logout().await;
+    let up = gate.server().upstream_health().up("mail2");
+    assert_eq!(up, Some(false), "the failed connect marked mail2 down");
+    drop(mail1);
+    let (mut last, _) = client(gate.addr(PLAIN)).await;
+    let r = last.no("a LOGIN bob bobpw").await;
+    assert!(
+        r.last().is_some_and(|l| l.contains("[UNAVAILABLE]")),
+        "{r:?}"
+    );
+}

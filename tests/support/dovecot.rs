@@ -14,7 +14,9 @@
 //!
 //! Users: `alice`/`alicepw`, `bob`/`bobpw`, `user0`/`pass0` .. (see
 //! [`DovecotOptions::generated_users`]), the pool behind [`Dovecot::fresh_user`], and
-//! [`DovecotOptions::users`].
+//! [`DovecotOptions::users`]. With [`DovecotOptions::oauth2`] they may also log in with
+//! `AUTHENTICATE XOAUTH2` / `OAUTHBEARER` and a token a checker of the test's own knows
+//! ([`super::oauth::TokenChecker`]).
 //!
 //! Cleanup: Dovecot runs in a process group of its own, and dropping a `Dovecot` sends
 //! SIGTERM to that whole group and waits (~0.1 s) until every process is gone, then removes
@@ -75,7 +77,49 @@ pub struct DovecotOptions {
     /// (`haproxy = yes`; see [`Dovecot::haproxy_addr`]). Dovecot believes the header only
     /// from `haproxy_trusted_networks`, which the test sets in `extra_config`.
     pub haproxy_listener: bool,
+    /// Also accept `AUTHENTICATE XOAUTH2` and `OAUTHBEARER`, checking tokens with an
+    /// `oauth2` passdb (see [`Oauth2Options`]); passwords keep working for PLAIN and LOGIN.
+    pub oauth2: Option<Oauth2Options>,
 }
+
+/// Dovecot 2.3's `oauth2` passdb, asking a token introspection endpoint (RFC 7662, e.g.
+/// [`super::oauth::TokenChecker`]) about each token: `introspection_mode = post`, the user in
+/// the answer's `username`, a token counting only while `"active": true`. Dovecot refuses a
+/// token whose user is not the one the SASL payload names.
+#[derive(Clone, Debug)]
+pub struct Oauth2Options {
+    /// Where tokens are checked, `http://127.0.0.1:PORT/introspect`.
+    pub introspection_url: String,
+}
+
+impl Oauth2Options {
+    /// The passdb's settings file (`dovecot-oauth2.conf.ext`).
+    fn settings(&self) -> String {
+        format!(
+            "introspection_mode = post\n\
+             introspection_url = {}\n\
+             username_attribute = username\n\
+             active_attribute = active\n\
+             active_value = true\n",
+            self.introspection_url
+        )
+    }
+
+    /// What the instance's config gains: the mechanisms, and a passdb for them after the
+    /// password one (`settings` is the path of [`Oauth2Options::settings`]).
+    fn config(settings: &Path) -> String {
+        format!(
+            "auth_mechanisms = plain login xoauth2 oauthbearer\n\
+             passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  \
+             args = {}\n}}\n",
+            settings.display()
+        )
+    }
+}
+
+/// The template's password passdb; with OAuth it serves only the password mechanisms, so that
+/// a token is never checked as a password (nor a password sent to the token checker).
+const PASSWD_PASSDB: &str = "  driver = passwd-file\n";
 
 /// Settings behind [`DovecotOptions::shared_imap_processes`] (all users share one uid, which
 /// is what lets one imap process serve several of them).
@@ -248,6 +292,22 @@ impl Dovecot {
                 "service imap-login {{\n  inet_listener imap_haproxy {{\n    \
                  port = {haproxy_port}\n    haproxy = yes\n  }}\n}}\n"
             ));
+        }
+        if let Some(oauth2) = &opts.oauth2 {
+            assert!(
+                config.contains(PASSWD_PASSDB),
+                "the dovecot template lost its passwd-file passdb"
+            );
+            config = config.replacen(
+                PASSWD_PASSDB,
+                &format!("{PASSWD_PASSDB}  mechanisms = plain login\n"),
+                1,
+            );
+            let settings = root.join("dovecot-oauth2.conf.ext");
+            fs::write(&settings, oauth2.settings()).expect("write dovecot-oauth2.conf.ext");
+            set_mode(&settings, 0o644);
+            config.push_str("\n# --- oauth2 ---\n");
+            config.push_str(&Oauth2Options::config(&settings));
         }
         if !opts.extra_config.is_empty() {
             config.push_str("\n# --- extra_config ---\n");

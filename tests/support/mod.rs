@@ -6,7 +6,8 @@
 //! - [`tap`]: a recording TCP relay between imapgate and Dovecot (what the server received
 //!   and answered, chunk by chunk with timings), which can also inject bytes of its own;
 //! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact;
-//! - [`haproxy`]: a private real HAProxy in TCP mode in front of one server.
+//! - [`haproxy`]: a private real HAProxy in TCP mode in front of one server;
+//! - [`oauth`]: a token introspection endpoint for a Dovecot that checks OAuth tokens.
 //!
 //! ```ignore
 //! mod support;
@@ -30,6 +31,7 @@ pub mod client;
 pub mod dovecot;
 pub mod evidence;
 pub mod haproxy;
+pub mod oauth;
 pub mod pki;
 pub mod proxy;
 pub mod tap;
@@ -37,7 +39,8 @@ pub mod tap;
 pub use client::{
     Client, assert_tagged, capabilities, insecure_tls_config, list_names, quote, tls_config,
 };
-pub use dovecot::{Dovecot, DovecotOptions, generated_user};
+pub use dovecot::{Dovecot, DovecotOptions, Oauth2Options, generated_user};
+pub use oauth::TokenChecker;
 pub use pki::Pki;
 
 /// A folder for a test's files, removed when dropped (mode 0755 so that services running
