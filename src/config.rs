@@ -371,7 +371,9 @@ impl fmt::Display for LogLevel {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub script: PathBuf,
-    /// Given to the script as `imap.options`; any table.
+    /// Given to the script as `imap.options`; any table. A top-level option whose name ends
+    /// in `_file` is a path ([`Config::resolve`] anchors it like the others), the only files
+    /// the script may read (`imap.read_map`, at load).
     #[serde(default)]
     pub options: toml::Table,
     /// What a command gets when this policy's hook fails (error, budget, memory): `closed`
@@ -611,6 +613,17 @@ impl Config {
         }
         for policy in &mut self.policies {
             anchor(&mut policy.script);
+            // Options ending in `_file` name files (a policy's map, read with imap.read_map):
+            // relative to the config file like every other path.
+            for (key, value) in policy.options.iter_mut() {
+                if key.ends_with("_file")
+                    && let toml::Value::String(path) = value
+                {
+                    let mut p = PathBuf::from(&*path);
+                    anchor(&mut p);
+                    *path = p.to_string_lossy().into_owned();
+                }
+            }
         }
         if let Some(admin) = &mut self.admin {
             admin.token_file.as_mut().map(anchor);
@@ -1442,6 +1455,25 @@ mod tests {
             ))
             .is_err()
         );
+    }
+
+    #[test]
+    fn policy_file_options_are_relative_to_the_config() {
+        let text = format!(
+            "{MINIMAL}[[policy]]\nscript = \"policies/route.lua\"\n\
+             options = {{ map_file = \"users.map\", other_file = \"/srv/x.map\", \
+             pool = [\"mail1\"], profile = \"users.map\" }}\n"
+        );
+        let c = parse(&text).unwrap();
+        let p = &c.policies[0];
+        assert_eq!(p.script, Path::new("/etc/imapgate/policies/route.lua"));
+        assert_eq!(
+            p.options["map_file"].as_str(),
+            Some("/etc/imapgate/users.map")
+        );
+        assert_eq!(p.options["other_file"].as_str(), Some("/srv/x.map"));
+        // Only `*_file` options are paths.
+        assert_eq!(p.options["profile"].as_str(), Some("users.map"));
     }
 
     #[test]

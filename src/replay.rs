@@ -255,6 +255,7 @@ fn login_of(forwarded: &[u8]) -> Option<LoginView> {
                 .arg_string(0)
                 .map(|u| String::from_utf8_lossy(&u).into_owned()),
             mechanism: "LOGIN".into(),
+            delayed_ms: 0,
         }),
         CommandKind::Authenticate => Some(LoginView {
             user: crate::session::sasl_initial_user(&command),
@@ -262,6 +263,7 @@ fn login_of(forwarded: &[u8]) -> Option<LoginView> {
                 .arg_string(0)
                 .map(|m| String::from_utf8_lossy(&m).to_ascii_uppercase())
                 .unwrap_or_default(),
+            delayed_ms: 0,
         }),
         _ => None,
     }

@@ -411,3 +411,31 @@ fn per_user_and_per_address_limits_must_be_able_to_apply() {
         parse(&format!("{MINIMAL}[limits]\n{key} = 0\n")).unwrap();
     }
 }
+
+/// The commented `[[policy]]` examples of the shipped front-door policies, uncommented, load
+/// (as `imapgate check` loads them) with their map file, next to three named upstreams.
+#[test]
+fn commented_front_door_policy_examples_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let example = std::fs::read_to_string(dir.join("imapgate.toml")).unwrap();
+    let lines: Vec<&str> = example.lines().collect();
+    let mut text = String::from(MINIMAL);
+    for name in ["mail1", "mail2", "mail3"] {
+        text.push_str(&format!(
+            "[[upstream]]\nname = \"{name}\"\naddress = \"127.0.0.1:143\"\n"
+        ));
+    }
+    for script in ["login_throttle.lua", "route.lua"] {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("# script = ") && l.ends_with(&format!("/{script}\"")))
+            .unwrap_or_else(|| panic!("no commented example for {script}"));
+        assert_eq!(lines[at - 1], "# [[policy]]");
+        let options = lines[at + 1].strip_prefix("# ").expect("commented options");
+        assert!(options.starts_with("options = {"), "{options}");
+        text.push_str(&format!("[[policy]]\n{}\n{options}\n", &lines[at][2..]));
+    }
+    let config = Config::from_str_named(&text, dir.join("imapgate.toml")).unwrap();
+    let names = imapgate::policy::check(&config).unwrap();
+    assert_eq!(names, ["login_throttle", "route"]);
+}

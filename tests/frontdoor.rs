@@ -10,6 +10,8 @@ mod admin;
 mod health;
 #[path = "frontdoor/oauth.rs"]
 mod oauth;
+#[path = "frontdoor/policies.rs"]
+mod policies;
 #[path = "frontdoor/proxy_protocol.rs"]
 mod proxy_protocol;
 #[path = "frontdoor/routing.rs"]

@@ -423,6 +423,7 @@ fn command(name: &'static str, mailboxes: &[(MailboxRole, &str)]) -> CommandView
             .map(|(role, name)| MailboxSlot::new(*role, (*name).to_string()))
             .collect(),
         delayed_ms: 0,
+        user: None,
     }
 }
 
@@ -1374,5 +1375,647 @@ fn search_rate_limit_delays_then_refuses() {
             );
         }
         v => panic!("{v:?}"),
+    }
+}
+
+// ----- route.lua and login_throttle.lua: on_login, on_command, on_complete -----
+
+use imapgate::net::health::UpstreamHealth;
+use imapgate::policy::api::HostShared;
+use imapgate::policy::{CompleteView, LoginView, Route};
+
+/// A shipped policy loaded with upstream health (what `imap.upstream_up` reads).
+fn shipped_with_health(file: &str, options: &str, health: UpstreamHealth) -> Policies {
+    try_shipped_with_health(file, options, health).expect("shipped policy loads")
+}
+
+fn try_shipped_with_health(
+    file: &str,
+    options: &str,
+    health: UpstreamHealth,
+) -> Result<Policies, PolicyError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("policies")
+        .join(file);
+    let cfg = PolicyConfig {
+        options: toml::from_str(options).expect("options"),
+        ..config(&script)
+    };
+    let host = HostShared {
+        health: Some(health),
+        ..HostShared::default()
+    };
+    Policies::load_with_host(&[cfg], &small_lua(), host)
+}
+
+/// Every upstream named, all up (as under `imapgate check`).
+fn all_up(names: &[&str]) -> UpstreamHealth {
+    UpstreamHealth::unprobed(names.iter().copied())
+}
+
+/// A client at `peer` before login.
+fn client_at(id: u64, peer: &str) -> ConnCtx {
+    ConnCtx::new(ConnInfo {
+        id,
+        peer: peer.into(),
+        listener: "imap".into(),
+        state: "not_authenticated",
+        ..Default::default()
+    })
+}
+
+fn login_as(user: &str) -> LoginView {
+    LoginView {
+        user: Some(user.into()),
+        mechanism: "LOGIN".into(),
+        delayed_ms: 0,
+    }
+}
+
+/// Where `on_login` sends `user`: the upstreams in order, or "default" for no route.
+fn routed(set: &PolicySet, user: &str) -> Vec<String> {
+    match set.on_login(&mut client_at(1, "192.0.2.1:5555"), &login_as(user)) {
+        Verdict::Route(Route {
+            upstreams,
+            user: None,
+        }) => upstreams,
+        Verdict::Pass => vec!["default".into()],
+        other => panic!("{user}: {other:?}"),
+    }
+}
+
+const FIVE: [&str; 5] = ["mail1", "mail2", "mail3", "mail4", "moved"];
+
+#[test]
+fn route_map_wildcards_and_case() {
+    let s = Scripts::new();
+    let map = s.write(
+        "users.map",
+        "# moved by hand\n\
+         carol@example.org   moved   # since the migration\n\
+         \n\
+         *@Example.NET mail4\n",
+    );
+    let options = format!(
+        "users = {{ \"Alice@Example.org\" = \"mail2\", \"*@example.com\" = \"mail3\" }}\n\
+         map_file = {:?}\n\
+         pool = [\"mail1\"]\n",
+        map.display().to_string()
+    );
+    let policies = shipped_with_health("route.lua", &options, all_up(&FIVE));
+    let set = policies.current();
+    for (user, upstream) in [
+        ("alice@example.org", "mail2"),
+        ("ALICE@EXAMPLE.ORG", "mail2"),
+        ("carol@example.org", "moved"),
+        ("Carol@Example.Org", "moved"),
+        ("anyone@example.com", "mail3"),
+        ("Someone@EXAMPLE.com", "mail3"),
+        ("x@example.net", "mail4"),
+        // A domain entry is that domain only; the last @ starts the domain.
+        ("x@sub.example.com", "mail1"),
+        ("\"a@example.com\"@example.org", "mail1"),
+        ("odd@example.com@example.net", "mail4"),
+        ("bob@example.org", "mail1"),
+    ] {
+        assert_eq!(routed(&set, user), [upstream], "{user}");
+    }
+    // No pool: everyone unmapped takes the first upstream.
+    let policies = shipped_with_health(
+        "route.lua",
+        "users = { \"alice\" = \"mail2\" }",
+        all_up(&FIVE),
+    );
+    assert_eq!(routed(&policies.current(), "ALICE"), ["mail2"]);
+    assert_eq!(routed(&policies.current(), "bob"), ["default"]);
+}
+
+#[test]
+fn route_map_file_is_reread_on_reload() {
+    let s = Scripts::new();
+    let map = s.write("users.map", "alice mail2\n");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/route.lua");
+    let cfg = PolicyConfig {
+        options: toml::from_str(&format!("map_file = {:?}", map.display().to_string()))
+            .expect("options"),
+        ..config(&script)
+    };
+    let host = HostShared {
+        health: Some(all_up(&FIVE)),
+        ..HostShared::default()
+    };
+    let policies =
+        Policies::load_with_host(std::slice::from_ref(&cfg), &small_lua(), host).expect("loads");
+    assert_eq!(routed(&policies.current(), "alice"), ["mail2"]);
+    std::fs::write(&map, "alice mail3\n").expect("rewrite map");
+    policies
+        .reload(std::slice::from_ref(&cfg), &small_lua())
+        .expect("reloads");
+    assert_eq!(routed(&policies.current(), "alice"), ["mail3"]);
+    // A map that does not load keeps the policies that did.
+    std::fs::write(&map, "alice nowhere\n").expect("rewrite map");
+    let e = policies
+        .reload(std::slice::from_ref(&cfg), &small_lua())
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"nowhere\", which is not configured"),
+        "{e}"
+    );
+    assert_eq!(routed(&policies.current(), "alice"), ["mail3"]);
+}
+
+#[test]
+fn route_options_are_checked_at_load() {
+    let s = Scripts::new();
+    let bad_line = s.write("bad.map", "alice mail2\nbob\n");
+    let bad_line = format!("map_file = {:?}", bad_line.display().to_string());
+    for (options, error) in [
+        (
+            "users = { alice = \"mail9\" }",
+            "names upstream \"mail9\", which is not configured",
+        ),
+        (
+            "pool = [\"mail1\", \"nope\"]",
+            "pool[2] names upstream \"nope\"",
+        ),
+        (
+            "pool = [\"mail1\", \"mail1\"]",
+            "pool names \"mail1\" twice",
+        ),
+        (
+            "users = { \"a*@example.org\" = \"mail1\" }",
+            "the only wildcard is a whole domain",
+        ),
+        (
+            "users = { \"*@\" = \"mail1\" }",
+            "the only wildcard is a whole domain",
+        ),
+        (
+            "users = { \"*@*.org\" = \"mail1\" }",
+            "the only wildcard is a whole domain",
+        ),
+        (
+            "users = { Alice = \"mail1\", alice = \"mail2\" }",
+            "is mapped twice",
+        ),
+        ("pools = [\"mail1\"]", "unknown option \"pools\""),
+        (
+            "map_file = \"/nonexistent/users.map\"",
+            "/nonexistent/users.map: No such file",
+        ),
+        (
+            bad_line.as_str(),
+            "bad.map:2: expected `key value`, found only \"bob\"",
+        ),
+    ] {
+        let e = try_shipped_with_health("route.lua", options, all_up(&FIVE))
+            .err()
+            .unwrap_or_else(|| panic!("{options} loaded"));
+        assert!(e.to_string().contains(error), "{options}: {e}");
+    }
+    // Without configured upstreams (an embedding that knows none) names cannot be checked.
+    let unchecked = shipped("route.lua", "users = { alice = \"mail9\" }");
+    assert_eq!(routed(&unchecked.current(), "alice"), ["mail9"]);
+}
+
+#[test]
+fn read_map_reads_only_named_files_and_only_at_load() {
+    let s = Scripts::new();
+    let map = s.write("users.map", "alice mail2\n");
+    let other = s.write("other.map", "x y\n");
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    let with_map = |source: &str| PolicyConfig {
+        options: toml::from_str(&format!("map_file = {}", quoted(&map))).expect("options"),
+        ..config(&s.write("p.lua", source))
+    };
+    // A file the options do not name.
+    let source = format!("local m = imap.read_map({})\nreturn {{}}", quoted(&other));
+    let e = load(&[with_map(&source)]).expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("is not named by an option of this policy ending in `_file`"),
+        "{e}"
+    );
+    // The named one, from a hook: no disk reads while serving.
+    let source = format!(
+        "return {{ commands = {{ \"NOOP\" }}, on_command = function() imap.read_map({}) end }}",
+        quoted(&map)
+    );
+    let policies = load(&[with_map(&source)]).expect("loads");
+    let mut ctx = alice();
+    assert_eq!(
+        policies
+            .current()
+            .on_command(&mut ctx, &mut command("NOOP", &[])),
+        unavailable()
+    );
+    let errors: Vec<String> = decisions(&mut ctx)
+        .into_iter()
+        .filter_map(|d| d.2)
+        .collect();
+    assert!(
+        errors[0].contains("read_map works only while the policy loads"),
+        "{errors:?}"
+    );
+    // At load, it is a table.
+    let source = format!(
+        "local m = imap.read_map({})\nassert(m.alice == \"mail2\")\nreturn {{}}",
+        quoted(&map)
+    );
+    load(&[with_map(&source)]).expect("loads");
+}
+
+/// `n` made-up users, some in upper case.
+fn users(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("User{i}@Example.ORG")
+            } else {
+                format!("user{i}@example.org")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn rendezvous_moves_only_the_new_upstreams_share() {
+    let three = shipped_with_health(
+        "route.lua",
+        "pool = [\"mail1\", \"mail2\", \"mail3\"]",
+        all_up(&FIVE),
+    );
+    let four = shipped_with_health(
+        "route.lua",
+        "pool = [\"mail1\", \"mail2\", \"mail3\", \"mail4\"]",
+        all_up(&FIVE),
+    );
+    let (three, four) = (three.current(), four.current());
+    let mut per_upstream = std::collections::HashMap::new();
+    let mut moved = 0;
+    for user in users(1000) {
+        let before = routed(&three, &user);
+        let after = routed(&four, &user);
+        // The same user in any case lands in the same place.
+        assert_eq!(routed(&three, &user.to_lowercase()), before, "{user}");
+        // The fallbacks are the rest of the pool.
+        let mut sorted = before.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["mail1", "mail2", "mail3"], "{user}");
+        *per_upstream.entry(before[0].clone()).or_insert(0) += 1;
+        if before[0] != after[0] {
+            moved += 1;
+            assert_eq!(after[0], "mail4", "{user} moved between two old upstreams");
+        }
+        // Whoever stays keeps the old order among the old upstreams.
+        let old_order: Vec<&String> = after.iter().filter(|u| *u != "mail4").collect();
+        assert_eq!(old_order, before.iter().collect::<Vec<_>>(), "{user}");
+    }
+    // About a quarter move (binomial, n = 1000, p = 1/4: sd 14).
+    assert!((180..=320).contains(&moved), "{moved} of 1000 moved");
+    // And the three share the users about evenly.
+    for (upstream, n) in &per_upstream {
+        assert!((250..=420).contains(n), "{upstream}: {n} {per_upstream:?}");
+    }
+}
+
+#[test]
+fn rendezvous_skips_a_down_upstream() {
+    let health = UpstreamHealth::new(["mail1", "mail2", "mail3"], None);
+    for i in 0..3 {
+        health.probe_succeeded(i);
+    }
+    let policies = shipped_with_health(
+        "route.lua",
+        "pool = [\"mail1\", \"mail2\", \"mail3\"]",
+        health.clone(),
+    );
+    let set = policies.current();
+    let everyone = users(200);
+    let before: Vec<Vec<String>> = everyone.iter().map(|u| routed(&set, u)).collect();
+    health.connect_failed(1, &"connection refused");
+    for (user, before) in everyone.iter().zip(&before) {
+        let after = routed(&set, user);
+        if before[0] == "mail2" {
+            // Its users go to their next choice; mail2 stays last, for when it comes back.
+            assert_eq!(after, [&*before[1], &*before[2], &*before[0]], "{user}");
+        } else {
+            // Everyone else stays; mail2 moves behind the upstreams that are up.
+            assert_eq!(after[0], before[0], "{user}");
+            assert_eq!(after.last().map(String::as_str), Some("mail2"), "{user}");
+        }
+    }
+    // Back up: everyone back where they were.
+    health.probe_succeeded(1);
+    for (user, before) in everyone.iter().zip(&before) {
+        assert_eq!(&routed(&set, user), before, "{user}");
+    }
+    // All down: the hash's own order (a probe may be stale; connecting decides).
+    for i in 0..3 {
+        health.connect_failed(i, &"connection refused");
+    }
+    for (user, before) in everyone.iter().zip(&before) {
+        assert_eq!(&routed(&set, user), before, "{user}");
+    }
+}
+
+// ----- login_throttle.lua -----
+
+const THROTTLE: &str =
+    "window_s = 60\ndelay_after = 2\ndelay_ms = 50\nrefuse_after = 4\ncooldown_s = 60";
+
+fn login_command(tag: &str, user: Option<&str>, delayed_ms: u64) -> CommandView {
+    CommandView {
+        tag: tag.into(),
+        name: "LOGIN",
+        mailboxes: Vec::new(),
+        delayed_ms,
+        user: user.map(str::to_owned),
+    }
+}
+
+fn completed(set: &PolicySet, ctx: &mut ConnCtx, tag: &str, status: Status, code: Option<&str>) {
+    let done = CompleteView {
+        tag,
+        name: "LOGIN",
+        status,
+        code,
+    };
+    assert_eq!(set.on_completed(ctx, &done), Verdict::Pass);
+}
+
+/// What the throttle makes of a LOGIN: "pass", "delay" or "refuse".
+fn throttled(set: &PolicySet, ctx: &mut ConnCtx, tag: &str, user: Option<&str>) -> &'static str {
+    match set.on_command(ctx, &mut login_command(tag, user, 0)) {
+        Verdict::Pass => "pass",
+        Verdict::Delay(d) => {
+            assert_eq!(d, std::time::Duration::from_millis(50));
+            // Held once: judged again when the delay ends, it goes on (or is refused).
+            match set.on_command(ctx, &mut login_command(tag, user, 50)) {
+                Verdict::Pass => "delay",
+                other => panic!("after the delay: {other:?}"),
+            }
+        }
+        Verdict::Reject { status, code, text } => {
+            assert_eq!(status, Status::No);
+            assert_eq!(code.as_deref(), Some("UNAVAILABLE"));
+            assert_eq!(text, "Too many failed logins, try again later");
+            "refuse"
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A LOGIN judged and, if it went on, answered `status [code]`.
+fn attempt(
+    set: &PolicySet,
+    ctx: &mut ConnCtx,
+    user: Option<&str>,
+    status: Status,
+    code: Option<&str>,
+) -> &'static str {
+    let outcome = throttled(set, ctx, "l", user);
+    if outcome != "refuse" {
+        completed(set, ctx, "l", status, code);
+    }
+    outcome
+}
+
+#[test]
+fn login_throttle_delays_then_refuses_per_address() {
+    let policies = shipped("login_throttle.lua", THROTTLE);
+    let set = policies.current();
+    let attacker = &mut client_at(1, "203.0.113.7:4242");
+    let mut seen = Vec::new();
+    for i in 0..6 {
+        // A different user each time: the address alone adds up.
+        let user = format!("victim{i}");
+        seen.push(attempt(
+            &set,
+            attacker,
+            Some(&user),
+            Status::No,
+            Some("AUTHENTICATIONFAILED"),
+        ));
+    }
+    assert_eq!(seen, ["pass", "pass", "delay", "delay", "refuse", "refuse"]);
+    // Another connection from the same address: refused too.
+    assert_eq!(
+        throttled(&set, &mut client_at(2, "203.0.113.7:5000"), "a", None),
+        "refuse"
+    );
+    // Another address, and the users it tried, are not affected (one failure each).
+    let other = &mut client_at(3, "198.51.100.9:4242");
+    assert_eq!(throttled(&set, other, "a", Some("victim0")), "pass");
+    let host = policies.host();
+    assert_eq!(
+        host.shared_value("login_throttle", "cooldown a 203.0.113.7"),
+        Some(1.0)
+    );
+    assert_eq!(
+        host.shared_value("login_throttle", "failures a 198.51.100.9"),
+        None
+    );
+}
+
+#[test]
+fn login_throttle_counts_per_user_across_addresses() {
+    let policies = shipped("login_throttle.lua", THROTTLE);
+    let set = policies.current();
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        // Every guess from another address, the user's name spelt differently.
+        let ctx = &mut client_at(i, &format!("192.0.2.{}:1000", i + 1));
+        let user = if i % 2 == 0 { "Alice" } else { "alice" };
+        seen.push(attempt(&set, ctx, Some(user), Status::No, None));
+    }
+    assert_eq!(seen, ["pass", "pass", "delay", "delay", "refuse"]);
+    // Bob, from one of those addresses, is fine.
+    assert_eq!(
+        throttled(&set, &mut client_at(9, "192.0.2.1:2000"), "b", Some("bob")),
+        "pass"
+    );
+
+    // per_user = false: only addresses count.
+    let policies = shipped(
+        "login_throttle.lua",
+        &format!("{THROTTLE}\nper_user = false"),
+    );
+    let set = policies.current();
+    for i in 0..5 {
+        let ctx = &mut client_at(i, &format!("192.0.2.{}:1000", i + 1));
+        assert_eq!(attempt(&set, ctx, Some("alice"), Status::No, None), "pass");
+    }
+}
+
+#[test]
+fn login_throttle_counts_only_wrong_credentials() {
+    let policies = shipped("login_throttle.lua", THROTTLE);
+    let set = policies.current();
+    let ctx = &mut client_at(1, "203.0.113.7:4242");
+    // The server or a limit failed, not the password: nothing counted.
+    for code in [
+        "UNAVAILABLE",
+        "SERVERBUG",
+        "LIMIT",
+        "PRIVACYREQUIRED",
+        "EXPIRED",
+    ] {
+        assert_eq!(
+            attempt(&set, ctx, Some("alice"), Status::No, Some(code)),
+            "pass"
+        );
+    }
+    // BAD is a syntax error, not a guess.
+    assert_eq!(attempt(&set, ctx, Some("alice"), Status::Bad, None), "pass");
+    assert_eq!(
+        policies
+            .host()
+            .shared_value("login_throttle", "failures u alice"),
+        None
+    );
+    // An answer to another tag than the login's is not the login's.
+    assert_eq!(throttled(&set, ctx, "l1", Some("alice")), "pass");
+    completed(&set, ctx, "other", Status::No, None);
+    assert_eq!(
+        policies
+            .host()
+            .shared_value("login_throttle", "failures u alice"),
+        None
+    );
+}
+
+#[test]
+fn login_throttle_success_clears_the_users_count_only() {
+    let policies = shipped("login_throttle.lua", THROTTLE);
+    let set = policies.current();
+    let host = policies.host();
+    let ctx = &mut client_at(1, "203.0.113.7:4242");
+    for _ in 0..2 {
+        attempt(&set, ctx, Some("alice"), Status::No, None);
+    }
+    assert_eq!(
+        host.shared_value("login_throttle", "failures u alice"),
+        Some(2.0)
+    );
+    // Delayed (the count is at delay_after), then right.
+    assert_eq!(attempt(&set, ctx, Some("Alice"), Status::Ok, None), "delay");
+    assert_eq!(
+        host.shared_value("login_throttle", "failures u alice"),
+        Some(0.0)
+    );
+    assert_eq!(
+        host.shared_value("login_throttle", "failures a 203.0.113.7"),
+        Some(2.0)
+    );
+    // alice from elsewhere is no longer slowed down; this address still is.
+    assert_eq!(
+        throttled(&set, &mut client_at(2, "192.0.2.1:1"), "a", Some("alice")),
+        "pass"
+    );
+    assert_eq!(
+        throttled(&set, &mut client_at(3, "203.0.113.7:2"), "a", Some("bob")),
+        "delay"
+    );
+
+    let keep = shipped(
+        "login_throttle.lua",
+        &format!("{THROTTLE}\nreset_on_success = false"),
+    );
+    let set = keep.current();
+    for _ in 0..2 {
+        attempt(&set, ctx, Some("alice"), Status::No, None);
+    }
+    attempt(&set, ctx, Some("alice"), Status::Ok, None);
+    assert_eq!(
+        keep.host()
+            .shared_value("login_throttle", "failures u alice"),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn login_throttle_judges_a_routed_sasl_user_in_on_login() {
+    let policies = shipped("login_throttle.lua", THROTTLE);
+    let set = policies.current();
+    let sasl_login = |delayed_ms| LoginView {
+        user: Some("carol".into()),
+        mechanism: "PLAIN".into(),
+        delayed_ms,
+    };
+    // AUTHENTICATE PLAIN without an initial response, from ever new addresses: on_command
+    // knows no user; on_login (imapgate owns the login) reads it from the SASL response.
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let ctx = &mut client_at(i, &format!("192.0.2.{}:1000", i + 1));
+        let mut cmd = login_command("s", None, 0);
+        cmd.name = "AUTHENTICATE";
+        assert_eq!(set.on_command(ctx, &mut cmd), Verdict::Pass);
+        let outcome = match set.on_login(ctx, &sasl_login(0)) {
+            Verdict::Pass => "pass",
+            Verdict::Delay(_) => {
+                assert_eq!(set.on_login(ctx, &sasl_login(50)), Verdict::Pass);
+                "delay"
+            }
+            Verdict::Reject { code, .. } => {
+                assert_eq!(code.as_deref(), Some("UNAVAILABLE"));
+                // imapgate's own refusal comes back through on_complete: not a failure.
+                completed(&set, ctx, "s", Status::No, Some("UNAVAILABLE"));
+                seen.push("refuse");
+                continue;
+            }
+            other => panic!("{other:?}"),
+        };
+        completed(&set, ctx, "s", Status::No, Some("AUTHENTICATIONFAILED"));
+        seen.push(outcome);
+    }
+    assert_eq!(seen, ["pass", "pass", "delay", "delay", "refuse"]);
+    // A LOGIN named the user in on_command already: on_login does not judge (or delay) again.
+    let ctx = &mut client_at(7, "192.0.2.99:1");
+    assert_eq!(throttled(&set, ctx, "l", Some("dave")), "pass");
+    assert_eq!(set.on_login(ctx, &login_as("dave")), Verdict::Pass);
+}
+
+#[test]
+fn login_throttle_exempt_networks_and_options() {
+    let policies = shipped(
+        "login_throttle.lua",
+        &format!("{THROTTLE}\nexempt_networks = [\"10.0.0.0/8\"]"),
+    );
+    let set = policies.current();
+    let webmail = &mut client_at(1, "10.1.2.3:4000");
+    for i in 0..6 {
+        let user = format!("user{i}");
+        assert_eq!(
+            attempt(&set, webmail, Some(&user), Status::No, None),
+            "pass"
+        );
+    }
+    for (options, error) in [
+        (
+            "delay_ms = 60001",
+            "delay_ms must be a number from 0 to 60000",
+        ),
+        (
+            "refuse_after = 0",
+            "refuse_after must be a number from 1 up",
+        ),
+        ("per_user = \"yes\"", "per_user is true or false"),
+        (
+            "exempt_networks = [\"10.0.0.0/33\"]",
+            "\"10.0.0.0/33\" is not a network",
+        ),
+        ("delay = 5", "unknown option \"delay\""),
+    ] {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/login_throttle.lua");
+        let cfg = PolicyConfig {
+            options: toml::from_str(options).expect("options"),
+            ..config(&script)
+        };
+        let e = load(&[cfg])
+            .err()
+            .unwrap_or_else(|| panic!("{options} loaded"));
+        assert!(e.to_string().contains(error), "{options}: {e}");
     }
 }

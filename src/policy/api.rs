@@ -1,9 +1,12 @@
 //! The `imap` table every policy gets: verdicts, rate limits, shared counters, logging,
-//! modified UTF-7, LIST wildcard matching, upstream health and the policy's options.
+//! modified UTF-7, LIST wildcard matching, upstream health, a stable hash, map files and the
+//! policy's options.
 //!
 //! Rate-limit buckets and shared counters are keyed per policy (by name): a policy cannot drain
 //! another's buckets or change its counters.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -251,6 +254,10 @@ pub fn imap_table(
         lua.create_function(|_, (ip, network): (String, String)| Ok(ip_in(&ip, &network)))?,
     )?;
     imap.set(
+        "hash",
+        lua.create_function(|_, s: mlua::LuaString| Ok(stable_hash(&s.as_bytes())))?,
+    )?;
+    imap.set(
         "options",
         toml_to_lua(lua, &toml::Value::Table(options.clone()))?,
     )?;
@@ -282,6 +289,115 @@ fn upstream_functions(lua: &Lua, imap: &Table, health: Option<UpstreamHealth>) -
         })?,
     )?;
     Ok(())
+}
+
+/// `imap.hash(s)`: FNV-1a (64-bit) over the bytes of `s`, then MurmurHash3's 64-bit
+/// finalizer (`fmix64`) so that every input bit reaches every output bit, keeping the top 53
+/// bits (an integer from 0 to 2^53 - 1, exact as a Lua float too).
+///
+/// It is part of the policy contract: routing by hash (`policies/route.lua`) places users
+/// with it, so it must give the same value on every platform and in every version. Never
+/// change it; the test `hash_is_stable` pins known values.
+pub fn stable_hash(bytes: &[u8]) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    // 53 bits fit in an i64 (and in a double) whatever the sign handling.
+    (h >> 11) as i64
+}
+
+/// Largest file `imap.read_map` reads.
+const MAX_MAP_FILE: u64 = 64 * 1024 * 1024;
+
+/// `imap.read_map(path)`: a map file as a table, `{ [key] = value }`, while the policy loads.
+///
+/// Only files the policy's own options name (a top-level option whose name ends in `_file`;
+/// the configuration makes relative ones relative to its directory) and only at load time:
+/// the script's top level runs again on every reload (SIGHUP), so the file is re-read then,
+/// and no hook ever waits for a disk. The parsing is here, not in Lua, so that a map of many
+/// thousand lines costs the load's instruction budget one call.
+pub fn read_map_fn(
+    lua: &Lua,
+    options: &toml::Table,
+    loading: Arc<AtomicBool>,
+) -> mlua::Result<mlua::Function> {
+    let named: Vec<String> = options
+        .iter()
+        .filter(|(k, _)| k.ends_with("_file"))
+        .filter_map(|(_, v)| v.as_str().map(str::to_owned))
+        .collect();
+    lua.create_function(move |lua, path: String| {
+        let err = |m: String| mlua::Error::RuntimeError(m);
+        if !loading.load(Ordering::Relaxed) {
+            return Err(err(
+                "read_map works only while the policy loads (at its top level)".into(),
+            ));
+        }
+        if !named.contains(&path) {
+            return Err(err(format!(
+                "read_map: {path:?} is not named by an option of this policy ending in `_file`"
+            )));
+        }
+        let text = read_bounded(&path).map_err(|e| err(format!("{path}: {e}")))?;
+        let map = parse_map(&text).map_err(|e| err(format!("{path}:{e}")))?;
+        let t = lua.create_table_with_capacity(0, map.len())?;
+        for (k, v) in map {
+            t.raw_set(k, v)?;
+        }
+        Ok(t)
+    })
+}
+
+fn read_bounded(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(MAX_MAP_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_MAP_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_MAP_FILE} bytes"
+        )));
+    }
+    Ok(text)
+}
+
+/// `key value` per line, fields separated by blanks; blank lines, lines starting with `#` and
+/// anything after a third field starting with `#` are comments. Errors name the line
+/// (`line: message`).
+fn parse_map(text: &str) -> Result<HashMap<&str, &str>, String> {
+    let mut map = HashMap::new();
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let mut fields = line.split_ascii_whitespace();
+        let Some(key) = fields.next() else { continue };
+        if key.starts_with('#') {
+            continue;
+        }
+        let value = fields
+            .next()
+            .filter(|v| !v.starts_with('#'))
+            .ok_or_else(|| format!("{n}: expected `key value`, found only {key:?}"))?;
+        if let Some(extra) = fields.next()
+            && !extra.starts_with('#')
+        {
+            return Err(format!(
+                "{n}: expected `key value` (and an optional # comment), found {extra:?} too"
+            ));
+        }
+        if let Some(earlier) = first_seen.insert(key, n) {
+            return Err(format!("{n}: {key:?} is mapped already on line {earlier}"));
+        }
+        map.insert(key, value);
+    }
+    Ok(map)
 }
 
 /// `imap.list_match(pattern, name, delimiter)`: LIST wildcard matching in linear time
@@ -588,7 +704,45 @@ fn checked_text(text: Option<String>, default: &str) -> mlua::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::ip_in;
+    use super::{ip_in, parse_map, stable_hash};
+
+    #[test]
+    fn hash_is_stable() {
+        // Users are placed with these values: they must never change.
+        // (Computed independently: a ten-line Python version of the doc comment.)
+        assert_eq!(stable_hash(b""), 8_437_669_077_406_501);
+        assert_eq!(
+            stable_hash(b"alice@example.org:mail1"),
+            4_191_030_146_214_018
+        );
+        assert_eq!(
+            stable_hash(b"alice@example.org:mail2"),
+            5_409_420_068_852_254
+        );
+        assert!((0..1 << 53).contains(&stable_hash(&[0xff; 300])));
+    }
+
+    #[test]
+    fn map_files() {
+        let map = parse_map(
+            "# users moved by hand\n\nalice@example.org  mail2\n\t*@example.net mail3 # all of them\nBob mail1\n",
+        )
+        .expect("parses");
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["alice@example.org"], "mail2");
+        assert_eq!(map["*@example.net"], "mail3");
+        assert_eq!(map["Bob"], "mail1");
+        assert_eq!(
+            parse_map("a b\nlonely\n").unwrap_err(),
+            "2: expected `key value`, found only \"lonely\""
+        );
+        assert!(parse_map("a b c\n").unwrap_err().starts_with("1: expected"));
+        assert!(parse_map("a #b\n").unwrap_err().starts_with("1: expected"));
+        assert_eq!(
+            parse_map("a b\na c\n").unwrap_err(),
+            "2: \"a\" is mapped already on line 1"
+        );
+    }
 
     #[test]
     fn networks() {

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
@@ -536,7 +536,7 @@ impl PolicySet {
             |m| m.commands.as_ref().is_none_or(|c| c.contains(name)),
             &mut |vm, f, c| {
                 let lua = &vm.lua;
-                let mut args = MultiValue::with_capacity(6 + 2 * cmd.mailboxes.len());
+                let mut args = MultiValue::with_capacity(7 + 2 * cmd.mailboxes.len());
                 args.push_back(Value::Function(f.clone()));
                 args.push_back(Value::Table(c));
                 args.push_back(Value::String(lua.create_string(&cmd.tag)?));
@@ -544,6 +544,10 @@ impl PolicySet {
                 args.push_back(Value::Integer(
                     i64::try_from(cmd.delayed_ms).unwrap_or(i64::MAX),
                 ));
+                args.push_back(match &cmd.user {
+                    Some(u) => Value::String(lua.create_string(u)?),
+                    None => Value::Nil,
+                });
                 push_slots(lua, &mut args, &cmd.mailboxes)?;
                 let mut ret = vm.command_shim.call::<MultiValue>(args)?;
                 let verdict = ret.pop_front().unwrap_or(Value::Nil);
@@ -609,8 +613,8 @@ impl PolicySet {
         )
     }
 
-    /// `on_complete` (the tagged response to a command was seen): [`Verdict::Pass`] or
-    /// [`Verdict::Close`].
+    /// `on_complete` (the tagged response to a command was seen) without its response code:
+    /// [`Verdict::Pass`] or [`Verdict::Close`].
     #[must_use]
     pub fn on_complete(
         &self,
@@ -619,6 +623,26 @@ impl PolicySet {
         name: &'static str,
         status: Status,
     ) -> Verdict {
+        self.on_completed(
+            ctx,
+            &CompleteView {
+                tag,
+                name,
+                status,
+                code: None,
+            },
+        )
+    }
+
+    /// `on_complete`: [`Verdict::Pass`] or [`Verdict::Close`].
+    #[must_use]
+    pub fn on_completed(&self, ctx: &mut ConnCtx, done: &CompleteView<'_>) -> Verdict {
+        let CompleteView {
+            tag,
+            name,
+            status,
+            code,
+        } = *done;
         self.chain(
             ctx,
             Hook::Complete,
@@ -633,18 +657,32 @@ impl PolicySet {
                 let cmd = vm.lua.create_table()?;
                 cmd.raw_set("tag", tag)?;
                 cmd.raw_set("name", name)?;
+                cmd.raw_set("code", code)?;
                 verdict_of(f.call::<Value>((c, cmd, status.as_str()))?)
             },
         )
     }
 }
 
-/// What `on_login` sees: `login.user` (the name the client gave) and `login.mechanism`
-/// (`LOGIN`, or the SASL mechanism). Never the secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What `on_complete` sees: `cmd.tag`, `cmd.name`, the status, and `cmd.code`, the tagged
+/// response's code (`AUTHENTICATIONFAILED`, `UNAVAILABLE`...; upper case), if it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompleteView<'a> {
+    pub tag: &'a str,
+    pub name: &'static str,
+    pub status: Status,
+    pub code: Option<&'a str>,
+}
+
+/// What `on_login` sees: `login.user` (the name the client gave), `login.mechanism`
+/// (`LOGIN`, or the SASL mechanism) and `login.delayed_ms`. Never the secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoginView {
     pub user: Option<String>,
     pub mechanism: String,
+    /// How long delay verdicts have held this login so far (0 when first judged): a delayed
+    /// login is judged again when its delay ends, as a delayed command is.
+    pub delayed_ms: u64,
 }
 
 impl PolicySet {
@@ -661,6 +699,10 @@ impl PolicySet {
                 let t = vm.lua.create_table()?;
                 t.raw_set("user", login.user.as_deref())?;
                 t.raw_set("mechanism", login.mechanism.as_str())?;
+                t.raw_set(
+                    "delayed_ms",
+                    i64::try_from(login.delayed_ms).unwrap_or(i64::MAX),
+                )?;
                 verdict_of(f.call::<Value>((c, t))?)
             },
         )
@@ -693,9 +735,9 @@ local function split(n, ...)
   for i = 1, n do roles[i] = mailboxes[n + i]; mailboxes[n + i] = nil end
   return mailboxes, roles
 end
-local function command(f, ctx, tag, name, delayed_ms, n, ...)
+local function command(f, ctx, tag, name, delayed_ms, user, n, ...)
   local mailboxes, roles = split(n, ...)
-  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles, delayed_ms = delayed_ms }
+  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles, delayed_ms = delayed_ms, user = user }
   local verdict = f(ctx, cmd)
   return verdict, unpack(cmd.mailboxes, 1, n)
 end
@@ -859,6 +901,12 @@ fn load_vm(
         let name_cell = api::PolicyName::new(&default_name);
         let imap = api::imap_table(&lua, &c.options, shared.clone(), name_cell.clone())
             .map_err(load_err)?;
+        let loading = Arc::new(AtomicBool::new(true));
+        imap.set(
+            "read_map",
+            api::read_map_fn(&lua, &c.options, loading.clone()).map_err(load_err)?,
+        )
+        .map_err(load_err)?;
         env.set("imap", imap).map_err(load_err)?;
         // The load itself runs under the budget too: a script's top level may loop.
         arm_budget(
@@ -867,13 +915,14 @@ fn load_vm(
             cfg.instructions,
             Duration::from_millis(cfg.time_ms.max(1000)),
         );
-        let value: Value = lua
+        let value: mlua::Result<Value> = lua
             .load(source.as_str())
             .set_name(format!("@{path}"))
             .set_mode(ChunkMode::Text)
             .set_environment(env)
-            .eval()
-            .map_err(load_err)?;
+            .eval();
+        loading.store(false, Ordering::Relaxed);
+        let value = value.map_err(load_err)?;
         let (meta, vm_policy) = contract(&path, &default_name, value, c.on_error)?;
         name_cell.set(&meta.name);
         metas.push(meta);

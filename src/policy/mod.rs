@@ -26,7 +26,7 @@ use crate::imap::response::Status;
 use crate::metrics::Metrics;
 use crate::net::health::UpstreamHealth;
 
-pub use lua::{LoginView, PolicySet};
+pub use lua::{CompleteView, LoginView, PolicySet};
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
 
 /// What a hook decided. Each hook has its own set (see [`Hook::allows`]); a verdict a hook

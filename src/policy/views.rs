@@ -49,6 +49,9 @@ pub struct CommandView {
     /// How long delay verdicts have held the command so far (0 when first judged): a delayed
     /// command is judged again, from its original form, when its delay ends.
     pub delayed_ms: u64,
+    /// LOGIN and AUTHENTICATE: the user name the client gave (AUTHENTICATE: read from a SASL
+    /// initial response that names one), for throttling; never the secret. `None` otherwise.
+    pub user: Option<String>,
 }
 
 /// One namespace descriptor: `("prefix" "delimiter")`.

@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use super::pending::ListFilter;
-use super::state::{Control, Conversation, Event, Held};
+use super::state::{Control, Conversation, Event, Held, login_user};
 use crate::imap::command::{Command, CommandKind, MailboxRole, parse_command};
 use crate::imap::encode::{self, Edit, EncodeError, EncodeOptions, LiteralForm, Value};
 use crate::imap::framing::{Frame, Literal};
@@ -176,6 +176,7 @@ impl Conversation {
             name: command.name.label(),
             mailboxes: slots,
             delayed_ms: u64::try_from(first_judged.elapsed().as_millis()).unwrap_or(u64::MAX),
+            user: login_user(command),
         };
         Some((view, spans))
     }

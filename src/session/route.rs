@@ -67,14 +67,17 @@ pub async fn login(
     creds: Credentials,
     id_fields: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Outcome {
-    let view = LoginView {
+    let mut view = LoginView {
         user: creds.user.clone(),
         mechanism: match &creds.secret {
             Secret::Login { .. } => "LOGIN".into(),
             Secret::Sasl { mechanism, .. } => mechanism.clone(),
         },
+        delayed_ms: 0,
     };
+    let first_judged = std::time::Instant::now();
     let route = loop {
+        view.delayed_ms = u64::try_from(first_judged.elapsed().as_millis()).unwrap_or(u64::MAX);
         match conv.judge_login(&view) {
             Verdict::Pass => break None,
             Verdict::Route(route) => break Some(route),

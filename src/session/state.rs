@@ -30,7 +30,7 @@ use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
 use crate::imap::validity::{self, ServerOffers};
-use crate::policy::{ConnCtx, ConnInfo, Decision, Hook, Policies, Verdict};
+use crate::policy::{CompleteView, ConnCtx, ConnInfo, Decision, Hook, Policies, Verdict};
 
 pub use crate::imap::validity::ImapState;
 
@@ -692,14 +692,9 @@ impl Conversation {
         text: &str,
         literal: Option<Literal>,
     ) {
-        let user = match command.name.kind {
-            CommandKind::Login => command.arg_string(0).map(|u| lossy(&u)),
-            CommandKind::Authenticate => super::modes::sasl_initial_user(command),
-            _ => None,
-        };
         self.events.push(Event::Rejected {
             name: command.name,
-            user,
+            user: login_user(command),
         });
         let tag = command.tag().to_vec();
         self.refuse(Some(&tag), status, code, text, literal);
@@ -944,7 +939,16 @@ impl Conversation {
             let set = self.policies.current();
             self.sync_ctx();
             let tag = String::from_utf8_lossy(tag).into_owned();
-            let verdict = set.on_complete(&mut self.ctx, &tag, pending.name.label(), status);
+            let code = response
+                .code_name()
+                .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase());
+            let done = CompleteView {
+                tag: &tag,
+                name: pending.name.label(),
+                status,
+                code: code.as_deref(),
+            };
+            let verdict = set.on_completed(&mut self.ctx, &done);
             self.take_decisions();
             if let Verdict::Close { text } = verdict {
                 close_after = Some(text);
@@ -1135,6 +1139,16 @@ impl Conversation {
 /// A name the client gave, for logs and policies; never a secret.
 pub(super) fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The user a LOGIN or AUTHENTICATE names (AUTHENTICATE: in a SASL initial response), for
+/// logs and policies; never the secret.
+pub(super) fn login_user(command: &Command) -> Option<String> {
+    match command.name.kind {
+        CommandKind::Login => command.arg_string(0).map(|u| lossy(&u)),
+        CommandKind::Authenticate => super::modes::sasl_initial_user(command),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
