@@ -28,6 +28,8 @@ fn tiny() -> Options {
         append_size: 16 * 1024,
         imaplib_appends: 2,
         login_clients: 2,
+        // Routed with the on_login policy only: routing and the policy in one variant.
+        routed_policies: vec![Policies::OnLogin],
         imapgate: Some(PathBuf::from(env!("CARGO_BIN_EXE_imapgate"))),
         progress: false,
         ..Options::default()

@@ -442,6 +442,9 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         ctx.progress("seeding mailboxes");
         scenarios::seed(ctx.dc.addr(), &ctx.seed, opts.append_clients).await?;
     }
+    if opts.scenarios.contains(&Scenario::Login) {
+        scenarios::seed_logins(ctx.dc.addr()).await?;
+    }
 
     // The imapgate variants: each upstream mode, each policy set.
     let mut variants = Vec::new();
