@@ -3,7 +3,8 @@
 //! ```text
 //! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
 //!     [--idle-connections 1000] [--policies none|shipped|both] [--upstream plain|tls|both]
-//!     [--tls-upstream] [--json] [--imapgate PATH]
+//!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off] [--json]
+//!     [--imapgate PATH]
 //! ```
 //!
 //! It starts a private Dovecot (tests/support), seeds the mailboxes, starts the imapgate binary
@@ -35,6 +36,14 @@ enum Which {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum RoutedArg {
+    None,
+    OnLogin,
+    Both,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum UpstreamArg {
     Plain,
     Tls,
@@ -51,7 +60,7 @@ struct Cli {
     /// Seconds of each measured run (fetch-large, small, small-serial, append).
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
-    /// Comma-separated: fetch-large, small, small-serial, append, idle, imaplib-append.
+    /// Comma-separated: fetch-large, small, small-serial, append, idle, imaplib-append, login.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
     /// Idle TLS connections held open in IDLE for the memory figure.
@@ -99,6 +108,13 @@ struct Cli {
     /// APPENDs per imaplib run.
     #[arg(long, default_value_t = 20)]
     imaplib_appends: usize,
+    /// Concurrent clients of the login scenario (each: connect, TLS, LOGIN, SELECT, LOGOUT).
+    #[arg(long, default_value_t = 4)]
+    login_clients: usize,
+    /// Routed imapgate in the login scenario: without a policy, with a small on_login
+    /// policy, both, or off (transparent only).
+    #[arg(long, value_enum, default_value = "both")]
+    routed: RoutedArg,
     /// The imapgate binary (default: the one cargo built for this bench).
     #[arg(long)]
     imapgate: Option<PathBuf>,
@@ -133,6 +149,13 @@ fn options(cli: &Cli) -> Result<Options, String> {
         append_clients: cli.append_clients.clamp(1, load::env::APPEND_MAX_CLIENTS),
         append_size: cli.append_kib.max(1) * 1024,
         imaplib_appends: cli.imaplib_appends.max(1),
+        login_clients: cli.login_clients.clamp(1, 256),
+        routed_policies: match cli.routed {
+            RoutedArg::None => vec![Policies::None],
+            RoutedArg::OnLogin => vec![Policies::OnLogin],
+            RoutedArg::Both => vec![Policies::None, Policies::OnLogin],
+            RoutedArg::Off => Vec::new(),
+        },
         imapgate: cli.imapgate.clone(),
         policy_config: cli.policy_config.clone(),
         policy_archive: cli.policy_archive.clone(),

@@ -27,6 +27,9 @@ fn tiny() -> Options {
         append_clients: 2,
         append_size: 16 * 1024,
         imaplib_appends: 2,
+        login_clients: 2,
+        // Routed with the on_login policy only: routing and the policy in one variant.
+        routed_policies: vec![Policies::OnLogin],
         imapgate: Some(PathBuf::from(env!("CARGO_BIN_EXE_imapgate"))),
         progress: false,
         ..Options::default()
@@ -64,7 +67,13 @@ fn load_harness_produces_figures_for_every_scenario() {
             .iter()
             .filter(|r| r.scenario == scenario.name())
             .collect();
-        assert_eq!(rows.len(), variants, "{scenario:?}\n{table}");
+        // The login scenario also measures imapgate routing: per upstream, without a policy
+        // and with an on_login one.
+        let expected = match scenario {
+            Scenario::Login => variants + opts.upstreams.len() * opts.routed_policies.len(),
+            _ => variants,
+        };
+        assert_eq!(rows.len(), expected, "{scenario:?}\n{table}");
         for r in rows {
             let (d, p) = (r.direct.unwrap_or(0.0), r.proxied.unwrap_or(0.0));
             assert!(
@@ -88,6 +97,15 @@ fn load_harness_produces_figures_for_every_scenario() {
                     assert!(r.kib_per_idle_conn.is_some(), "{r:?}");
                     assert!(r.rss_idle_kib.unwrap_or(0) > 0, "{r:?}");
                 }
+                Scenario::Login => {
+                    assert!(
+                        r.added_p50_us.is_some() && r.p99_us_proxied.is_some(),
+                        "{r:?}"
+                    );
+                    assert!(r.imapgate_cpu_us_per_unit.is_some(), "{r:?}");
+                    let phases = r.p50_us_by_kind_proxied.as_ref();
+                    assert!(phases.is_some_and(|p| p.contains_key("LOGIN")), "{r:?}");
+                }
                 _ => {}
             }
         }
@@ -103,6 +121,14 @@ fn load_harness_produces_figures_for_every_scenario() {
         table.contains("fetch-large") && table.contains("direct"),
         "{table}"
     );
+    let modes: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.scenario == "login")
+        .map(|r| (r.mode, r.policies))
+        .collect();
+    assert!(modes.contains(&("routed", "on_login")), "{modes:?}");
+    assert!(modes.contains(&("transparent", "none")), "{modes:?}");
 }
 
 #[test]

@@ -317,6 +317,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .map_err(|e| format!("write to {peer}: {e}"))
     }
 
+    /// Closes the connection (TLS close_notify first), without waiting for the server.
+    pub async fn close(mut self) {
+        let _ = timeout(Duration::from_secs(5), self.stream.shutdown()).await;
+    }
+
     /// LOGOUT, tolerating a connection that closes first.
     pub async fn logout(mut self) {
         if self.send(b"z LOGOUT\r\n").await.is_ok() {

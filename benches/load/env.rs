@@ -21,6 +21,9 @@ pub const APPEND_MAX_CLIENTS: usize = 24;
 /// Idle connections are spread over `user{IDLE_FIRST_USER}` .. `+ IDLE_USERS`.
 pub const IDLE_FIRST_USER: usize = 40;
 pub const IDLE_USERS: usize = 16;
+/// The login scenario's users: `user{LOGIN_FIRST_USER}` .. `+ LOGIN_USERS` (it only reads).
+pub const LOGIN_FIRST_USER: usize = 32;
+pub const LOGIN_USERS: usize = 8;
 
 // ---------------------------------------------------------------------------------------
 // File descriptors
@@ -101,6 +104,28 @@ impl Upstream {
     }
 }
 
+/// Who reads the login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One `[upstream]`, connected at accept; its greeting and answers relayed.
+    Transparent,
+    /// `[routing]` with two named upstreams (`mail1`, `mail2`, both this Dovecot): imapgate
+    /// greets, reads the login, connects the routed upstream and replays it.
+    Routed,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Transparent => "transparent",
+            Mode::Routed => "routed",
+        }
+    }
+}
+
+/// The names of the routed upstreams, in config order (the first is the default route).
+pub const ROUTED_UPSTREAMS: [&str; 2] = ["mail1", "mail2"];
+
 /// The imapgate binary as a child process, with one implicit-TLS listener.
 pub struct Gate {
     child: Child,
@@ -112,17 +137,19 @@ pub struct Gate {
 
 impl Gate {
     /// Writes a config (listener `imaps` with Dovecot's test certificate, upstream `dc` over
-    /// `upstream`, then `policies` verbatim) and starts `binary run --config` on it.
+    /// `upstream` as `mode` says, then `policies` verbatim) and starts `binary run --config`
+    /// on it.
     pub fn start(
         binary: &Path,
         dc: &Dovecot,
         upstream: Upstream,
+        mode: Mode,
         policies: Option<&str>,
         max_connections: usize,
     ) -> Result<Gate, String> {
         let mut last = String::new();
         for _attempt in 0..3 {
-            match Gate::try_start(binary, dc, upstream, policies, max_connections) {
+            match Gate::try_start(binary, dc, upstream, mode, policies, max_connections) {
                 Ok(g) => return Ok(g),
                 Err(e) if e.contains("Address already in use") => last = e,
                 Err(e) => return Err(e),
@@ -135,6 +162,7 @@ impl Gate {
         binary: &Path,
         dc: &Dovecot,
         upstream: Upstream,
+        mode: Mode,
         policies: Option<&str>,
         max_connections: usize,
     ) -> Result<Gate, String> {
@@ -146,16 +174,30 @@ impl Gate {
             Upstream::Tls => (dc.tls_addr(), "implicit"),
         };
         let pki = dc.pki();
+        let upstream_keys = format!(
+            "address = \"{up_addr}\"\ntls = \"{up_tls}\"\n\
+             server_name = \"localhost\"\nca = {ca}\n\n",
+            ca = toml_path(&pki.ca),
+        );
+        let upstreams = match mode {
+            Mode::Transparent => format!("[upstream]\n{upstream_keys}"),
+            Mode::Routed => {
+                let mut t = String::new();
+                for name in ROUTED_UPSTREAMS {
+                    t.push_str(&format!("[[upstream]]\nname = \"{name}\"\n{upstream_keys}"));
+                }
+                t.push_str("[routing]\n\n");
+                t
+            }
+        };
         let mut config = format!(
             "[[listener]]\nname = \"imaps\"\nbind = \"{addr}\"\ntls = \"implicit\"\n\
              cert = {cert}\nkey = {key}\n\n\
-             [upstream]\naddress = \"{up_addr}\"\ntls = \"{up_tls}\"\n\
-             server_name = \"localhost\"\nca = {ca}\n\n\
+             {upstreams}\
              [limits]\nmax_connections = {max_connections}\n\n\
              [log]\nlevel = \"warn\"\n",
             cert = toml_path(&pki.cert),
             key = toml_path(&pki.key),
-            ca = toml_path(&pki.ca),
         );
         if let Some(p) = policies {
             config.push('\n');

@@ -5,6 +5,10 @@
 //! "proxied" to imapgate's implicit-TLS listener, which relays to Dovecot's plain port (or to
 //! its TLS port with `Upstream::Tls`). Each round runs every path once, in an order that
 //! rotates from round to round; figures are medians over the rounds.
+//!
+//! imapgate runs in transparent mode (one `[upstream]`) for every scenario; the login scenario
+//! also measures it routing (`[routing]`, two named upstreams that are both the same Dovecot,
+//! so that the backend's work is the direct path's).
 #![allow(dead_code)]
 
 pub mod client;
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 use rustls::ClientConfig;
 use serde::Serialize;
 
-use env::{Gate, Upstream};
+use env::{Gate, Mode, Upstream};
 use scenarios::Seed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,16 +37,19 @@ pub enum Scenario {
     Append,
     Idle,
     Imaplib,
+    /// Connect + TLS + LOGIN + SELECT INBOX + LOGOUT, again and again, by several clients.
+    Login,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::FetchLarge,
         Scenario::Small,
         Scenario::SmallSerial,
         Scenario::Append,
         Scenario::Idle,
         Scenario::Imaplib,
+        Scenario::Login,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +60,7 @@ impl Scenario {
             Scenario::Append => "append",
             Scenario::Idle => "idle",
             Scenario::Imaplib => "imaplib-append",
+            Scenario::Login => "login",
         }
     }
 
@@ -71,6 +79,9 @@ impl Scenario {
 pub enum Policies {
     None,
     Shipped,
+    /// A small `on_login` policy splitting the users over the two routed upstreams (routed
+    /// imapgate only).
+    OnLogin,
 }
 
 impl Policies {
@@ -78,9 +89,22 @@ impl Policies {
         match self {
             Policies::None => "none",
             Policies::Shipped => "shipped",
+            Policies::OnLogin => "on_login",
         }
     }
 }
+
+/// The `on_login` policy of the routed variant: odd-numbered users to `mail2` (falling back to
+/// `mail1`), the others to `mail1`, as a static route map would.
+pub const ON_LOGIN_POLICY: &str = r#"return { name = "bench_route",
+  on_login = function(ctx, login)
+    local n = tonumber(string.match(login.user or "", "%d+$") or "0") or 0
+    if n % 2 == 1 then
+      return imap.route{ upstream = "mail2", fallbacks = { "mail1" } }
+    end
+    return imap.route{ upstream = "mail1" }
+  end }
+"#;
 
 /// Everything a run can be told.
 #[derive(Clone, Debug)]
@@ -104,6 +128,11 @@ pub struct Options {
     pub append_clients: usize,
     pub append_size: usize,
     pub imaplib_appends: usize,
+    /// Concurrent clients of the login scenario.
+    pub login_clients: usize,
+    /// Policy variants of the routed imapgate (login scenario only): `None` and `OnLogin`;
+    /// empty: the login scenario measures only the transparent imapgate.
+    pub routed_policies: Vec<Policies>,
     /// The imapgate binary (default: see [`env::imapgate_binary`]).
     pub imapgate: Option<PathBuf>,
     /// Folder of the shipped policies.
@@ -138,6 +167,8 @@ impl Default for Options {
             append_clients: 2,
             append_size: 1024 * 1024,
             imaplib_appends: 20,
+            login_clients: 4,
+            routed_policies: vec![Policies::None, Policies::OnLogin],
             imapgate: None,
             policy_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
             policy_config: None,
@@ -158,6 +189,9 @@ pub const SHIPPED_POLICIES: [&str; 3] =
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub scenario: &'static str,
+    /// imapgate transparent (one upstream, connected at accept) or routed (it reads the
+    /// login, then connects and replays it).
+    pub mode: &'static str,
     pub policies: &'static str,
     pub upstream: &'static str,
     pub client_leg: &'static str,
@@ -180,7 +214,7 @@ pub struct Row {
     pub direct_plain_rounds: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us_direct_plain: Option<f64>,
-    /// p50 latency per command kind (small scenarios).
+    /// p50 latency per command kind (small scenarios) or per phase (login).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us_by_kind_direct: Option<BTreeMap<&'static str, f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,6 +242,8 @@ pub struct Row {
     pub cpu_unit: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_clients: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -250,12 +286,23 @@ struct Sample {
     verified: Option<u64>,
     rss: Option<(u64, u64)>,
     kib_per_conn: Option<f64>,
-    p50_us_by_kind: Option<[f64; 4]>,
+    /// In the order of [`kinds`] for the scenario.
+    p50_us_by_kind: Option<Vec<f64>>,
+}
+
+/// The names of [`Sample::p50_us_by_kind`]'s entries.
+fn kinds(scenario: Scenario) -> &'static [&'static str] {
+    match scenario {
+        Scenario::Small | Scenario::SmallSerial => &scenarios::SMALL_KINDS,
+        Scenario::Login => &scenarios::LOGIN_PHASES,
+        _ => &[],
+    }
 }
 
 /// imapgate set up one way.
 struct Variant {
     upstream: Upstream,
+    mode: Mode,
     policies: Policies,
     /// The policy tables added to the config (None: no policies).
     policy_toml: Option<String>,
@@ -265,10 +312,17 @@ struct Variant {
 impl Variant {
     fn label(&self) -> String {
         format!(
-            "imapgate(upstream {}, policies {})",
+            "imapgate({}, upstream {}, policies {})",
+            self.mode.label(),
             self.upstream.label(),
             self.policies.label()
         )
+    }
+
+    /// Routed imapgates are measured by the login scenario only: after the login, a routed
+    /// session is the same relay as a transparent one.
+    fn measures(&self, scenario: Scenario) -> bool {
+        self.mode == Mode::Transparent || scenario == Scenario::Login
     }
 }
 
@@ -277,6 +331,10 @@ struct Ctx<'a> {
     binary: PathBuf,
     dc: crate::support::Dovecot,
     tls: Arc<ClientConfig>,
+    /// The login scenario's: no TLS session resumption, so that every login pays a full
+    /// handshake on both paths (a resumed one would depend on which server issued the last
+    /// ticket, both being "localhost").
+    login_tls: Arc<ClientConfig>,
     seed: Seed,
     notes: Vec<String>,
     runs: u32,
@@ -353,6 +411,13 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
 
     let dc = env::start_dovecot(2 * idle_n);
     let tls = crate::support::tls_config(dc.ca_pem());
+    let login_tls = {
+        let mut c = (*tls).clone();
+        c.resumption = rustls::client::Resumption::disabled();
+        Arc::new(c)
+    };
+    // Files imapgate's configs name (the on_login policy).
+    let scratch = crate::support::temp_dir();
     let seed = Seed {
         fetch_size: opts.fetch_size,
         fetch_messages: opts.fetch_messages.max(1),
@@ -362,6 +427,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         binary,
         dc,
         tls,
+        login_tls,
         seed,
         notes,
         runs: 0,
@@ -376,6 +442,9 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         ctx.progress("seeding mailboxes");
         scenarios::seed(ctx.dc.addr(), &ctx.seed, opts.append_clients).await?;
     }
+    if opts.scenarios.contains(&Scenario::Login) {
+        scenarios::seed_logins(ctx.dc.addr()).await?;
+    }
 
     // The imapgate variants: each upstream mode, each policy set.
     let mut variants = Vec::new();
@@ -383,6 +452,8 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         for &policies in &opts.policies {
             let policy_toml = match policies {
                 Policies::None => None,
+                // A policy with on_login makes imapgate own the login: that is routed.
+                Policies::OnLogin => continue,
                 Policies::Shipped => match shipped_policy_toml(opts) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -397,10 +468,37 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             };
             variants.push(Variant {
                 upstream,
+                mode: Mode::Transparent,
                 policies,
                 policy_toml,
                 gate: None,
             });
+        }
+    }
+    if opts.scenarios.contains(&Scenario::Login) {
+        for &upstream in &opts.upstreams {
+            for &policies in &opts.routed_policies {
+                let policy_toml = match policies {
+                    Policies::OnLogin => {
+                        let script = scratch.path().join("bench_route.lua");
+                        std::fs::write(&script, ON_LOGIN_POLICY)
+                            .map_err(|e| format!("write {}: {e}", script.display()))?;
+                        Some(format!(
+                            "[[policy]]\nscript = {:?}\n",
+                            script.display().to_string()
+                        ))
+                    }
+                    Policies::Shipped => Some(shipped_policy_toml(opts)?),
+                    Policies::None => None,
+                };
+                variants.push(Variant {
+                    upstream,
+                    mode: Mode::Routed,
+                    policies,
+                    policy_toml,
+                    gate: None,
+                });
+            }
         }
     }
     if variants.is_empty() {
@@ -413,6 +511,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             &ctx.binary,
             &ctx.dc,
             v.upstream,
+            v.mode,
             v.policy_toml.as_deref(),
             max_conns,
         ) {
@@ -456,6 +555,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             }
         }
     }
+    drop(scratch);
     Ok(Report {
         rows,
         notes: ctx.notes,
@@ -499,12 +599,20 @@ async fn run_scenario(
     let mut paths = vec![Path_::Direct];
     let plain_ok = matches!(
         scenario,
-        Scenario::FetchLarge | Scenario::Small | Scenario::SmallSerial | Scenario::Append
+        Scenario::FetchLarge
+            | Scenario::Small
+            | Scenario::SmallSerial
+            | Scenario::Append
+            | Scenario::Login
     );
     if opts.plain_baseline && plain_ok {
         paths.push(Path_::DirectPlain);
     }
-    paths.extend((0..variants.len()).map(Path_::Proxied));
+    paths.extend(
+        (0..variants.len())
+            .filter(|&i| variants[i].measures(scenario))
+            .map(Path_::Proxied),
+    );
     let mut direct: Vec<Sample> = Vec::new();
     let mut direct_plain: Vec<Sample> = Vec::new();
     let mut proxied: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
@@ -529,6 +637,7 @@ async fn run_scenario(
                             &ctx.binary,
                             &ctx.dc,
                             v.upstream,
+                            v.mode,
                             v.policy_toml.as_deref(),
                             (2 * opts.idle_connections + 1000).max(10_000),
                         )?);
@@ -541,7 +650,11 @@ async fn run_scenario(
                 Path_::Direct | Path_::DirectPlain => None,
                 Path_::Proxied(i) => variants[i].gate.as_ref(),
             };
-            let tls = ctx.tls.clone();
+            let tls = if scenario == Scenario::Login {
+                ctx.login_tls.clone()
+            } else {
+                ctx.tls.clone()
+            };
             let tls = (path != Path_::DirectPlain).then_some(&tls);
             let cpu0 = gate.map(Gate::cpu);
             let t0 = Instant::now();
@@ -579,6 +692,7 @@ async fn run_scenario(
     Ok(variants
         .iter()
         .zip(proxied)
+        .filter(|(v, _)| v.measures(scenario))
         .map(|(v, p)| make_row(scenario, v, &direct, &direct_plain, &p, opts))
         .collect())
 }
@@ -616,7 +730,18 @@ async fn measure(
                 p50_us: Some(r.p50_us),
                 p99_us: Some(r.p99_us),
                 not_ok: Some(r.not_ok),
-                p50_us_by_kind: Some(r.p50_us_by_kind),
+                p50_us_by_kind: Some(r.p50_us_by_kind.to_vec()),
+                ..Sample::default()
+            }
+        }
+        Scenario::Login => {
+            let r = scenarios::logins(addr, tls, opts.login_clients, opts.duration).await?;
+            Sample {
+                value: r.logins_per_s,
+                units: Some(r.completed as f64),
+                p50_us: Some(r.p50_us),
+                p99_us: Some(r.p99_us),
+                p50_us_by_kind: Some(r.p50_us_by_phase.to_vec()),
                 ..Sample::default()
             }
         }
@@ -694,20 +819,26 @@ fn make_row(
     };
     let ratio = ratio_of(d);
     let by_kind = |samples: &[Sample]| -> Option<BTreeMap<&'static str, f64>> {
-        let rows: Vec<[f64; 4]> = samples.iter().filter_map(|s| s.p50_us_by_kind).collect();
+        let rows: Vec<&Vec<f64>> = samples
+            .iter()
+            .filter_map(|s| s.p50_us_by_kind.as_ref())
+            .collect();
         if rows.is_empty() {
             return None;
         }
         Some(
-            scenarios::SMALL_KINDS
+            kinds(scenario)
                 .iter()
                 .enumerate()
-                .filter_map(|(k, name)| Some((*name, med(rows.iter().map(|r| r[k]))?)))
+                .filter_map(|(k, name)| {
+                    Some((*name, med(rows.iter().filter_map(|r| r.get(k).copied()))?))
+                })
                 .collect(),
         )
     };
     let mut row = Row {
         scenario: scenario.name(),
+        mode: v.mode.label(),
         policies: v.policies.label(),
         upstream: v.upstream.label(),
         client_leg: "tls",
@@ -736,9 +867,11 @@ fn make_row(
         cpu_unit: match scenario {
             Scenario::FetchLarge | Scenario::Append => Some("µs/MiB"),
             Scenario::Small | Scenario::SmallSerial => Some("µs/cmd"),
+            Scenario::Login => Some("µs/login"),
             _ => None,
         },
         idle_connections: None,
+        login_clients: None,
         rss_before_kib: None,
         rss_idle_kib: None,
         kib_per_idle_conn: None,
@@ -797,6 +930,20 @@ fn make_row(
             row.target_met = kib.map(|k| k <= 30.0);
             row.kib_per_idle_conn = kib;
         }
+        Scenario::Login => {
+            // Latency = from the TCP connect to LOGIN's tagged OK (TLS and greeting included:
+            // a routed imapgate greets at once but connects upstream after the LOGIN).
+            row.unit = "login/s";
+            row.login_clients = Some(opts.login_clients);
+            row.p50_us_direct = med(direct.iter().filter_map(|s| s.p50_us));
+            row.p50_us_proxied = med(proxied.iter().filter_map(|s| s.p50_us));
+            row.p99_us_direct = med(direct.iter().filter_map(|s| s.p99_us));
+            row.p99_us_proxied = med(proxied.iter().filter_map(|s| s.p99_us));
+            row.added_p50_us = diff(row.p50_us_proxied, row.p50_us_direct);
+            row.added_p99_us = diff(row.p99_us_proxied, row.p99_us_direct);
+            row.target = Some("added login p50 <= 1 ms".into());
+            row.target_met = row.added_p50_us.map(|a| a <= 1000.0);
+        }
         Scenario::Imaplib => {
             row.unit = "ms/APPEND";
             row.higher_is_better = false;
@@ -822,8 +969,9 @@ fn fmt_opt(x: Option<f64>, prec: usize) -> String {
 /// One line per row, for progress output.
 pub fn summary(r: &Row) -> String {
     format!(
-        "{} [policies {}, upstream {}]: direct {} / proxied {} {} (ratio {})",
+        "{} [{}, policies {}, upstream {}]: direct {} / proxied {} {} (ratio {})",
         r.scenario,
+        r.mode,
         r.policies,
         r.upstream,
         fmt_opt(r.direct, 1),
@@ -848,6 +996,7 @@ pub fn table(report: &Report) -> String {
     );
     let header = [
         "scenario",
+        "mode",
         "policies",
         "upstream",
         "unit",
@@ -864,8 +1013,8 @@ pub fn table(report: &Report) -> String {
         "cpu/unit",
         "target",
     ];
-    // Columns 4..=14 hold numbers: right-aligned.
-    let numeric = 4..15;
+    // Columns 5..=15 hold numbers: right-aligned.
+    let numeric = 5..16;
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in &report.rows {
         let pair = |a: Option<f64>, b: Option<f64>| {
@@ -890,6 +1039,7 @@ pub fn table(report: &Report) -> String {
         }
         lines.push(vec![
             r.scenario.to_string(),
+            r.mode.to_string(),
             r.policies.to_string(),
             r.upstream.to_string(),
             r.unit.to_string(),
@@ -956,10 +1106,16 @@ pub fn table(report: &Report) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{} [policies {}, upstream {}]: p50 µs direct/proxied by command: {}",
+                "{} [{}, policies {}, upstream {}]: p50 µs direct/proxied by {}: {}",
                 r.scenario,
+                r.mode,
                 r.policies,
                 r.upstream,
+                if r.scenario == Scenario::Login.name() {
+                    "phase"
+                } else {
+                    "command"
+                },
                 kinds.join(", ")
             );
         }
@@ -967,8 +1123,16 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         out,
         "gate cpu = imapgate CPU seconds per wall second during the proxied runs (2 = both cores); \
-         cpu/unit = imapgate CPU time per MiB or per command."
+         cpu/unit = imapgate CPU time per MiB, per command or per login."
     );
+    if let Some(n) = report.rows.iter().find_map(|r| r.login_clients) {
+        let _ = writeln!(
+            out,
+            "login: {n} clients, each connecting, logging in, selecting INBOX and logging out \
+             in a loop, full TLS handshakes; p50/p99 from the TCP connect to LOGIN's OK; \
+             routed = [routing] with upstreams mail1 and mail2, both this Dovecot."
+        );
+    }
     for n in &report.notes {
         let _ = writeln!(out, "note: {n}");
     }

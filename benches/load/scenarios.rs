@@ -338,6 +338,122 @@ pub fn percentile(sorted: &[u32], q: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------
+// login
+// ---------------------------------------------------------------------------------------
+
+/// The phases of one login cycle, in order, then the whole cycle: the login latency is the
+/// first two together (from the TCP connect to LOGIN's OK).
+pub const LOGIN_PHASES: [&str; 5] = ["connect+TLS+greeting", "LOGIN", "SELECT", "LOGOUT", "cycle"];
+
+#[derive(Debug, Clone)]
+pub struct LoginResult {
+    pub logins_per_s: f64,
+    /// From the TCP connect to the tagged OK of LOGIN.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub completed: u64,
+    /// p50 of each of [`LOGIN_PHASES`].
+    pub p50_us_by_phase: [f64; 5],
+}
+
+/// Selects each login user's INBOX once, straight on Dovecot, so that no measured SELECT is
+/// the first (which builds the mailbox's index).
+pub async fn seed_logins(dc_plain: SocketAddr) -> Result<(), String> {
+    for i in 0..env::LOGIN_USERS {
+        login_cycle(dc_plain, None, env::LOGIN_FIRST_USER + i).await?;
+    }
+    Ok(())
+}
+
+/// One cycle: connect (TLS when `tls` is given), greeting, LOGIN, SELECT INBOX, LOGOUT (its
+/// tagged OK read), close. Gives the time each phase took, in [`LOGIN_PHASES`] order.
+async fn login_cycle(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    user_index: usize,
+) -> Result<[u32; 5], String> {
+    let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+    let t0 = Instant::now();
+    let mut c = client::connect(addr, tls, 4096).await?;
+    c.greeting().await?;
+    let t1 = Instant::now();
+    let (u, p) = user(user_index);
+    c.ok("l", &format!("LOGIN {u} {p}")).await?;
+    let t2 = Instant::now();
+    c.ok("s", "SELECT INBOX").await?;
+    let t3 = Instant::now();
+    c.ok("z", "LOGOUT").await?;
+    c.close().await;
+    let t4 = Instant::now();
+    Ok([
+        us(t1 - t0),
+        us(t2 - t1),
+        us(t3 - t2),
+        us(t4 - t3),
+        us(t4 - t0),
+    ])
+}
+
+/// `clients` clients, each logging in, selecting INBOX and logging out on a new connection
+/// again and again until `duration` has passed (a cycle under way then is finished, not
+/// counted). Users rotate over the login users.
+pub async fn logins(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    clients: usize,
+    duration: Duration,
+) -> Result<LoginResult, String> {
+    // One cycle outside the window (the mailbox indexes were built by [`seed_logins`]).
+    login_cycle(addr, tls, env::LOGIN_FIRST_USER).await?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for ci in 0..clients.max(1) {
+        let tls = tls.cloned();
+        set.spawn(async move {
+            let mut phases: [Vec<u32>; 5] = Default::default();
+            let mut n = 0u64;
+            while Instant::now() < deadline && n < MAX_OPS {
+                let user = env::LOGIN_FIRST_USER + (ci + n as usize) % env::LOGIN_USERS;
+                let took = login_cycle(addr, tls.as_ref(), user).await?;
+                if Instant::now() <= deadline {
+                    for (v, t) in phases.iter_mut().zip(took) {
+                        v.push(t);
+                    }
+                }
+                n += 1;
+            }
+            Ok(phases)
+        });
+    }
+    let results = join_all(set).await?;
+    let mut phases: [Vec<u32>; 5] = Default::default();
+    for r in results {
+        for (all, v) in phases.iter_mut().zip(r) {
+            all.extend(v);
+        }
+    }
+    let mut logged_in: Vec<u32> = phases[0]
+        .iter()
+        .zip(&phases[1])
+        .map(|(a, b)| a.saturating_add(*b))
+        .collect();
+    logged_in.sort_unstable();
+    let completed = logged_in.len() as u64;
+    let p50_us_by_phase = phases.map(|mut v| {
+        v.sort_unstable();
+        percentile(&v, 0.5)
+    });
+    Ok(LoginResult {
+        logins_per_s: completed as f64 / duration.as_secs_f64(),
+        p50_us: percentile(&logged_in, 0.50),
+        p99_us: percentile(&logged_in, 0.99),
+        completed,
+        p50_us_by_phase,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // append
 // ---------------------------------------------------------------------------------------
 
