@@ -3,7 +3,8 @@
 //! ```text
 //! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
 //!     [--idle-connections 1000] [--policies none|shipped|both] [--upstream plain|tls|both]
-//!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off] [--json]
+//!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
+//!     [--routed-warm 4] [--json]
 //!     [--imapgate PATH]
 //! ```
 //!
@@ -115,6 +116,10 @@ struct Cli {
     /// policy, both, or off (transparent only).
     #[arg(long, value_enum, default_value = "both")]
     routed: RoutedArg,
+    /// Also measure each routed imapgate with this many warm upstream connections per
+    /// upstream (`[[upstream]] warm`); 0: not.
+    #[arg(long, default_value_t = 4)]
+    routed_warm: usize,
     /// The imapgate binary (default: the one cargo built for this bench).
     #[arg(long)]
     imapgate: Option<PathBuf>,
@@ -156,6 +161,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
             RoutedArg::Both => vec![Policies::None, Policies::OnLogin],
             RoutedArg::Off => Vec::new(),
         },
+        routed_warm: cli.routed_warm.min(imapgate::config::MAX_WARM),
         imapgate: cli.imapgate.clone(),
         policy_config: cli.policy_config.clone(),
         policy_archive: cli.policy_archive.clone(),

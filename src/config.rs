@@ -187,6 +187,9 @@ pub enum SendProxy {
     V2,
 }
 
+/// Most warm connections one upstream may keep.
+pub const MAX_WARM: usize = 256;
+
 /// An upstream IMAP server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,6 +216,13 @@ pub struct UpstreamConfig {
     /// session id (`x-originating-ip` ...), which Dovecot believes from its
     /// `login_trusted_networks`.
     pub forward_id: bool,
+    /// How many connections to keep open, secured and greeted ahead of the sessions that
+    /// will use them: a login then waits for no TCP or TLS handshake. 0 (the default): none.
+    /// Not with `send_proxy` (its header names a client, so it cannot be written early).
+    pub warm: usize,
+    /// A warm connection older than this is closed unused, well before the server's own
+    /// pre-login idle timeout (Dovecot: 60 s or more) could close it first.
+    pub warm_max_age_s: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -227,6 +237,8 @@ impl Default for UpstreamConfig {
             connect_timeout_s: 10,
             send_proxy: SendProxy::None,
             forward_id: false,
+            warm: 0,
+            warm_max_age_s: 20,
         }
     }
 }
@@ -234,6 +246,10 @@ impl Default for UpstreamConfig {
 impl UpstreamConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_s)
+    }
+
+    pub fn warm_max_age(&self) -> Duration {
+        Duration::from_secs(self.warm_max_age_s)
     }
 
     /// The name to verify: `server_name`, or the host part of `address` for configs built
@@ -832,6 +848,22 @@ impl Config {
         if up.connect_timeout_s == 0 {
             return Err(Invalid::new(at("connect_timeout_s"), "must be at least 1"));
         }
+        if up.warm > MAX_WARM {
+            return Err(Invalid::new(
+                at("warm"),
+                format!("at most {MAX_WARM} (each is an idle connection the server keeps)"),
+            ));
+        }
+        if up.warm > 0 && up.send_proxy != SendProxy::None {
+            return Err(Invalid::new(
+                at("warm"),
+                "cannot be used with send_proxy: the PROXY header names the client, so a \
+                 connection cannot be opened before the client is known",
+            ));
+        }
+        if up.warm > 0 && up.warm_max_age_s == 0 {
+            return Err(Invalid::new(at("warm_max_age_s"), "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -1340,6 +1372,31 @@ mod tests {
             .to_string();
         // The one-or-many `upstream` shape hides which field serde disliked.
         assert!(err.contains("`upstream`"), "{err}");
+    }
+
+    #[test]
+    fn warm_connections_are_bounded_and_refused_with_send_proxy() {
+        let c = parse(&format!(
+            "{MINIMAL}[upstream]\naddress = \"mail:143\"\nwarm = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.upstreams[0].warm, c.upstreams[0].warm_max_age_s),
+            (4, 20)
+        );
+        assert_eq!(parse(MINIMAL).unwrap().upstreams[0].warm, 0);
+        for (text, field) in [
+            ("warm = 2\nsend_proxy = \"v2\"", "upstream.warm"),
+            ("warm = 100000", "upstream.warm"),
+            ("warm = 1\nwarm_max_age_s = 0", "upstream.warm_max_age_s"),
+        ] {
+            match parse(&format!(
+                "{MINIMAL}[upstream]\naddress = \"mail:143\"\n{text}\n"
+            )) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::net::health::{self, Prober, UpstreamHealth};
 use crate::net::http::{self, Reply};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::Target;
+use crate::net::warm::Warm;
 use crate::net::{Stream, tune};
 use crate::policy::api::HostShared;
 use crate::policy::{Policies, PolicyError};
@@ -74,6 +75,8 @@ pub struct Server {
     health: HealthState,
     upstream_health: UpstreamHealth,
     prober: Prober,
+    /// One task per upstream with `warm` connections.
+    warmers: JoinSet<()>,
     metrics_endpoint: Option<EndpointThread>,
     admin_endpoint: Option<(EndpointThread, TokenSlot)>,
     sessions: Registry,
@@ -112,10 +115,7 @@ pub fn tls_setup(config: &Config) -> Result<TlsSetup, ServerError> {
                 })?,
             ),
         };
-        upstreams.push(Target {
-            config: up.clone(),
-            tls,
-        });
+        upstreams.push(Target::new(up.clone(), tls));
     }
     Ok(TlsSetup {
         acceptors,
@@ -141,8 +141,25 @@ impl Server {
             certs,
             upstreams,
         } = tls_setup(&config)?;
-        let upstreams: Arc<[Target]> = upstreams.into();
         let metrics = Metrics::new();
+        let mut warmers = JoinSet::new();
+        let upstreams: Arc<[Target]> = upstreams
+            .into_iter()
+            .map(|mut target| {
+                let m = metrics.upstream(target.name());
+                if target.config.warm > 0 {
+                    let warm = Warm::new(
+                        target.config.warm,
+                        target.config.warm_max_age(),
+                        Some(m.clone()),
+                    );
+                    target.warm = Some(warm.clone());
+                    warmers.spawn(warm.keep(target.clone()));
+                }
+                target.metrics = Some(m);
+                target
+            })
+            .collect();
         let audit = Audit::open(&config.log, &metrics).map_err(ServerError::Audit)?;
         let upstream_health =
             UpstreamHealth::new(upstreams.iter().map(Target::name), Some(&metrics));
@@ -258,6 +275,7 @@ impl Server {
             health,
             upstream_health,
             prober,
+            warmers,
             metrics_endpoint,
             admin_endpoint,
             sessions,
@@ -361,6 +379,7 @@ impl Server {
             let _ = timeout(BYE_GRACE, self.connections.acquire_many(all)).await;
         }
         self.prober.stop();
+        self.warmers.abort_all();
         if let Err(e) = self.audit.flush().await {
             tracing::warn!(error = %e, "audit log not flushed");
         }

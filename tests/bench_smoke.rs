@@ -30,6 +30,7 @@ fn tiny() -> Options {
         login_clients: 2,
         // Routed with the on_login policy only: routing and the policy in one variant.
         routed_policies: vec![Policies::OnLogin],
+        routed_warm: 2,
         imapgate: Some(PathBuf::from(env!("CARGO_BIN_EXE_imapgate"))),
         progress: false,
         ..Options::default()
@@ -67,10 +68,13 @@ fn load_harness_produces_figures_for_every_scenario() {
             .iter()
             .filter(|r| r.scenario == scenario.name())
             .collect();
-        // The login scenario also measures imapgate routing: per upstream, without a policy
-        // and with an on_login one.
+        // The login scenario also measures imapgate routing: per upstream and routed policy,
+        // without and with warm upstream connections.
+        let routed_modes = 1 + usize::from(opts.routed_warm > 0);
         let expected = match scenario {
-            Scenario::Login => variants + opts.upstreams.len() * opts.routed_policies.len(),
+            Scenario::Login => {
+                variants + opts.upstreams.len() * opts.routed_policies.len() * routed_modes
+            }
             _ => variants,
         };
         assert_eq!(rows.len(), expected, "{scenario:?}\n{table}");
@@ -128,6 +132,7 @@ fn load_harness_produces_figures_for_every_scenario() {
         .map(|r| (r.mode, r.policies))
         .collect();
     assert!(modes.contains(&("routed", "on_login")), "{modes:?}");
+    assert!(modes.contains(&("routed+warm", "on_login")), "{modes:?}");
     assert!(modes.contains(&("transparent", "none")), "{modes:?}");
 }
 

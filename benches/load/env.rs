@@ -112,6 +112,9 @@ pub enum Mode {
     /// `[routing]` with two named upstreams (`mail1`, `mail2`, both this Dovecot): imapgate
     /// greets, reads the login, connects the routed upstream and replays it.
     Routed,
+    /// [`Mode::Routed`] with `warm = N` on each upstream: connections opened and greeted
+    /// ahead of the logins.
+    RoutedWarm(usize),
 }
 
 impl Mode {
@@ -119,6 +122,7 @@ impl Mode {
         match self {
             Mode::Transparent => "transparent",
             Mode::Routed => "routed",
+            Mode::RoutedWarm(_) => "routed+warm",
         }
     }
 }
@@ -181,10 +185,16 @@ impl Gate {
         );
         let upstreams = match mode {
             Mode::Transparent => format!("[upstream]\n{upstream_keys}"),
-            Mode::Routed => {
+            Mode::Routed | Mode::RoutedWarm(_) => {
+                let warm = match mode {
+                    Mode::RoutedWarm(n) => format!("warm = {n}\n"),
+                    _ => String::new(),
+                };
                 let mut t = String::new();
                 for name in ROUTED_UPSTREAMS {
-                    t.push_str(&format!("[[upstream]]\nname = \"{name}\"\n{upstream_keys}"));
+                    t.push_str(&format!(
+                        "[[upstream]]\nname = \"{name}\"\n{warm}{upstream_keys}"
+                    ));
                 }
                 t.push_str("[routing]\n\n");
                 t

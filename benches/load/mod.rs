@@ -133,6 +133,8 @@ pub struct Options {
     /// Policy variants of the routed imapgate (login scenario only): `None` and `OnLogin`;
     /// empty: the login scenario measures only the transparent imapgate.
     pub routed_policies: Vec<Policies>,
+    /// Also measure each routed variant with `warm = N` connections per upstream; 0: not.
+    pub routed_warm: usize,
     /// The imapgate binary (default: see [`env::imapgate_binary`]).
     pub imapgate: Option<PathBuf>,
     /// Folder of the shipped policies.
@@ -169,6 +171,7 @@ impl Default for Options {
             imaplib_appends: 20,
             login_clients: 4,
             routed_policies: vec![Policies::None, Policies::OnLogin],
+            routed_warm: 4,
             imapgate: None,
             policy_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
             policy_config: None,
@@ -491,13 +494,19 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                     Policies::Shipped => Some(shipped_policy_toml(opts)?),
                     Policies::None => None,
                 };
-                variants.push(Variant {
-                    upstream,
-                    mode: Mode::Routed,
-                    policies,
-                    policy_toml,
-                    gate: None,
-                });
+                let mut modes = vec![Mode::Routed];
+                if opts.routed_warm > 0 {
+                    modes.push(Mode::RoutedWarm(opts.routed_warm));
+                }
+                for mode in modes {
+                    variants.push(Variant {
+                        upstream,
+                        mode,
+                        policies,
+                        policy_toml: policy_toml.clone(),
+                        gate: None,
+                    });
+                }
             }
         }
     }

@@ -30,6 +30,8 @@ pub const DESYNC_TOTAL: &str = "imapgate_desync_total";
 pub const RESPONSES_HIDDEN_TOTAL: &str = "imapgate_responses_hidden_total";
 pub const UPSTREAM_UP: &str = "imapgate_upstream_up";
 pub const UPSTREAM_PROBE_FAILURES_TOTAL: &str = "imapgate_upstream_probe_failures_total";
+pub const UPSTREAM_WARM_CONNECTIONS: &str = "imapgate_upstream_warm_connections";
+pub const UPSTREAM_SESSIONS_TOTAL: &str = "imapgate_upstream_sessions_total";
 pub const SESSIONS_REFUSED_TOTAL: &str = "imapgate_sessions_refused_total";
 pub const SESSIONS_KICKED_TOTAL: &str = "imapgate_sessions_kicked_total";
 
@@ -55,6 +57,8 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (RESPONSES_HIDDEN_TOTAL, false),
     (UPSTREAM_UP, false),
     (UPSTREAM_PROBE_FAILURES_TOTAL, false),
+    (UPSTREAM_WARM_CONNECTIONS, false),
+    (UPSTREAM_SESSIONS_TOTAL, false),
     (SESSIONS_REFUSED_TOTAL, false),
     (SESSIONS_KICKED_TOTAL, false),
 ];
@@ -105,6 +109,8 @@ pub(crate) struct Builtin {
     pub responses_hidden: IntCounter,
     pub upstream_up: IntGaugeVec,
     pub upstream_probe_failures: IntCounterVec,
+    pub upstream_warm: IntGaugeVec,
+    pub upstream_sessions: IntCounterVec,
     pub sessions_refused: [IntCounter; 3],
     pub sessions_kicked: IntCounter,
 }
@@ -229,6 +235,21 @@ impl Builtin {
             "Health probes of the upstream that failed (connect, TLS, greeting or timeout).",
             &["upstream"],
         )?;
+        let upstream_warm = IntGaugeVec::new(
+            Opts::new(
+                UPSTREAM_WARM_CONNECTIONS,
+                "Connections to the upstream opened, secured and greeted ahead of use \
+                 (upstream.warm), ready now.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_warm.clone()))?;
+        let upstream_sessions = counter_vec(
+            UPSTREAM_SESSIONS_TOTAL,
+            "Connections to the upstream handed to a session, by connection: warm (opened \
+             ahead) or fresh (opened for it; upstream.warm too small, or 0).",
+            &["upstream", "connection"],
+        )?;
         let sessions_refused_vec = counter_vec(
             SESSIONS_REFUSED_TOTAL,
             "Sessions refused or ended by a connection limit, by limit (max_connections and \
@@ -270,6 +291,8 @@ impl Builtin {
             responses_hidden,
             upstream_up,
             upstream_probe_failures,
+            upstream_warm,
+            upstream_sessions,
             sessions_refused,
             sessions_kicked,
         })
@@ -279,6 +302,11 @@ impl Builtin {
         UpstreamMetrics {
             up: self.upstream_up.with_label_values(&[name]),
             probe_failures: self.upstream_probe_failures.with_label_values(&[name]),
+            warm: self.upstream_warm.with_label_values(&[name]),
+            sessions: [
+                self.upstream_sessions.with_label_values(&[name, "warm"]),
+                self.upstream_sessions.with_label_values(&[name, "fresh"]),
+            ],
         }
     }
 
@@ -342,6 +370,9 @@ impl ListenerMetrics {
 pub struct UpstreamMetrics {
     up: IntGauge,
     probe_failures: IntCounter,
+    warm: IntGauge,
+    /// Warm, fresh.
+    sessions: [IntCounter; 2],
 }
 
 impl UpstreamMetrics {
@@ -351,6 +382,15 @@ impl UpstreamMetrics {
 
     pub fn probe_failed(&self) {
         self.probe_failures.inc();
+    }
+
+    pub fn set_warm(&self, ready: usize) {
+        self.warm.set(i64::try_from(ready).unwrap_or(i64::MAX));
+    }
+
+    /// A session got a connection to this upstream, `warm` (opened ahead) or fresh.
+    pub fn session_connected(&self, warm: bool) {
+        self.sessions[usize::from(!warm)].inc();
     }
 }
 

@@ -6,7 +6,8 @@
 //! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
 //! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read;
 //! [`proxy_protocol`] reads and writes the PROXY protocol header that carries a client's real
-//! address through load balancers; [`http`] serves the operators' endpoints (metrics and
+//! address through load balancers; [`warm`] keeps connections to an upstream open and greeted
+//! ahead of the logins that take them; [`http`] serves the operators' endpoints (metrics and
 //! health, admin).
 
 pub mod certs;
@@ -16,5 +17,6 @@ pub mod proxy_protocol;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod warm;
 
 pub use stream::{Stream, quickack, tune};

@@ -18,7 +18,9 @@ use super::proxy_protocol;
 pub use super::proxy_protocol::ClientAddrs;
 use super::stream::{Stream, tune};
 use super::tls::{self, TlsError};
+use super::warm::{Refill, Warm};
 use crate::config::{UpstreamConfig, UpstreamTls};
+use crate::metrics::UpstreamMetrics;
 
 /// Longest greeting or STARTTLS response line accepted: far above what servers send, low
 /// enough that a hostile upstream cannot make us buffer much.
@@ -35,11 +37,63 @@ const STARTTLS_TAG: &[u8] = b"imapgate0";
 pub struct Target {
     pub config: UpstreamConfig,
     pub tls: Option<Arc<ClientConfig>>,
+    /// Connections opened ahead (`warm`), when configured and started.
+    pub warm: Option<Arc<Warm>>,
+    /// Counts which connections sessions got; `None` in tools and tests.
+    pub metrics: Option<UpstreamMetrics>,
+}
+
+/// A connection for a session, and whether it was opened ahead of it.
+#[derive(Debug)]
+pub struct Opened {
+    pub up: Upstream,
+    pub warm: bool,
+    /// For a warm connection: drop it once the login it serves has its answer, and the
+    /// connection is replaced.
+    pub refill: Option<Refill>,
 }
 
 impl Target {
+    pub fn new(config: UpstreamConfig, tls: Option<Arc<ClientConfig>>) -> Target {
+        Target {
+            config,
+            tls,
+            warm: None,
+            metrics: None,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// A connection for a session on behalf of `client`: a warm one when one is ready and
+    /// `warm_ok`, else a fresh one ([`Target::connect`]).
+    pub async fn open(
+        &self,
+        client: Option<ClientAddrs>,
+        warm_ok: bool,
+    ) -> Result<Opened, UpstreamError> {
+        let taken = match &self.warm {
+            Some(warm) if warm_ok => warm.take(),
+            _ => None,
+        };
+        let opened = match taken {
+            Some((up, refill)) => Opened {
+                up,
+                warm: true,
+                refill: Some(refill),
+            },
+            None => Opened {
+                up: self.connect(client).await?,
+                warm: false,
+                refill: None,
+            },
+        };
+        if let Some(m) = &self.metrics {
+            m.session_connected(opened.warm);
+        }
+        Ok(opened)
     }
 
     /// Connects, sends the PROXY header if configured (`client`'s addresses; without a

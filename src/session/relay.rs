@@ -35,7 +35,7 @@ use crate::net::Stream;
 use crate::net::health::UpstreamHealth;
 use crate::net::proxy_protocol::HeaderError;
 use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{ClientAddrs, Target, UpstreamError};
+use crate::net::upstream::{ClientAddrs, Opened, Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
 use std::borrow::Cow;
 
@@ -182,8 +182,8 @@ pub async fn serve(
             let Some(target) = shared.upstreams.first() else {
                 return Err(SessionError::Internal("no upstream configured"));
             };
-            match target.connect(Some(addrs)).await {
-                Ok(up) => {
+            match target.open(Some(addrs), true).await {
+                Ok(Opened { up, .. }) => {
                     session.set_upstream(&target.config.name);
                     (Bytes::from(up.greeting), Leg::Socket(up.stream))
                 }

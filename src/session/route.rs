@@ -25,6 +25,7 @@ use crate::imap::response::{ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
 use crate::net::Stream;
 pub use crate::net::upstream::ClientAddrs;
+use crate::net::upstream::{Opened, Target};
 use crate::policy::{LoginView, Verdict};
 
 /// How long the replayed login may take once connected (the upstream's password check,
@@ -108,49 +109,76 @@ pub async fn login(
             );
             continue;
         };
-        let up = match target.connect(Some(addrs)).await {
-            Ok(up) => up,
-            Err(e) => {
-                shared.metrics.upstream_connect_failed();
-                if let Some(i) = shared.health.index(name) {
-                    shared.health.connect_failed(i, &e);
+        // A warm connection that fails (the server dropped it since the check) is no sign
+        // that the upstream is down: the login gets a fresh connection to the same upstream.
+        let mut warm_ok = true;
+        while let Some(attempt) = attempt(shared, target, addrs, warm_ok).await {
+            let warm = attempt.warm;
+            let mut leg = Leg::new(attempt.up.stream);
+            let caps = greeting_caps(&attempt.up.greeting);
+            let replayed = async {
+                // The client's ID goes on before its login, as it would directly; imapgate
+                // adds where the client really is when the upstream trusts it to say so.
+                let ours = target.config.forward_id.then_some((addrs, session_id));
+                if ours.is_some() || !id_fields.is_empty() {
+                    leg.send_id(ours, id_fields).await?;
                 }
-                tracing::warn!(upstream = name, error = %e, "upstream unavailable, trying the next");
-                continue;
-            }
-        };
-        let mut leg = Leg::new(up.stream);
-        let caps = greeting_caps(&up.greeting);
-        let replayed = async {
-            // The client's ID goes on before its login, as it would directly; imapgate adds
-            // where the client really is when the upstream trusts it to say so.
-            let ours = target.config.forward_id.then_some((addrs, session_id));
-            if ours.is_some() || !id_fields.is_empty() {
-                leg.send_id(ours, id_fields).await?;
-            }
-            leg.replay(&creds, user_override.as_deref(), &caps).await
-        };
-        match timeout(LOGIN_TIMEOUT, replayed).await {
-            Ok(Ok((status, answer))) => {
-                tracing::debug!(upstream = name, status = status.as_str(), "login replayed");
-                if status == Status::Ok {
-                    return Outcome::LoggedIn {
-                        stream: leg.stream,
-                        upstream: name.to_owned(),
-                        answer,
-                    };
+                leg.replay(&creds, user_override.as_deref(), &caps).await
+            };
+            match timeout(LOGIN_TIMEOUT, replayed).await {
+                Ok(Ok((status, answer))) => {
+                    tracing::debug!(
+                        upstream = name,
+                        status = status.as_str(),
+                        warm,
+                        "login replayed"
+                    );
+                    if status == Status::Ok {
+                        return Outcome::LoggedIn {
+                            stream: leg.stream,
+                            upstream: name.to_owned(),
+                            answer,
+                        };
+                    }
+                    // The server's own refusal: the client may try again (anywhere).
+                    return Outcome::Answered(answer);
                 }
-                // The server's own refusal: the client may try again (anywhere).
-                return Outcome::Answered(answer);
+                Ok(Err(e)) => {
+                    tracing::warn!(upstream = name, error = %e, warm, "login replay failed");
+                }
+                Err(_) => tracing::warn!(upstream = name, warm, "login replay timed out"),
             }
-            Ok(Err(e)) => tracing::warn!(upstream = name, error = %e, "login replay failed"),
-            Err(_) => tracing::warn!(upstream = name, "login replay timed out"),
+            if !warm {
+                break;
+            }
+            warm_ok = false;
         }
     }
     unavailable(
         &creds.tag,
         "No mail server is available for this login, try again later",
     )
+}
+
+/// A connection to `target` for this login, or `None` (counted, logged, and the upstream
+/// marked down) when it cannot be reached.
+async fn attempt(
+    shared: &Shared,
+    target: &Target,
+    addrs: ClientAddrs,
+    warm_ok: bool,
+) -> Option<Opened> {
+    match target.open(Some(addrs), warm_ok).await {
+        Ok(opened) => Some(opened),
+        Err(e) => {
+            shared.metrics.upstream_connect_failed();
+            if let Some(i) = shared.health.index(target.name()) {
+                shared.health.connect_failed(i, &e);
+            }
+            tracing::warn!(upstream = %target.name(), error = %e, "upstream unavailable, trying the next");
+            None
+        }
+    }
 }
 
 fn unavailable(tag: &[u8], text: &str) -> Outcome {

@@ -267,6 +267,75 @@ async fn the_real_client_address_goes_upstream_in_id() {
     );
 }
 
+/// Warm connections (`warm = 2`): opened and greeted before any client, handed to logins,
+/// replaced; the client's real address still reaches Dovecot (forward_id's ID goes on the
+/// warm connection before the login). Then Dovecot's login processes holding the warm
+/// connections die: the next login still lands on the same upstream, which stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_serve_logins_and_survive_their_server_side_dying() {
+    let trusted = "login_trusted_networks = 127.0.0.0/8\n";
+    let mail = Dovecot::start(DovecotOptions {
+        extra_config: trusted.into(),
+        ..DovecotOptions::default()
+    });
+    let mut config: Config = config_for(&mail, UpstreamTls::None);
+    config.upstreams = vec![UpstreamConfig {
+        forward_id: true,
+        warm: 2,
+        ..Backends::upstream(&mail, "mail")
+    }];
+    config.routing = Some(RoutingConfig::default());
+    for l in &mut config.listeners {
+        l.proxy_protocol = true;
+        l.proxy_from = vec!["127.0.0.1".parse().expect("network")];
+    }
+    let gate = Proxy::start(config).await;
+    let series = |name: &str| {
+        let scrape = gate.server().metrics().render();
+        crate::support::evidence::sample(&scrape, name)
+    };
+    let ready = "imapgate_upstream_warm_connections{upstream=\"mail\"}";
+    let warm_used = "imapgate_upstream_sessions_total{connection=\"warm\",upstream=\"mail\"}";
+    let wait = std::time::Duration::from_secs(10);
+    crate::support::evidence::poll("two warm connections", wait, || {
+        (series(ready) == 2.0).then_some(())
+    })
+    .await;
+
+    let mut c = Client::connect(gate.addr(PLAIN)).await;
+    c.send(b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 143\r\n")
+        .await;
+    c.read_greeting().await;
+    c.login("bob", "bobpw").await;
+    c.logout().await;
+    assert_eq!(series(warm_used), 1.0);
+    let log = crate::support::evidence::poll("Dovecot logs the login", wait, || {
+        let log = mail.log();
+        log.contains("Login: user=<bob>").then_some(log)
+    })
+    .await;
+    let login = log
+        .lines()
+        .find(|l| l.contains("Login: user=<bob>"))
+        .unwrap_or_default();
+    assert!(login.contains("rip=203.0.113.7"), "{login}");
+    crate::support::evidence::poll("the pool refilled", wait, || {
+        (series(ready) == 2.0).then_some(())
+    })
+    .await;
+
+    // The server side of every warm connection dies (bob's own session ended above).
+    assert!(mail.kill_matching("imap-login") >= 2);
+    let mut c = Client::connect(gate.addr(PLAIN)).await;
+    c.send(b"PROXY TCP4 203.0.113.8 198.51.100.1 4243 143\r\n")
+        .await;
+    c.read_greeting().await;
+    c.login("alice", "alicepw").await;
+    c.ok("s SELECT INBOX").await;
+    c.logout().await;
+    assert_eq!(gate.server().upstream_health().up("mail"), Some(true));
+}
+
 /// What `on_login` decides, applied: a refusal is imapgate's answer (the upstream never sees
 /// the credentials) and a refused login naming its user in the audit log; a verdict the hook
 /// cannot apply, or a route to an upstream that is not configured, fails closed; `close`

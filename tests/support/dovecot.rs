@@ -459,6 +459,19 @@ impl Dovecot {
             .collect()
     }
 
+    /// Kills (SIGKILL) this instance's own processes whose command line contains `needle`, as
+    /// a crash would; the master carries on. How many there were.
+    pub fn kill_matching(&self, needle: &str) -> usize {
+        let pids = self.processes_matching(needle);
+        for &pid in &pids {
+            let pid = i32::try_from(pid).expect("pid");
+            assert!(pid > 1, "refusing to signal {pid}");
+            // SAFETY: kill(2) takes plain integers and has no memory effects.
+            unsafe { c_kill(pid, SIGKILL) };
+        }
+        pids.len()
+    }
+
     /// Freezes every process of this instance (SIGSTOP to its process group): the kernel still
     /// accepts TCP connections on its ports, but nothing answers, as with a hung server.
     pub fn freeze(&self) {
