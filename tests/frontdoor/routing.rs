@@ -49,16 +49,21 @@ impl Backends {
         ];
         config.routing = Some(RoutingConfig::default());
         if let Some(source) = policy {
-            let script = dir.join("route.lua");
-            std::fs::write(&script, source).expect("write policy");
-            config.policies = vec![PolicyConfig {
-                script,
-                options: toml::Table::new(),
-                on_error: Default::default(),
-            }];
+            with_route_policy(&mut config, dir, source);
         }
         Proxy::start(config).await
     }
+}
+
+/// `config` runs `source` as its one policy, written to `dir/route.lua`.
+fn with_route_policy(config: &mut Config, dir: &std::path::Path, source: &str) {
+    let script = dir.join("route.lua");
+    std::fs::write(&script, source).expect("write policy");
+    config.policies = vec![PolicyConfig {
+        script,
+        options: toml::Table::new(),
+        on_error: Default::default(),
+    }];
 }
 
 async fn client(addr: SocketAddr) -> (Client, String) {
@@ -179,20 +184,14 @@ async fn fallbacks_are_tried_in_order_and_none_left_is_unavailable() {
         },
     ];
     config.routing = Some(RoutingConfig::default());
-    let script = dir.path().join("route.lua");
-    std::fs::write(
-        &script,
+    with_route_policy(
+        &mut config,
+        dir.path(),
         r#"return { name = "route", on_login = function(ctx, login)
              if login.user == "bob" then return imap.route{ upstream = "dead", fallbacks = { "mail2" } } end
              return imap.route{ upstream = "dead" }
            end }"#,
-    )
-    .expect("policy");
-    config.policies = vec![PolicyConfig {
-        script,
-        options: toml::Table::new(),
-        on_error: Default::default(),
-    }];
+    );
     let gate = Proxy::start(config).await;
     let (mut c, _) = client(gate.addr(PLAIN)).await;
     c.login("bob", "bobpw").await;
@@ -359,9 +358,9 @@ async fn login_verdicts_are_applied_and_fail_closed() {
         Backends::upstream(&b.mail2, "mail2"),
     ];
     config.log.audit = Some(audit.display().to_string());
-    let script = dir.path().join("route.lua");
-    std::fs::write(
-        &script,
+    with_route_policy(
+        &mut config,
+        dir.path(),
         r#"return { name = "route", on_login = function(ctx, login)
              if login.user == "mallory" then
                return imap.reject{ code = "CONTACTADMIN", text = "Not here" }
@@ -370,13 +369,7 @@ async fn login_verdicts_are_applied_and_fail_closed() {
              elseif login.user == "bye" then return imap.close("Go away")
              end
            end }"#,
-    )
-    .expect("policy");
-    config.policies = vec![PolicyConfig {
-        script,
-        options: toml::Table::new(),
-        on_error: Default::default(),
-    }];
+    );
     let gate = Proxy::start(config).await;
     let (mut c, _) = client(gate.addr(PLAIN)).await;
     let r = c.no("a LOGIN mallory pw").await;
@@ -438,19 +431,13 @@ async fn stopping_a_backend_mid_run_fails_over() {
             ..Backends::upstream(&mail2, "mail2")
         },
     ];
-    let script = dir.path().join("route.lua");
-    std::fs::write(
-        &script,
+    with_route_policy(
+        &mut config,
+        dir.path(),
         r#"return { name = "route", on_login = function(ctx, login)
              return imap.route{ upstream = "mail2", fallbacks = { "mail1" } }
            end }"#,
-    )
-    .expect("policy");
-    config.policies = vec![PolicyConfig {
-        script,
-        options: toml::Table::new(),
-        on_error: Default::default(),
-    }];
+    );
     let gate = Proxy::start(config).await;
     let (mut before, _) = client(gate.addr(PLAIN)).await;
     before.login("bob", "bobpw").await;

@@ -21,28 +21,7 @@ use super::dovecot::Dovecot;
 
 /// `GET path` over HTTP/1.1; (status, body). Panics when no answer comes within `limit`.
 pub async fn http_get_within(addr: SocketAddr, path: &str, limit: Duration) -> (u16, String) {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        Some(String::from_utf8_lossy(&out).into_owned())
-    };
-    let out = tokio::time::timeout(limit, get)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} from {addr}: no answer within {limit:?}"))
-        .unwrap_or_else(|| panic!("GET {path} from {addr}: connection failed"));
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_exchange(addr, "GET", path, &[], limit).await
 }
 
 /// `method path` over HTTP/1.1 with extra header lines (`"Authorization: Bearer x"`);
@@ -53,7 +32,16 @@ pub async fn http_request(
     path: &str,
     headers: &[&str],
 ) -> (u16, String) {
-    let limit = Duration::from_secs(10);
+    http_exchange(addr, method, path, headers, Duration::from_secs(10)).await
+}
+
+async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    limit: Duration,
+) -> (u16, String) {
     let ask = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let mut request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
@@ -61,7 +49,10 @@ pub async fn http_request(
             request.push_str(h);
             request.push_str("\r\n");
         }
-        request.push_str("Content-Length: 0\r\n\r\n");
+        if method != "GET" {
+            request.push_str("Content-Length: 0\r\n");
+        }
+        request.push_str("\r\n");
         s.write_all(request.as_bytes()).await.ok()?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.ok()?;
