@@ -45,9 +45,9 @@ pub enum Invalid {
     #[error("The connection is logging out")]
     LoggingOut,
     #[error(
-        "ID fields x-originating-*, x-connected-*, x-session-*, x-forward-* and x-proxy-ttl are reserved for proxies"
+        "ID through this proxy takes quoted strings or non-synchronizing literals, not synchronizing literals"
     )]
-    ProxyIdField,
+    IdSyncLiteral,
 }
 
 /// What the session knows of the server that changes which commands are valid.
@@ -106,10 +106,35 @@ pub fn check(
     if binary_literal && !offers.binary {
         return Err(Invalid::BinaryLiteral);
     }
-    if kind == K::Id && has_proxy_id_field(command) {
-        return Err(Invalid::ProxyIdField);
-    }
     Ok(())
+}
+
+/// One ID field: its name and its value (`None` for NIL).
+pub type IdField = (Vec<u8>, Option<Vec<u8>>);
+
+/// The fields of an ID command, in order; items that are not a string field name are left
+/// out (the server would refuse them).
+///
+/// ```text
+/// id-params-list = "(" *(string SP nstring) ")" / nil      ; RFC 2971
+/// ```
+pub fn id_fields(command: &Command) -> Vec<IdField> {
+    let Some(items) = command.args.first().and_then(|t| t.items()) else {
+        return Vec::new();
+    };
+    items
+        .chunks(2)
+        .filter_map(|pair| {
+            let key = pair.first()?.string(&command.raw)?.into_owned();
+            // NIL reads as an atom in commands; in ID it is "no value".
+            let value = pair
+                .get(1)
+                .filter(|v| !v.is_atom(&command.raw, "NIL"))
+                .and_then(|v| v.string(&command.raw))
+                .map(|v| v.into_owned());
+            Some((key, value))
+        })
+        .collect()
 }
 
 /// ID fields a server believes only from a trusted proxy (Dovecot's
@@ -127,20 +152,28 @@ const PROXY_ID_FIELDS: &[&str] = &[
     "x-forward-",
 ];
 
-/// Whether an `ID (field value ...)` list has a field only a proxy may send.
-fn has_proxy_id_field(command: &Command) -> bool {
-    let Some(items) = command.args.first().and_then(|t| t.items()) else {
-        return false;
-    };
-    items.iter().step_by(2).any(|key| {
-        let Some(key) = key.string(&command.raw) else {
-            return false;
-        };
-        let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
-        PROXY_ID_FIELDS
-            .iter()
-            .any(|f| key == *f || (f.ends_with('-') && key.starts_with(f)))
-    })
+/// Whether `key` names an ID field only a proxy may send (any case).
+pub fn is_proxy_id_field(key: &[u8]) -> bool {
+    let key = String::from_utf8_lossy(key).to_ascii_lowercase();
+    PROXY_ID_FIELDS
+        .iter()
+        .any(|f| key == *f || (f.ends_with('-') && key.starts_with(f)))
+}
+
+/// An ID command's fields without those only a proxy may send, or `None` when it has none
+/// of them (the command goes on unchanged). The client's other fields stay: removing the
+/// forged ones loses the client nothing it was entitled to, refusing the whole ID would.
+pub fn id_without_proxy_fields(command: &Command) -> Option<Vec<IdField>> {
+    let fields = id_fields(command);
+    if !fields.iter().any(|(key, _)| is_proxy_id_field(key)) {
+        return None;
+    }
+    Some(
+        fields
+            .into_iter()
+            .filter(|(key, _)| !is_proxy_id_field(key))
+            .collect(),
+    )
 }
 
 /// The label, or "this command" for an unknown one (its name is the client's, not ours to
@@ -223,21 +256,32 @@ mod tests {
         ));
     }
 
+    fn parsed(line: &str) -> Command {
+        parse_command(Bytes::copy_from_slice(line.as_bytes())).unwrap()
+    }
+
     #[test]
-    fn proxy_id_fields_are_not_the_clients_to_send() {
+    fn proxy_id_fields_are_removed_and_the_rest_kept() {
+        let id = parsed("a ID (\"name\" \"mutt\")\r\n");
         assert_eq!(
-            check_line(NotAuthenticated, "a ID (\"name\" \"mutt\")\r\n"),
+            check(NotAuthenticated, &id, false, ServerOffers::default()),
             Ok(())
         );
-        for line in [
-            "a ID (\"name\" \"x\" \"X-Originating-IP\" \"203.0.113.7\")\r\n",
-            "a ID (\"x-forward-user\" \"root\")\r\n",
-            "a ID (\"x-session-id\" {3+}\r\nabc)\r\n",
+        assert_eq!(id_without_proxy_fields(&id), None);
+        let field =
+            |k: &str, v: Option<&str>| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()));
+        for (line, kept) in [
+            (
+                "a ID (\"name\" \"x\" \"X-Originating-IP\" \"203.0.113.7\")\r\n",
+                vec![field("name", Some("x"))],
+            ),
+            ("a ID (\"x-forward-user\" \"root\")\r\n", vec![]),
+            (
+                "a ID ({12+}\r\nx-session-id \"abc\" \"os\" NIL)\r\n",
+                vec![field("os", None)],
+            ),
         ] {
-            assert!(
-                check_line(NotAuthenticated, line) == Err(Invalid::ProxyIdField),
-                "{line}"
-            );
+            assert_eq!(id_without_proxy_fields(&parsed(line)), Some(kept), "{line}");
         }
     }
 

@@ -237,7 +237,7 @@ impl Responder {
                 self.logged_out = true;
             }
             CommandKind::Id => {
-                self.id = id_fields(&command);
+                self.id = crate::imap::validity::id_fields(&command);
                 self.reply(&ResponseValue::Data {
                     number: None,
                     name: b"ID".to_vec(),
@@ -389,25 +389,6 @@ fn sasl_user(mechanism: &str, responses: &[Vec<u8>]) -> Option<String> {
 }
 
 /// `id-params-list = "(" *(string SP nstring) ")" / nil`
-fn id_fields(command: &crate::imap::command::Command) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-    let Some(items) = command.args.first().and_then(|t| t.items()) else {
-        return Vec::new();
-    };
-    items
-        .chunks(2)
-        .filter_map(|pair| {
-            let key = pair.first()?.string(&command.raw)?.into_owned();
-            // NIL reads as an atom in commands; in ID it is "no value".
-            let value = pair
-                .get(1)
-                .filter(|v| !v.is_atom(&command.raw, "NIL"))
-                .and_then(|v| v.string(&command.raw))
-                .map(|v| v.into_owned());
-            Some((key, value))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

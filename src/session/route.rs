@@ -23,6 +23,7 @@ use crate::imap::encode::{self, EncodeOptions, LiteralForm, ResponseValue, Value
 use crate::imap::framing::{Direction, Frame, Framer, Limits};
 use crate::imap::response::{ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
+use crate::imap::validity::is_proxy_id_field;
 use crate::net::Stream;
 pub use crate::net::upstream::ClientAddrs;
 use crate::net::upstream::{Opened, Target};
@@ -34,14 +35,6 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Our own tag for the ID imapgate sends: no client command is in flight on the new
 /// connection, so it cannot clash.
 const ID_TAG: &[u8] = b"imapgate1";
-/// The ID fields imapgate sets itself (a client's own are refused before they get here).
-const OWN_ID_FIELDS: &[&str] = &[
-    "x-originating-ip",
-    "x-originating-port",
-    "x-connected-ip",
-    "x-connected-port",
-    "x-session-id",
-];
 
 /// What became of a login.
 pub enum Outcome {
@@ -275,8 +268,9 @@ impl Leg {
     ) -> Result<(), LegError> {
         let mut fields: Vec<Value> = Vec::new();
         for (key, value) in client_fields {
-            let lower = String::from_utf8_lossy(key).to_ascii_lowercase();
-            if OWN_ID_FIELDS.contains(&lower.as_str()) {
+            // The conversation removed them already; the ID imapgate vouches for must not
+            // depend on that alone.
+            if is_proxy_id_field(key) {
                 continue;
             }
             fields.push(Value::String(key.clone()));

@@ -24,7 +24,7 @@ use super::pending::{Pending, PendingKind, PendingTags};
 use crate::config::ListenerTls;
 use crate::imap::capability::{self, CapabilitySet};
 use crate::imap::command::{Command, CommandKind, CommandName, MailboxRole, parse_command};
-use crate::imap::encode::{self, ResponseValue};
+use crate::imap::encode::{self, EncodeOptions, LiteralForm, ResponseValue, Value};
 use crate::imap::framing::{self, Direction, Frame, FrameError, FrameErrorKind, Framer, Literal};
 use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
@@ -511,6 +511,13 @@ impl Conversation {
             let text = why.to_string();
             return self.refuse(Some(&tag), Status::Bad, Some("CLIENTBUG"), &text, literal);
         }
+        let command = match command.name.kind {
+            CommandKind::Id => match self.screen_id(command, literal) {
+                Some(command) => command,
+                None => return,
+            },
+            _ => command,
+        };
         match command.name.kind {
             CommandKind::Starttls => return self.starttls(&command),
             CommandKind::Compress => {
@@ -530,6 +537,58 @@ impl Conversation {
         }
         let raw = command.raw.clone();
         self.forward(&command, raw, literal);
+    }
+
+    /// An ID as the upstream may see it: without the fields a server believes only from a
+    /// proxy (`x-originating-ip` and kin), which a client must not be able to claim in
+    /// imapgate's name. A field name in a synchronizing literal would reach the server before
+    /// imapgate could read it, so such an ID is refused. `None`: answered here.
+    fn screen_id(&mut self, command: Command, literal: Option<Literal>) -> Option<Command> {
+        if literal.is_some() {
+            self.events.push(Event::Invalid { name: command.name });
+            let tag = command.tag().to_vec();
+            let text = validity::Invalid::IdSyncLiteral.to_string();
+            self.refuse(Some(&tag), Status::Bad, Some("CLIENTBUG"), &text, literal);
+            return None;
+        }
+        let Some(fields) = validity::id_without_proxy_fields(&command) else {
+            return Some(command);
+        };
+        self.events.push(Event::Violation {
+            direction: Direction::Client,
+            what: "ID fields reserved for proxies removed".into(),
+        });
+        let list = if fields.is_empty() {
+            Value::Nil
+        } else {
+            Value::List(
+                fields
+                    .into_iter()
+                    .flat_map(|(key, value)| {
+                        [Value::String(key), value.map_or(Value::Nil, Value::String)]
+                    })
+                    .collect(),
+            )
+        };
+        let opts = EncodeOptions {
+            literal: LiteralForm::Sync,
+            utf8: false,
+        };
+        let rewritten = encode::command(command.tag(), b"ID", &[list], opts)
+            .ok()
+            .and_then(|e| parse_command(Bytes::from(e.bytes)).ok());
+        if rewritten.is_none() {
+            // Fail closed: what cannot be re-encoded is not forwarded.
+            let tag = command.tag().to_vec();
+            self.refuse(
+                Some(&tag),
+                Status::Bad,
+                Some("CLIENTBUG"),
+                "Unusable ID",
+                None,
+            );
+        }
+        rewritten
     }
 
     /// What the upstream offers that decides whether a command is valid.

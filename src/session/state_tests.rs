@@ -442,3 +442,39 @@ fn timeout_bye() {
     );
     assert_eq!(conv.take_control(), Some(Control::Close { flush: true }));
 }
+
+#[test]
+fn id_fields_reserved_for_proxies_are_removed_and_sync_literals_refused() {
+    let mut conv = conv(ListenerTls::Implicit, true);
+    drain(&mut conv);
+    // C: a ID ("name" "mutt" "X-Originating-IP" "203.0.113.66")
+    // S (upstream sees): a ID ("name" "mutt")
+    assert_eq!(
+        upstream(c(
+            &mut conv,
+            "a ID (\"name\" \"mutt\" \"X-Originating-IP\" \"203.0.113.66\")\r\n"
+        )),
+        "a ID (\"name\" \"mutt\")\r\n"
+    );
+    client(s(&mut conv, "* ID NIL\r\na OK ID completed\r\n"));
+    // Nothing left: NIL, as RFC 2971 has no empty list.
+    assert_eq!(
+        upstream(c(&mut conv, "b ID (\"x-forward-user\" \"root\")\r\n")),
+        "b ID NIL\r\n"
+    );
+    client(s(&mut conv, "b OK ID completed\r\n"));
+    // A field name in a synchronizing literal would reach the server unread: refused before
+    // the `+`, so the client never sends it.
+    let out = client(c(&mut conv, "c ID ({16}\r\n"));
+    assert!(out.starts_with("c BAD [CLIENTBUG] "), "{out}");
+    // The session goes on.
+    assert_eq!(upstream(c(&mut conv, "d NOOP\r\n")), "d NOOP\r\n");
+    // A non-synchronizing literal arrives whole and is judged like a quoted string.
+    assert_eq!(
+        upstream(c(
+            &mut conv,
+            "e ID ({16+}\r\nx-originating-ip \"203.0.113.66\" \"os\" \"linux\")\r\n"
+        )),
+        "e ID (\"os\" \"linux\")\r\n"
+    );
+}

@@ -266,6 +266,62 @@ async fn the_real_client_address_goes_upstream_in_id() {
     );
 }
 
+/// A client cannot claim an address in imapgate's name: with Dovecot trusting imapgate's
+/// network (`login_trusted_networks`), the client's own `x-originating-ip` is removed from its
+/// ID (the rest goes on), and one hidden in a synchronizing literal is refused before the
+/// client may send it; bytes sent anyway are read as a command, never as the literal. Both
+/// transparent and routed; Dovecot's log shows the real address.
+///
+/// ```text
+/// C: a ID ("name" "evil" "x-originating-ip" "203.0.113.66")   upstream sees: a ID ("name" "evil")
+/// C: b ID ({16}                                                S: b BAD [CLIENTBUG] ...
+/// C: x-originating-ip "203.0.113.66")                          S: x-originating-ip BAD ...
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_claim_an_address_in_id() {
+    let trusted = "login_trusted_networks = 127.0.0.0/8\nimap_id_log = *\n";
+    let mail = Dovecot::start(DovecotOptions {
+        extra_config: trusted.into(),
+        ..DovecotOptions::default()
+    });
+    for (routed, user) in [(false, "alice"), (true, "bob")] {
+        let mut config: Config = config_for(&mail, UpstreamTls::None);
+        if routed {
+            config.upstreams = vec![Backends::upstream(&mail, "mail")];
+            config.routing = Some(RoutingConfig::default());
+        }
+        let gate = Proxy::start(config).await;
+        let mut c = Client::connect(gate.addr(PLAIN)).await;
+        c.read_greeting().await;
+        c.ok("a ID (\"name\" \"evil\" \"x-originating-ip\" \"203.0.113.66\")")
+            .await;
+        let r = c.bad("b ID ({16}").await;
+        assert!(r.last().is_some_and(|l| l.contains("[CLIENTBUG]")), "{r:?}");
+        c.bad("x-originating-ip \"203.0.113.66\")").await;
+        c.login(user, &format!("{user}pw")).await;
+        c.logout().await;
+        let login = crate::support::evidence::poll(
+            "Dovecot logs the login",
+            std::time::Duration::from_secs(10),
+            || {
+                let log = mail.log();
+                let needle = format!("Login: user=<{user}>");
+                log.lines().find(|l| l.contains(&needle)).map(str::to_owned)
+            },
+        )
+        .await;
+        assert!(login.contains("rip=127.0.0.1"), "routed={routed}: {login}");
+        assert!(!mail.log().contains("203.0.113.66"), "{}", mail.log());
+        assert!(
+            mail.log()
+                .lines()
+                .any(|l| l.contains("ID sent") && l.contains("name=evil")),
+            "the client's other fields went on: {}",
+            mail.log()
+        );
+    }
+}
+
 /// Warm connections (`warm = 2`): opened and greeted before any client, handed to logins,
 /// replaced; the client's real address still reaches Dovecot (forward_id's ID goes on the
 /// warm connection before the login). Then Dovecot's login processes holding the warm
