@@ -391,6 +391,37 @@ async fn warm_connections_serve_logins_and_survive_their_server_side_dying() {
     assert_eq!(gate.server().upstream_health().up("mail"), Some(true));
 }
 
+/// Transparent mode takes warm connections too: the client's greeting is the warm
+/// connection's, read before the client came, and the session is the usual relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_serve_transparent_sessions() {
+    let mail = Dovecot::shared();
+    let mut config: Config = config_for(mail, UpstreamTls::None);
+    config.upstreams[0].warm = 1;
+    let gate = Proxy::start(config).await;
+    let series = |name: &str| {
+        let scrape = gate.server().metrics().render();
+        crate::support::evidence::sample(&scrape, name)
+    };
+    let ready = "imapgate_upstream_warm_connections{upstream=\"default\"}";
+    let wait = std::time::Duration::from_secs(10);
+    crate::support::evidence::poll("a warm connection", wait, || {
+        (series(ready) == 1.0).then_some(())
+    })
+    .await;
+    let (mut c, greeting) = client(gate.addr(PLAIN)).await;
+    // Dovecot's greeting, not imapgate's stand-in.
+    assert!(greeting.contains("Dovecot"), "{greeting}");
+    let (user, pass) = mail.fresh_user();
+    c.login(&user, &pass).await;
+    c.ok("s SELECT INBOX").await;
+    c.logout().await;
+    assert_eq!(
+        series("imapgate_upstream_sessions_total{connection=\"warm\",upstream=\"default\"}"),
+        1.0
+    );
+}
+
 /// What `on_login` decides, applied: a refusal is imapgate's answer (the upstream never sees
 /// the credentials) and a refused login naming its user in the audit log; a verdict the hook
 /// cannot apply, or a route to an upstream that is not configured, fails closed; `close`
