@@ -66,6 +66,11 @@ pub struct HostShared {
 }
 
 impl HostShared {
+    /// Whether hooks may wait for shared state (`[state]` is configured).
+    pub fn waits(&self) -> bool {
+        false
+    }
+
     /// A shared counter of one policy (`imap.shared.get(key)` in that policy).
     pub fn shared_value(&self, policy: &str, key: &str) -> Option<f64> {
         self.counters.get(&scoped(policy, key))

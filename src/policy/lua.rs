@@ -9,26 +9,26 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, MetaMethod, MultiValue, StdLib, Table, UserData,
-    UserDataMethods, Value, VmState,
+    Function, Lua, LuaOptions, MetaMethod, MultiValue, StdLib, Table, UserData, UserDataMethods,
+    Value,
 };
 
 use super::api::{self, HostShared};
+use super::budget::{self, Budget};
 use super::sandbox::Sandbox;
 use super::views::{CommandView, Namespace, NamespaceEntry, ResponseView, is_list_flag};
+use super::waiting::{Call, Failure, Glue};
 use super::{ConnCtx, Decision, Hook, PolicyError, Var, Verdict, path_name};
 use crate::config::{LuaConfig, OnError, PolicyConfig};
 use crate::imap::capability::CapabilitySet;
 use crate::imap::command::{CommandKind, CommandName};
 use crate::imap::response::{DataKind, Status};
 
-/// Instructions between two budget checks.
-const CHECK_EVERY: u32 = 1000;
 const HOOKS: [Hook; 7] = [
     Hook::Connect,
     Hook::Capability,
@@ -39,7 +39,7 @@ const HOOKS: [Hook; 7] = [
     Hook::Login,
 ];
 
-fn hook_index(hook: Hook) -> usize {
+pub(super) fn hook_index(hook: Hook) -> usize {
     match hook {
         Hook::Connect => 0,
         Hook::Capability => 1,
@@ -53,125 +53,37 @@ fn hook_index(hook: Hook) -> usize {
 
 /// What is known of a policy independently of the VM it is loaded in.
 #[derive(Debug)]
-struct PolicyMeta {
-    name: Arc<str>,
-    commands: Option<HashSet<String>>,
-    responses: Option<HashSet<String>>,
+pub(super) struct PolicyMeta {
+    pub(super) name: Arc<str>,
+    pub(super) commands: Option<HashSet<String>>,
+    pub(super) responses: Option<HashSet<String>>,
     /// `on_complete` filter; `None` means the `commands` filter applies.
-    completes: Option<HashSet<String>>,
-    has: [bool; 7],
-    on_error: OnError,
+    pub(super) completes: Option<HashSet<String>>,
+    pub(super) has: [bool; 7],
+    pub(super) on_error: OnError,
+    pub(super) on_state_error: OnError,
 }
 
-struct VmPolicy {
-    hooks: [Option<Function>; 7],
+pub(super) struct VmPolicy {
+    pub(super) hooks: [Option<Function>; 7],
 }
 
-/// The per-call budget, shared with the VM's count hook.
-struct Budget {
-    remaining: AtomicI64,
-    deadline_ns: AtomicU64,
-    base: Instant,
-    /// The hook runs at every instruction: the budget ran out during this call.
-    lowered: std::sync::atomic::AtomicBool,
-    /// When this call next tries to leave the runtime's worker threads (since `base`).
-    next_detach_ns: AtomicU64,
-}
-
-impl Budget {
-    fn reset(&self, instructions: u64, time: Duration) {
-        self.remaining.store(
-            i64::try_from(instructions).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
-        let now = self.base.elapsed();
-        self.next_detach_ns.store(
-            u64::try_from((now + super::detach::DETACH_AFTER).as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        let deadline = now + time;
-        self.deadline_ns.store(
-            u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn exceeded(&self) -> bool {
-        let left = self
-            .remaining
-            .fetch_sub(i64::from(CHECK_EVERY), Ordering::Relaxed)
-            - i64::from(CHECK_EVERY);
-        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if now > self.next_detach_ns.load(Ordering::Relaxed) {
-            // The hand-off may not take (the new thread did not start in time): try again
-            // a little later, for as long as the call runs.
-            let retry = super::detach::DETACH_RETRY.as_nanos() as u64;
-            self.next_detach_ns
-                .store(now.saturating_add(retry), Ordering::Relaxed);
-            super::detach::leave_workers();
-        }
-        left < 0 || now > self.deadline_ns.load(Ordering::Relaxed)
-    }
-}
-
-/// The count hook. Once the budget is spent it re-arms itself to run at every instruction and
-/// fails each time: a `pcall` may catch one failure, but the very next instruction outside it
-/// fails again, so no script can go on past its budget.
-fn budget_hook(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<VmState> {
-    if !budget.exceeded() {
-        return Ok(VmState::Continue);
-    }
-    if !budget.lowered.swap(true, Ordering::Relaxed) {
-        let b = budget.clone();
-        lua.set_hook(
-            HookTriggers::new().every_nth_instruction(1),
-            move |lua, _| budget_hook(lua, &b),
-        )?;
-    }
-    Err(mlua::Error::RuntimeError(
-        "instruction budget exceeded".into(),
-    ))
-}
-
-/// Arms the count hook at its normal rate for a new call.
-fn arm_budget(lua: &Lua, budget: &Arc<Budget>, instructions: u64, time: Duration) {
-    budget.reset(instructions, time);
-    if budget.lowered.swap(false, Ordering::Relaxed) {
-        let b = budget.clone();
-        let armed = lua.set_hook(
-            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
-            move |lua, _| budget_hook(lua, &b),
-        );
-        if let Err(e) = armed {
-            tracing::error!(error = %e, "cannot re-arm the Lua instruction budget");
-        }
-    }
-}
-
-struct Vm {
+pub(super) struct Vm {
     /// One hook call at a time per VM; held for the whole call, budget included.
-    turn: std::sync::Mutex<()>,
-    lua: Lua,
-    budget: Arc<Budget>,
-    policies: Vec<VmPolicy>,
-    command_shim: Function,
+    pub(super) turn: std::sync::Mutex<()>,
+    pub(super) lua: Lua,
+    pub(super) budget: Arc<Budget>,
+    pub(super) policies: Vec<VmPolicy>,
+    pub(super) command_shim: Function,
     response_shim: Function,
     /// `__newindex` of every ctx proxy: ctx is read-only to policies.
     readonly: Function,
 }
 
 impl Vm {
-    /// Exclusive use of the VM for one call (its budget is per VM). When another session's
-    /// call holds it, the wait (and this call) happen off the runtime's worker threads.
+    /// Exclusive use of the VM for one call that runs without waiting.
     fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
-        use std::sync::TryLockError;
-        match self.turn.try_lock() {
-            Ok(turn) => turn,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                super::detach::off_workers(|| self.turn.lock().unwrap_or_else(|p| p.into_inner()))
-            }
-        }
+        budget::take_turn(&self.turn)
     }
 }
 
@@ -179,16 +91,18 @@ impl Vm {
 pub struct PolicySet {
     /// Unique per loaded set, so a connection's cached ctx table is never used with another.
     generation: u64,
-    meta: Vec<PolicyMeta>,
-    vms: Vec<Vm>,
+    pub(super) meta: Vec<PolicyMeta>,
+    pub(super) vms: Vec<Vm>,
     /// Command labels some `on_command` hook wants, with `*` for "all".
     command_hooked: HashSet<&'static str>,
     /// Command labels some `on_complete` hook wants.
     complete_hooked: HashSet<&'static str>,
     response_hooked: HashSet<&'static str>,
     any: [bool; 7],
-    instructions: u64,
-    time: Duration,
+    pub(super) instructions: u64,
+    pub(super) time: Duration,
+    /// Hooks may wait for shared state (`[state]` is configured): see [`super::waiting`].
+    pub(super) waits: bool,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -231,6 +145,7 @@ impl PolicySet {
             any: [false; 7],
             instructions: 0,
             time: Duration::ZERO,
+            waits: false,
         }
     }
 
@@ -316,6 +231,7 @@ impl PolicySet {
             any,
             instructions: cfg.instructions,
             time: Duration::from_millis(cfg.time_ms),
+            waits: shared.waits(),
         })
     }
 
@@ -358,7 +274,12 @@ impl PolicySet {
     /// connection's info changed. Lua reads it as a plain table (fast), through a read-only
     /// proxy; each policy has its own proxy (holding its own `ctx.vars`), so not even `rawset`
     /// on ctx reaches another policy.
-    fn ctx_table(&self, vm: &Vm, ctx: &mut ConnCtx, policy: usize) -> mlua::Result<Table> {
+    pub(super) fn ctx_table(
+        &self,
+        vm: &Vm,
+        ctx: &mut ConnCtx,
+        policy: usize,
+    ) -> mlua::Result<Table> {
         if let Some(c) = &ctx.lua
             && c.set == self.generation
             && c.version == ctx.version
@@ -408,8 +329,8 @@ impl PolicySet {
     }
 
     /// Runs one hook of one policy and records the decision. `Ok` carries a verdict the hook
-    /// can apply; `Err` a failure (a Lua error, an exceeded budget, or a verdict the hook
-    /// cannot apply), already recorded as action `error`.
+    /// can apply; `Err` a failure (a Lua error, an exceeded budget, a verdict the hook
+    /// cannot apply, or shared state that failed), already recorded as action `error`.
     fn call(
         &self,
         ctx: &mut ConnCtx,
@@ -417,30 +338,53 @@ impl PolicySet {
         hook: Hook,
         command: Option<&'static str>,
         run: &mut dyn FnMut(&Vm, &Function, Table) -> mlua::Result<Verdict>,
-    ) -> Option<Result<Verdict, String>> {
+    ) -> Option<Result<Verdict, Failure>> {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
-        let _turn = vm.take_turn();
-        arm_budget(&vm.lua, &vm.budget, self.instructions, self.time);
-        let result = self
-            .ctx_table(vm, ctx, policy)
-            .and_then(|c| run(vm, f, c))
-            .map_err(|e| flatten_error(&e))
-            .and_then(|v| {
-                if hook.allows(&v) {
-                    Ok(v)
-                } else {
-                    Err(format!(
-                        "{} cannot apply a {} verdict (it may return {})",
-                        hook.as_str(),
-                        v.action(),
-                        hook.verdicts()
-                    ))
-                }
-            });
-        let elapsed = started.elapsed();
-        let meta = &self.meta[policy];
+        let turn = vm.take_turn();
+        budget::arm(&vm.lua, &vm.budget, self.instructions, self.time);
+        let result = self.ctx_table(vm, ctx, policy).and_then(|c| run(vm, f, c));
+        let state = vm.budget.take_state_failure();
+        drop(turn);
+        let call = Call {
+            policy,
+            hook,
+            command,
+            started,
+        };
+        Some(self.settle(&call, result, state, &mut ctx.decisions))
+    }
+
+    /// What one call came to: checked against the hook's contract and recorded as a decision.
+    pub(super) fn settle(
+        &self,
+        call: &Call,
+        result: mlua::Result<Verdict>,
+        state: Option<String>,
+        decisions: &mut Vec<Decision>,
+    ) -> Result<Verdict, Failure> {
+        let hook = call.hook;
+        let result = match state {
+            // Whatever the script made of the failed call (it may have caught the error):
+            // the policy decided without the state it asked for.
+            Some(why) => Err(Failure::State(format!("shared state: {why}"))),
+            None => result
+                .map_err(|e| Failure::Hook(flatten_error(&e)))
+                .and_then(|v| {
+                    if hook.allows(&v) {
+                        Ok(v)
+                    } else {
+                        Err(Failure::Hook(format!(
+                            "{} cannot apply a {} verdict (it may return {})",
+                            hook.as_str(),
+                            v.action(),
+                            hook.verdicts()
+                        )))
+                    }
+                }),
+        };
+        let meta = &self.meta[call.policy];
         let (action, code, error) = match &result {
             Ok(v) => (
                 v.action(),
@@ -450,25 +394,40 @@ impl PolicySet {
                 },
                 None,
             ),
-            Err(e) => ("error", None, Some(e.clone())),
+            Err(Failure::Hook(e) | Failure::State(e)) => ("error", None, Some(e.clone())),
         };
         if let Some(e) = &error {
             tracing::warn!(policy = %meta.name, hook = hook.as_str(), error = %e, "policy hook failed");
         }
-        ctx.decisions.push(Decision {
+        decisions.push(Decision {
             policy: meta.name.clone(),
             hook,
             action,
             code,
-            command,
-            elapsed,
+            command: call.command,
+            elapsed: call.started.elapsed(),
             error,
         });
-        Some(result)
+        result
+    }
+
+    /// What a failed call of a policy means: `None` to go on as if it passed.
+    pub(super) fn failure_verdict(
+        &self,
+        policy: usize,
+        hook: Hook,
+        failure: &Failure,
+    ) -> Option<Verdict> {
+        let meta = &self.meta[policy];
+        match failure {
+            Failure::Hook(_) => failed(hook, meta.on_error),
+            Failure::State(_) => state_failed(hook, meta.on_state_error),
+        }
     }
 
     /// Runs one hook of every interested policy in order: rewrites compose, the first verdict
-    /// other than pass wins, and a failure is handled by the failing policy's `on_error`.
+    /// other than pass wins, and a failure is handled by the failing policy's `on_error` (or
+    /// `on_state_error`, when its shared state failed).
     fn chain(
         &self,
         ctx: &mut ConnCtx,
@@ -487,8 +446,8 @@ impl PolicySet {
             match self.call(ctx, i, hook, command, run) {
                 None | Some(Ok(Verdict::Pass)) => {}
                 Some(Ok(v)) => return v,
-                Some(Err(_)) => {
-                    if let Some(v) = failed(hook, self.meta[i].on_error) {
+                Some(Err(failure)) => {
+                    if let Some(v) = self.failure_verdict(i, hook, &failure) {
                         return v;
                     }
                 }
@@ -528,31 +487,21 @@ impl PolicySet {
     /// [`Verdict::Reject`], [`Verdict::Close`] or [`Verdict::Delay`].
     #[must_use]
     pub fn on_command(&self, ctx: &mut ConnCtx, cmd: &mut CommandView) -> Verdict {
-        let name = cmd.name;
+        self.chain_glue(ctx, cmd)
+    }
+
+    /// Runs the hook a glue object is for, without waiting (state calls, if any, must answer
+    /// at once).
+    pub(super) fn chain_glue<G: Glue>(&self, ctx: &mut ConnCtx, glue: &mut G) -> Verdict {
+        let command = glue.command();
         self.chain(
             ctx,
-            Hook::Command,
-            Some(name),
-            |m| m.commands.as_ref().is_none_or(|c| c.contains(name)),
+            G::HOOK,
+            command,
+            |m| G::wants(m, command),
             &mut |vm, f, c| {
-                let lua = &vm.lua;
-                let mut args = MultiValue::with_capacity(7 + 2 * cmd.mailboxes.len());
-                args.push_back(Value::Function(f.clone()));
-                args.push_back(Value::Table(c));
-                args.push_back(Value::String(lua.create_string(&cmd.tag)?));
-                args.push_back(Value::String(lua.create_string(cmd.name)?));
-                args.push_back(Value::Integer(
-                    i64::try_from(cmd.delayed_ms).unwrap_or(i64::MAX),
-                ));
-                args.push_back(match &cmd.user {
-                    Some(u) => Value::String(lua.create_string(u)?),
-                    None => Value::Nil,
-                });
-                push_slots(lua, &mut args, &cmd.mailboxes)?;
-                let mut ret = vm.command_shim.call::<MultiValue>(args)?;
-                let verdict = ret.pop_front().unwrap_or(Value::Nil);
-                read_back_names(ret, &mut cmd.mailboxes)?;
-                verdict_of(verdict)
+                let (func, args) = glue.prepare(vm, f, c)?;
+                glue.finish(func.call::<MultiValue>(args)?)
             },
         )
     }
@@ -637,30 +586,7 @@ impl PolicySet {
     /// `on_complete`: [`Verdict::Pass`] or [`Verdict::Close`].
     #[must_use]
     pub fn on_completed(&self, ctx: &mut ConnCtx, done: &CompleteView<'_>) -> Verdict {
-        let CompleteView {
-            tag,
-            name,
-            status,
-            code,
-        } = *done;
-        self.chain(
-            ctx,
-            Hook::Complete,
-            Some(name),
-            |m| {
-                m.completes
-                    .as_ref()
-                    .or(m.commands.as_ref())
-                    .is_none_or(|c| c.contains(name))
-            },
-            &mut |vm, f, c| {
-                let cmd = vm.lua.create_table()?;
-                cmd.raw_set("tag", tag)?;
-                cmd.raw_set("name", name)?;
-                cmd.raw_set("code", code)?;
-                verdict_of(f.call::<Value>((c, cmd, status.as_str()))?)
-            },
-        )
+        self.chain_glue(ctx, &mut Completed::from(done))
     }
 }
 
@@ -690,22 +616,126 @@ impl PolicySet {
     /// [`Verdict::Route`], [`Verdict::Reject`], [`Verdict::Close`] or [`Verdict::Delay`].
     #[must_use]
     pub fn on_login(&self, ctx: &mut ConnCtx, login: &LoginView) -> Verdict {
-        self.chain(
-            ctx,
-            Hook::Login,
-            Some("LOGIN"),
-            |_| true,
-            &mut |vm, f, c| {
-                let t = vm.lua.create_table()?;
-                t.raw_set("user", login.user.as_deref())?;
-                t.raw_set("mechanism", login.mechanism.as_str())?;
-                t.raw_set(
-                    "delayed_ms",
-                    i64::try_from(login.delayed_ms).unwrap_or(i64::MAX),
-                )?;
-                verdict_of(f.call::<Value>((c, t))?)
-            },
-        )
+        self.chain_glue(ctx, &mut login.clone())
+    }
+}
+
+/// `on_complete`'s view, owned (a completion's hook may wait).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub tag: String,
+    pub name: &'static str,
+    pub status: Status,
+    pub code: Option<String>,
+}
+
+impl From<&CompleteView<'_>> for Completed {
+    fn from(v: &CompleteView<'_>) -> Completed {
+        Completed {
+            tag: v.tag.to_string(),
+            name: v.name,
+            status: v.status,
+            code: v.code.map(str::to_string),
+        }
+    }
+}
+
+impl Glue for CommandView {
+    const HOOK: Hook = Hook::Command;
+
+    fn command(&self) -> Option<&'static str> {
+        Some(self.name)
+    }
+
+    fn wants(meta: &PolicyMeta, command: Option<&'static str>) -> bool {
+        command.is_none_or(|name| meta.commands.as_ref().is_none_or(|c| c.contains(name)))
+    }
+
+    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+        let lua = &vm.lua;
+        let mut args = MultiValue::with_capacity(7 + 2 * self.mailboxes.len());
+        args.push_back(Value::Function(f.clone()));
+        args.push_back(Value::Table(ctx));
+        args.push_back(Value::String(lua.create_string(&self.tag)?));
+        args.push_back(Value::String(lua.create_string(self.name)?));
+        args.push_back(Value::Integer(
+            i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
+        ));
+        args.push_back(match &self.user {
+            Some(u) => Value::String(lua.create_string(u)?),
+            None => Value::Nil,
+        });
+        push_slots(lua, &mut args, &self.mailboxes)?;
+        Ok((vm.command_shim.clone(), args))
+    }
+
+    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
+        let verdict = ret.pop_front().unwrap_or(Value::Nil);
+        read_back_names(ret, &mut self.mailboxes)?;
+        verdict_of(verdict)
+    }
+}
+
+impl Glue for LoginView {
+    const HOOK: Hook = Hook::Login;
+
+    fn command(&self) -> Option<&'static str> {
+        Some("LOGIN")
+    }
+
+    fn wants(_: &PolicyMeta, _: Option<&'static str>) -> bool {
+        true
+    }
+
+    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+        let t = vm.lua.create_table()?;
+        t.raw_set("user", self.user.as_deref())?;
+        t.raw_set("mechanism", self.mechanism.as_str())?;
+        t.raw_set(
+            "delayed_ms",
+            i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
+        )?;
+        Ok((
+            f.clone(),
+            MultiValue::from_iter([Value::Table(ctx), Value::Table(t)]),
+        ))
+    }
+
+    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
+        verdict_of(ret.pop_front().unwrap_or(Value::Nil))
+    }
+}
+
+impl Glue for Completed {
+    const HOOK: Hook = Hook::Complete;
+
+    fn command(&self) -> Option<&'static str> {
+        Some(self.name)
+    }
+
+    fn wants(meta: &PolicyMeta, command: Option<&'static str>) -> bool {
+        let filter = meta.completes.as_ref().or(meta.commands.as_ref());
+        command.is_none_or(|name| filter.is_none_or(|c| c.contains(name)))
+    }
+
+    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+        let lua = &vm.lua;
+        let cmd = lua.create_table()?;
+        cmd.raw_set("tag", self.tag.as_str())?;
+        cmd.raw_set("name", self.name)?;
+        cmd.raw_set("code", self.code.as_deref())?;
+        Ok((
+            f.clone(),
+            MultiValue::from_iter([
+                Value::Table(ctx),
+                Value::Table(cmd),
+                Value::String(lua.create_string(self.status.as_str())?),
+            ]),
+        ))
+    }
+
+    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
+        verdict_of(ret.pop_front().unwrap_or(Value::Nil))
     }
 }
 
@@ -723,6 +753,21 @@ fn failed(hook: Hook, on_error: OnError) -> Option<Verdict> {
                 text: "Policy check failed".into(),
             })
         }
+    }
+}
+
+/// What a call whose shared state failed means under the policy's `on_state_error`: "open"
+/// goes on as if the policy allowed it, "closed" refuses a command or login with
+/// `NO [UNAVAILABLE]`. A completion or a connection event has nothing left to refuse: the
+/// failure is logged and counted, and the session goes on.
+fn state_failed(hook: Hook, on_state_error: OnError) -> Option<Verdict> {
+    match (on_state_error, hook) {
+        (OnError::Closed, Hook::Command | Hook::Login) => Some(Verdict::Reject {
+            status: Status::No,
+            code: Some("UNAVAILABLE".into()),
+            text: "Policy state unavailable, try again later".into(),
+        }),
+        _ => None,
     }
 }
 
@@ -845,7 +890,7 @@ pub(crate) struct LuaCtx {
 }
 
 /// The message of a Lua error without mlua's wrapping and traceback noise.
-fn flatten_error(e: &mlua::Error) -> String {
+pub(super) fn flatten_error(e: &mlua::Error) -> String {
     match e {
         mlua::Error::CallbackError { cause, .. } => flatten_error(cause),
         mlua::Error::RuntimeError(m) => m.clone(),
@@ -871,19 +916,8 @@ fn load_vm(
     )
     .map_err(|e| PolicyError::Lua(e.to_string()))?;
     let sandbox = Sandbox::new(&lua).map_err(|e| PolicyError::Lua(e.to_string()))?;
-    let budget = Arc::new(Budget {
-        remaining: AtomicI64::new(i64::MAX),
-        deadline_ns: AtomicU64::new(u64::MAX),
-        base: Instant::now(),
-        lowered: std::sync::atomic::AtomicBool::new(false),
-        next_detach_ns: AtomicU64::new(u64::MAX),
-    });
-    let hook_budget = budget.clone();
-    lua.set_hook(
-        HookTriggers::new().every_nth_instruction(CHECK_EVERY),
-        move |lua, _| budget_hook(lua, &hook_budget),
-    )
-    .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let budget = Arc::new(Budget::new());
+    budget::install(&lua, &budget).map_err(|e| PolicyError::Lua(e.to_string()))?;
     let mut metas = Vec::new();
     let mut policies = Vec::new();
     for (c, source) in configs.iter().zip(sources) {
@@ -909,7 +943,7 @@ fn load_vm(
         .map_err(load_err)?;
         env.set("imap", imap).map_err(load_err)?;
         // The load itself runs under the budget too: a script's top level may loop.
-        arm_budget(
+        budget::arm(
             &lua,
             &budget,
             cfg.instructions,
@@ -923,7 +957,7 @@ fn load_vm(
             .eval();
         loading.store(false, Ordering::Relaxed);
         let value = value.map_err(load_err)?;
-        let (meta, vm_policy) = contract(&path, &default_name, value, c.on_error)?;
+        let (meta, vm_policy) = contract(&path, &default_name, value, (c.on_error, c.on_error))?;
         name_cell.set(&meta.name);
         metas.push(meta);
         policies.push(vm_policy);
@@ -961,7 +995,7 @@ fn contract(
     path: &str,
     default_name: &str,
     value: Value,
-    on_error: OnError,
+    (on_error, on_state_error): (OnError, OnError),
 ) -> Result<(PolicyMeta, VmPolicy), PolicyError> {
     let bad = |message: String| PolicyError::Contract {
         path: path.to_string(),
@@ -1075,6 +1109,7 @@ fn contract(
             completes,
             has,
             on_error,
+            on_state_error,
         },
         VmPolicy { hooks },
     ))

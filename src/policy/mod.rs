@@ -7,12 +7,14 @@
 //! from their next message on, and their `ctx.vars` (kept in Rust) survive.
 
 pub mod api;
+mod budget;
 mod detach;
 pub mod lua;
 pub mod pattern;
 pub mod ratelimit;
 mod sandbox;
 mod views;
+mod waiting;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,8 +28,9 @@ use crate::imap::response::Status;
 use crate::metrics::Metrics;
 use crate::net::health::UpstreamHealth;
 
-pub use lua::{CompleteView, LoginView, PolicySet};
+pub use lua::{CompleteView, Completed, LoginView, PolicySet};
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
+pub use waiting::{Finished, Judgement, Waiting};
 
 /// What a hook decided. Each hook has its own set (see [`Hook::allows`]); a verdict a hook
 /// cannot apply is a hook error, handled by the policy's `on_error`.

@@ -6,19 +6,22 @@
 //! atom/quoted/literal chosen by the encoder). Whatever a policy could not judge is not
 //! relayed: a failing hook fails closed as its `on_error` says.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use super::pending::ListFilter;
 use super::state::{Control, Conversation, Event, Held, login_user};
+use super::waits::{Awaiting, HookWait, Judging};
 use crate::imap::command::{Command, CommandKind, MailboxRole, parse_command};
 use crate::imap::encode::{self, Edit, EncodeError, EncodeOptions, LiteralForm, Value};
 use crate::imap::framing::{Frame, Literal};
 use crate::imap::response::{DataKind, Response, Status};
 use crate::imap::syntax::{Span, Token};
 use crate::policy::{
-    CommandView, MailboxSlot, Namespace, NamespaceEntry, PolicySet, ResponseView, Verdict,
+    CommandView, Judgement, MailboxSlot, Namespace, NamespaceEntry, PolicySet, ResponseView,
+    Verdict,
 };
 
 impl Conversation {
@@ -27,7 +30,7 @@ impl Conversation {
     /// command was first shown (a delayed command is judged again when its delay ends).
     pub(super) fn judge_command(
         &mut self,
-        set: &PolicySet,
+        set: &Arc<PolicySet>,
         command: Command,
         literal: Option<Literal>,
         first_judged: Instant,
@@ -37,7 +40,7 @@ impl Conversation {
         {
             return self.start_collecting(command, l);
         }
-        let Some((mut view, spans)) = self.command_view(&command, first_judged) else {
+        let Some((view, spans)) = self.command_view(&command, first_judged) else {
             return self.refuse_command(
                 &command,
                 Status::Bad,
@@ -47,13 +50,48 @@ impl Conversation {
             );
         };
         self.sync_ctx();
-        let verdict = set.on_command(&mut self.ctx, &mut view);
-        self.take_decisions();
+        match set.judge_command(&mut self.ctx, view) {
+            Judgement::Ready(verdict, view) => {
+                self.take_decisions();
+                let judging = Judging {
+                    command,
+                    literal,
+                    first_judged,
+                    spans,
+                };
+                self.command_judged(judging, &view, verdict);
+            }
+            Judgement::Waiting(waiting) => self.wait_for_hook(
+                Awaiting::Command(Judging {
+                    command,
+                    literal,
+                    first_judged,
+                    spans,
+                }),
+                HookWait::Command(waiting),
+            ),
+        }
+    }
+
+    /// Applies the policies' verdict on a command (at once, or when their hook stopped
+    /// waiting).
+    pub(super) fn command_judged(
+        &mut self,
+        judging: Judging,
+        view: &CommandView,
+        verdict: Verdict,
+    ) {
+        let Judging {
+            command,
+            literal,
+            first_judged,
+            spans,
+        } = judging;
         match verdict {
-            Verdict::Pass => match self.outgoing(&command, &view, &spans) {
+            Verdict::Pass => match self.outgoing(&command, view, &spans) {
                 Ok(out) => {
                     let seq = self.forward(&command, out, literal);
-                    if let Some(filter) = list_filter(&command, &view)
+                    if let Some(filter) = list_filter(&command, view)
                         && let Some(p) = self.pending.get_mut(seq)
                     {
                         p.list_filter = Some(Box::new(filter));

@@ -6,6 +6,7 @@
 //! - [`pending`]: commands in flight; the desync tripwire.
 //! - [`prelogin`]: imapgate's stand-in for the upstream before login, when it routes logins.
 //! - `judge`: policies applied to commands and responses, in one place.
+//! - [`waits`]: a message held while its policy hook waits for shared state.
 //! - [`relay`]: the I/O driver.
 //! - [`registry`]: every live session, for the operators (connection limits, kick).
 
@@ -19,6 +20,7 @@ pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod state;
+pub mod waits;
 
 pub use modes::sasl_initial_user;
 pub use registry::{ConnectionLimits, LimitExceeded, Registry, SessionHandle, SessionInfo};

@@ -23,6 +23,7 @@ use super::prelogin::Responder;
 use super::registry::{Registry, SessionHandle};
 use super::route;
 use super::state::{Control, Conversation, Event, ImapState, Settings};
+use super::waits::{HookDone, PendingHook};
 use crate::audit::{Audit, LoginRecord, VerdictRecord};
 use crate::config::{Limits, ListenerTls, Network};
 use crate::imap::command::CommandKind;
@@ -278,6 +279,8 @@ enum Io {
     Shutdown,
     HoldDue,
     Kicked,
+    /// A policy hook that waited for shared state finished.
+    HookDone(HookDone),
 }
 
 impl Driver {
@@ -298,6 +301,7 @@ impl Driver {
         let mut upstream_needs_flush = false;
         let mut shutdown_seen = *self.shutdown.borrow();
         let mut kicked = false;
+        let mut hook: Option<PendingHook> = None;
         if shutdown_seen {
             self.conv.bye("Server shutting down");
         }
@@ -354,6 +358,9 @@ impl Driver {
             }
             let deadline = self.deadline();
             let hold = self.conv.hold_deadline().map(Instant::from_std);
+            if hook.is_none() {
+                hook = self.conv.take_hook();
+            }
             let want_client = client_open && self.conv.wants_client_input();
             let want_upstream = upstream_open && ur.is_some() && self.conv.wants_upstream_input();
             let io = {
@@ -376,6 +383,7 @@ impl Driver {
                     _ = sleep_until(hold.unwrap_or(deadline)), if hold.is_some() => Io::HoldDue,
                     _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
                     _ = self.session.kicked(), if !kicked => Io::Kicked,
+                    done = hook_outcome(&mut hook), if hook.is_some() => Io::HookDone(done),
                 }
             };
             match io {
@@ -445,6 +453,10 @@ impl Driver {
                     if *self.shutdown.borrow() {
                         self.conv.bye("Server shutting down");
                     }
+                }
+                Io::HookDone(done) => {
+                    hook = None;
+                    self.conv.hook_done(done);
                 }
                 Io::Kicked => {
                     kicked = true;
@@ -708,6 +720,14 @@ fn conv_parts(conv: &mut Conversation) -> Parts<'_> {
         upstream_buf,
         to_client,
         to_upstream,
+    }
+}
+
+/// The outcome of the policy hook that waits (never ready without one).
+async fn hook_outcome(hook: &mut Option<PendingHook>) -> HookDone {
+    match hook {
+        Some(hook) => hook.await,
+        None => std::future::pending().await,
     }
 }
 

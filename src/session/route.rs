@@ -27,7 +27,7 @@ use crate::imap::validity::is_proxy_id_field;
 use crate::net::Stream;
 pub use crate::net::upstream::ClientAddrs;
 use crate::net::upstream::{Opened, Target};
-use crate::policy::{LoginView, Verdict};
+use crate::policy::{Judgement, LoginView, Verdict};
 
 /// How long the replayed login may take once connected (the upstream's password check,
 /// slowed by its failure delay, included).
@@ -72,7 +72,15 @@ pub async fn login(
     let first_judged = std::time::Instant::now();
     let route = loop {
         view.delayed_ms = u64::try_from(first_judged.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match conv.judge_login(&view) {
+        let verdict = match conv.judge_login_waiting(&view) {
+            Judgement::Ready(verdict, _) => verdict,
+            Judgement::Waiting(waiting) => {
+                let finished = waiting.await;
+                conv.hook_decisions(finished.decisions);
+                finished.verdict
+            }
+        };
+        match verdict {
             Verdict::Pass => break None,
             Verdict::Route(route) => break Some(route),
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,

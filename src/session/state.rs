@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use super::modes::{ClientMode, Current, Sasl, Then, Wait};
 use super::outbox::Outbox;
 use super::pending::{Pending, PendingKind, PendingTags};
+use super::waits::{Awaiting, HookWait, PendingHook};
 use crate::config::ListenerTls;
 use crate::imap::capability::{self, CapabilitySet};
 use crate::imap::command::{Command, CommandKind, CommandName, MailboxRole, parse_command};
@@ -30,7 +31,7 @@ use crate::imap::mutf7;
 use crate::imap::response::{DataKind, Response, ResponseKind, Status, parse_response};
 use crate::imap::sync_literals::synchronizing_segments;
 use crate::imap::validity::{self, ServerOffers};
-use crate::policy::{CompleteView, ConnCtx, ConnInfo, Decision, Hook, Policies, Verdict};
+use crate::policy::{Completed, ConnCtx, ConnInfo, Decision, Hook, Judgement, Policies, Verdict};
 
 pub use crate::imap::validity::ImapState;
 
@@ -172,6 +173,10 @@ pub struct Conversation {
     /// A hooked command whose mailbox argument is a literal, being collected whole.
     pub(super) collecting: Option<BytesMut>,
     pub(super) held: Option<Held>,
+    /// A message held while a policy hook on it waits for shared state.
+    pub(super) awaiting: Option<Awaiting>,
+    /// That hook, until the driver takes it to poll.
+    pub(super) hook: Option<PendingHook>,
 }
 
 impl Conversation {
@@ -227,6 +232,8 @@ impl Conversation {
             },
             collecting: None,
             held: None,
+            awaiting: None,
+            hook: None,
         };
         conv.sync_ctx();
         let set = conv.policies.current();
@@ -347,13 +354,14 @@ impl Conversation {
         self.wait.is_none()
             && self.starttls == StartTls::No
             && self.held.is_none()
+            && self.awaiting.is_none()
             && !self.pending.is_full()
             && !self.closing()
             && !self.to_upstream.is_full()
     }
 
     pub fn wants_upstream_input(&self) -> bool {
-        !self.closing() && !self.to_client.is_full()
+        !self.closing() && !self.to_client.is_full() && self.awaiting.is_none()
     }
 
     /// True when no message is half-relayed to the client: a BYE written now is read as a
@@ -993,26 +1001,42 @@ impl Conversation {
             }
         }
         self.complete(&pending, status);
-        let mut close_after = None;
-        if self.policies.peek().hooks_complete(pending.name.label()) {
-            let set = self.policies.current();
-            self.sync_ctx();
-            let tag = String::from_utf8_lossy(tag).into_owned();
-            let code = response
-                .code_name()
-                .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase());
-            let done = CompleteView {
-                tag: &tag,
-                name: pending.name.label(),
-                status,
-                code: code.as_deref(),
-            };
-            let verdict = set.on_completed(&mut self.ctx, &done);
-            self.take_decisions();
-            if let Verdict::Close { text } = verdict {
-                close_after = Some(text);
-            }
+        if !self.policies.peek().hooks_complete(pending.name.label()) {
+            return self.completion_judged(&pending, response, Verdict::Pass);
         }
+        let set = self.policies.current();
+        self.sync_ctx();
+        let done = Completed {
+            tag: String::from_utf8_lossy(tag).into_owned(),
+            name: pending.name.label(),
+            status,
+            code: response
+                .code_name()
+                .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase()),
+        };
+        match set.judge_complete(&mut self.ctx, done) {
+            Judgement::Ready(verdict, _) => {
+                self.take_decisions();
+                self.completion_judged(&pending, response, verdict);
+            }
+            Judgement::Waiting(waiting) => self.wait_for_hook(
+                Awaiting::Complete {
+                    pending: Box::new(pending),
+                    response,
+                },
+                HookWait::Complete(waiting),
+            ),
+        }
+    }
+
+    /// Relays a tagged response once the policies judged its completion: imapgate's
+    /// `NO [UNAVAILABLE]` instead when a policy could not judge a response of its command.
+    pub(super) fn completion_judged(
+        &mut self,
+        pending: &Pending,
+        response: Response,
+        verdict: Verdict,
+    ) {
         if pending.failed {
             self.reply(
                 Some(&pending.tag),
@@ -1026,7 +1050,7 @@ impl Conversation {
                 .unwrap_or_else(|| response.raw.clone());
             self.to_client.push(out);
         }
-        if let Some(text) = close_after {
+        if let Verdict::Close { text } = verdict {
             return self.close_with(None, &text);
         }
         self.maybe_start_tls();
@@ -1086,6 +1110,24 @@ impl Conversation {
         let verdict = set.on_login(&mut self.ctx, login);
         self.take_decisions();
         verdict
+    }
+
+    /// Like [`Conversation::judge_login`], for the proxy: the hook may wait for shared state
+    /// (the caller awaits it, then hands its decisions to [`Conversation::hook_decisions`]).
+    pub fn judge_login_waiting(
+        &mut self,
+        login: &crate::policy::LoginView,
+    ) -> Judgement<crate::policy::LoginView> {
+        let set = self.policies.current();
+        self.sync_ctx();
+        let judged = set.judge_login(&mut self.ctx, login.clone());
+        self.take_decisions();
+        judged
+    }
+
+    /// What the policies decided in a hook that waited outside the conversation.
+    pub fn hook_decisions(&mut self, decisions: Vec<Decision>) {
+        self.events.extend(decisions.into_iter().map(Event::Policy));
     }
 
     /// Whether a policy decides where logins go.
