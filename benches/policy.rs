@@ -17,6 +17,7 @@ fn shipped() -> Policies {
         script: dir.join(file),
         options: toml::from_str(options).expect("options"),
         on_error: Default::default(),
+        on_state_error: None,
     };
     let configs = [
         policy("require_tls.lua", ""),

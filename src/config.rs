@@ -57,6 +57,9 @@ pub struct Config {
     /// `[health]`: how often and how patiently each upstream is probed.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[state]`: present means state shared by several imapgates lives in Redis.
+    #[serde(default)]
+    pub state: Option<StateConfig>,
 }
 
 /// Logins read by imapgate and routed.
@@ -396,6 +399,18 @@ pub struct PolicyConfig {
     /// answers `NO [UNAVAILABLE]`, `open` lets the command through as if the hook passed.
     #[serde(default)]
     pub on_error: OnError,
+    /// What a hook gets when a shared-state call (Redis) fails or times out: `closed`
+    /// answers `NO [UNAVAILABLE]`, `open` carries on as if allowed. Default: `on_error`
+    /// ([`PolicyConfig::state_error_mode`]).
+    #[serde(default)]
+    pub on_state_error: Option<OnError>,
+}
+
+impl PolicyConfig {
+    /// `on_state_error`, or `on_error` when it is not given.
+    pub fn state_error_mode(&self) -> OnError {
+        self.on_state_error.unwrap_or(self.on_error)
+    }
 }
 
 /// Fail closed or open when a policy hook fails.
@@ -473,6 +488,117 @@ impl AdminConfig {
             token: Some(Secret(token.to_owned())),
             token_file: None,
         }
+    }
+}
+
+/// `[state]`: where the state several imapgates share lives (a Redis or Valkey server).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `redis://host:port/db` or `rediss://` (TLS). A password in it works, but a file or
+    /// an environment variable keeps it out of the config file.
+    pub redis: RedisUrl,
+    /// A file holding the password (surrounding whitespace ignored), read at start.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Put in front of every key imapgate reads or writes.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_state_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Bound of each command, the wait for a connection included.
+    #[serde(default = "default_state_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Multiplexed connections, used in turn.
+    #[serde(default = "default_state_connections")]
+    pub connections: usize,
+    /// How long a session registration (cluster-wide per-user limit) lives unless refreshed:
+    /// the sessions of an instance that died stop counting within this time.
+    #[serde(default = "default_session_ttl_s")]
+    pub session_ttl_s: u64,
+}
+
+fn default_state_prefix() -> String {
+    "imapgate:".to_owned()
+}
+fn default_state_connect_timeout_ms() -> u64 {
+    1000
+}
+fn default_state_timeout_ms() -> u64 {
+    100
+}
+fn default_state_connections() -> usize {
+    2
+}
+fn default_session_ttl_s() -> u64 {
+    30
+}
+
+impl StateConfig {
+    /// A state table for `url` with the defaults, for code and tests that build a config
+    /// without a file.
+    pub fn new(url: &str) -> StateConfig {
+        StateConfig {
+            redis: RedisUrl(url.to_owned()),
+            password_file: None,
+            password_env: None,
+            prefix: default_state_prefix(),
+            connect_timeout_ms: default_state_connect_timeout_ms(),
+            timeout_ms: default_state_timeout_ms(),
+            connections: default_state_connections(),
+            session_ttl_s: default_session_ttl_s(),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_s)
+    }
+}
+
+/// A Redis URL, which may carry a password: `Debug` and [`RedisUrl::redacted`] show it
+/// without one.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> RedisUrl {
+        RedisUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for logs and messages.
+    pub fn redacted(&self) -> String {
+        match redis::parse_redis_url(&self.0) {
+            Some(mut url) => {
+                if url.password().is_some() {
+                    // Fails only for URLs that cannot have a password, which this one has.
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            None => "(not a URL)".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted())
     }
 }
 
@@ -644,6 +770,9 @@ impl Config {
         if let Some(admin) = &mut self.admin {
             admin.token_file.as_mut().map(anchor);
         }
+        if let Some(state) = &mut self.state {
+            state.password_file.as_mut().map(anchor);
+        }
     }
 
     /// Checks what serde cannot: values that must agree with each other, and ranges.
@@ -702,7 +831,79 @@ impl Config {
         self.validate_limits()?;
         self.validate_health()?;
         self.validate_admin()?;
+        self.validate_state()?;
         self.validate_log()
+    }
+
+    fn validate_state(&self) -> Result<(), Invalid> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let at = |key: &str| vec![Seg::key("state"), Seg::key(key)];
+        let url = redis::parse_redis_url(state.redis.expose()).ok_or_else(|| {
+            Invalid::new(
+                at("redis"),
+                "not a URL: give redis://host:port/db or rediss://host:port/db",
+            )
+        })?;
+        if !matches!(url.scheme(), "redis" | "rediss") {
+            return Err(Invalid::new(
+                at("redis"),
+                format!(
+                    "scheme {:?}: only redis:// and rediss:// (TLS) are supported",
+                    url.scheme()
+                ),
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(Invalid::new(at("redis"), "the URL names no host"));
+        }
+        // The path is the database number; anything else would be silently ignored.
+        let db = url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(Invalid::new(
+                at("redis"),
+                format!("{db:?} is not a database number"),
+            ));
+        }
+        let in_url = url.password().is_some();
+        let sources = [
+            ("password_file", state.password_file.is_some()),
+            ("password_env", state.password_env.is_some()),
+        ];
+        if sources.iter().all(|(_, given)| *given) {
+            return Err(Invalid::new(
+                at("password_env"),
+                "give `password_file` or `password_env`, not both",
+            ));
+        }
+        if let Some((key, _)) = sources.iter().find(|(_, given)| *given)
+            && in_url
+        {
+            return Err(Invalid::new(
+                at(key),
+                "the `redis` URL has a password too: give it in one place",
+            ));
+        }
+        if state.password_env.as_deref().is_some_and(str::is_empty) {
+            return Err(Invalid::new(at("password_env"), "empty variable name"));
+        }
+        for (key, value) in [
+            ("connect_timeout_ms", state.connect_timeout_ms),
+            ("timeout_ms", state.timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(at(key), "must be at least 1"));
+            }
+        }
+        if !(1..=64).contains(&state.connections) {
+            return Err(Invalid::new(at("connections"), "must be from 1 to 64"));
+        }
+        // Registrations are refreshed every third of the TTL, in whole seconds.
+        if state.session_ttl_s < 3 {
+            return Err(Invalid::new(at("session_ttl_s"), "must be at least 3"));
+        }
+        Ok(())
     }
 
     fn validate_admin(&self) -> Result<(), Invalid> {

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod replay;
 pub mod server;
 pub mod session;
+pub mod state;

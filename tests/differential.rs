@@ -135,6 +135,7 @@ fn policy(file: &str, options: &str) -> PolicyConfig {
             .join(file),
         options: toml::from_str(options).expect("policy options"),
         on_error: Default::default(),
+        on_state_error: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(script: &Path) -> PolicyConfig {
         script: script.to_path_buf(),
         options: toml::Table::new(),
         on_error: OnError::Closed,
+        on_state_error: None,
     }
 }
 

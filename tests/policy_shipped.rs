@@ -16,6 +16,7 @@ fn policy(file: &str, options: &str) -> PolicyConfig {
             .join(file),
         options,
         on_error: Default::default(),
+        on_state_error: None,
     }
 }
 

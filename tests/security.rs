@@ -88,6 +88,7 @@ pub fn shipped(file: &str, options: &str) -> PolicyConfig {
             .join(file),
         options: toml::from_str(options).expect("policy options"),
         on_error: OnError::Closed,
+        on_state_error: None,
     }
 }
 
@@ -99,6 +100,7 @@ pub fn local_policy(dir: &Path, name: &str, source: &str) -> PolicyConfig {
         script,
         options: toml::Table::new(),
         on_error: OnError::Closed,
+        on_state_error: None,
     }
 }
 

@@ -137,6 +137,67 @@ impl SessionLimit {
     }
 }
 
+/// A shared-state operation, for `imapgate_state_requests_total{op}` and
+/// `imapgate_state_duration_seconds{op}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateOp {
+    Get,
+    Set,
+    Incr,
+    Hget,
+    RateLimit,
+    /// Cluster session registry: register, refresh, remove, count.
+    Session,
+    /// A PING (start, `imapgate check`).
+    Ping,
+}
+
+impl StateOp {
+    pub const ALL: [StateOp; 7] = [
+        StateOp::Get,
+        StateOp::Set,
+        StateOp::Incr,
+        StateOp::Hget,
+        StateOp::RateLimit,
+        StateOp::Session,
+        StateOp::Ping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateOp::Get => "get",
+            StateOp::Set => "set",
+            StateOp::Incr => "incr",
+            StateOp::Hget => "hget",
+            StateOp::RateLimit => "rate_limit",
+            StateOp::Session => "session",
+            StateOp::Ping => "ping",
+        }
+    }
+}
+
+/// How a shared-state operation ended, for `imapgate_state_requests_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateResult {
+    Ok,
+    /// Connection, server or reply error.
+    Error,
+    /// No answer within the command timeout.
+    Timeout,
+}
+
+impl StateResult {
+    pub const ALL: [StateResult; 3] = [StateResult::Ok, StateResult::Error, StateResult::Timeout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateResult::Ok => "ok",
+            StateResult::Error => "error",
+            StateResult::Timeout => "timeout",
+        }
+    }
+}
+
 /// Which way bytes or messages went, for `imapgate_bytes_total{direction}` and
 /// `imapgate_parse_errors_total{direction}`.
 ///

@@ -26,9 +26,13 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, Registry, TextEncoder};
 
-pub use self::builtin::{ConnectionGuard, ListenerMetrics, PolicyHookMetrics, UpstreamMetrics};
+pub use self::builtin::{
+    ConnectionGuard, ListenerMetrics, PolicyHookMetrics, StateMetrics, UpstreamMetrics,
+};
 pub use self::http::{HealthState, MetricsServer, bind, handler, serve};
-pub use self::labels::{CommandResult, Direction, LoginResult, ProxyRefusal, SessionLimit};
+pub use self::labels::{
+    CommandResult, Direction, LoginResult, ProxyRefusal, SessionLimit, StateOp, StateResult,
+};
 pub use self::names::POLICY_PREFIX;
 pub use self::policy_defined::{PolicyCounter, PolicyGauge, PolicyHistogram};
 
@@ -213,6 +217,11 @@ impl Metrics {
     /// A connection limit refused a session (or ended it, at login).
     pub fn session_refused(&self, limit: SessionLimit) {
         self.inner.builtin.sessions_refused[limit as usize].inc();
+    }
+
+    /// The shared-state (Redis) handles, resolved at start.
+    pub fn state(&self) -> StateMetrics {
+        self.inner.builtin.state.clone()
     }
 
     /// Sessions an administrator kicked.

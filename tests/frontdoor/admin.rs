@@ -413,6 +413,7 @@ async fn routed_sessions_show_their_upstream_and_can_be_kicked() {
         script,
         options: toml::Table::new(),
         on_error: Default::default(),
+        on_state_error: None,
     }];
     let (proxy, admin) = start(config).await;
     let addr = proxy.addr(PLAIN);

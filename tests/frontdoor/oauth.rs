@@ -179,6 +179,7 @@ fn policy(dir: &Path, source: &str) -> PolicyConfig {
         script,
         options: toml::Table::new(),
         on_error: Default::default(),
+        on_state_error: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn policy(file: &str, options: &str) -> PolicyConfig {
         script: shipped(file),
         options: toml::from_str(options).expect("options"),
         on_error: Default::default(),
+        on_state_error: None,
     }
 }
 

@@ -104,6 +104,7 @@ impl Gate {
             script,
             options: Default::default(),
             on_error: Default::default(),
+            on_state_error: None,
         }];
         config.log.audit = Some(audit.display().to_string());
         config.metrics = Some(MetricsConfig {

@@ -63,6 +63,7 @@ fn with_route_policy(config: &mut Config, dir: &std::path::Path, source: &str) {
         script,
         options: toml::Table::new(),
         on_error: Default::default(),
+        on_state_error: None,
     }];
 }
 

@@ -267,6 +267,7 @@ async fn policies_see_the_name_the_client_asked_for() {
         script,
         options: Default::default(),
         on_error: Default::default(),
+        on_state_error: None,
     }];
     let proxy = Proxy::start(config).await;
 

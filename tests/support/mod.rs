@@ -7,6 +7,7 @@
 //!   and answered, chunk by chunk with timings), which can also inject bytes of its own;
 //! - [`evidence`]: /metrics, /healthz, the audit log and Dovecot's log, read after the fact;
 //! - [`haproxy`]: a private real HAProxy in TCP mode in front of one server;
+//! - [`redis`]: a private real redis-server (freeze/thaw for a hung server);
 //! - [`oauth`]: a token introspection endpoint for a Dovecot that checks OAuth tokens.
 //!
 //! ```ignore
@@ -34,6 +35,7 @@ pub mod haproxy;
 pub mod oauth;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod tap;
 
 pub use client::{
