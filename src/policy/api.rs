@@ -14,6 +14,7 @@ use mlua::{Lua, Table, Value};
 
 use super::Verdict;
 use super::ratelimit::{Limiters, SharedCounters};
+use super::state_api;
 use crate::imap::encode::is_valid_atom;
 use crate::imap::list_match::ListPattern;
 use crate::imap::mutf7;
@@ -63,12 +64,14 @@ pub struct HostShared {
     /// configured upstream up in tools (`UpstreamHealth::unprobed`); `None`: no upstream is
     /// known.
     pub health: Option<UpstreamHealth>,
+    /// `[state]`: Redis shared by several imapgates (`imap.state`, `shared = true`).
+    pub state: Option<crate::state::State>,
 }
 
 impl HostShared {
     /// Whether hooks may wait for shared state (`[state]` is configured).
     pub fn waits(&self) -> bool {
-        false
+        self.state.is_some()
     }
 
     /// A shared counter of one policy (`imap.shared.get(key)` in that policy).
@@ -101,21 +104,22 @@ impl PolicyName {
         let _ = self.0.1.set(Arc::from(name));
     }
 
-    fn get(&self) -> &str {
+    pub(super) fn get(&self) -> &str {
         self.0.1.get().unwrap_or(&self.0.0)
     }
 
-    fn scoped(&self, key: &str) -> String {
+    pub(super) fn scoped(&self, key: &str) -> String {
         scoped(self.get(), key)
     }
 }
 
 /// Builds the `imap` table for one policy in one VM.
-pub fn imap_table(
+pub(super) fn imap_table(
     lua: &Lua,
     options: &toml::Table,
     shared: Arc<HostShared>,
     name: PolicyName,
+    budget: &Arc<super::budget::Budget>,
 ) -> mlua::Result<Table> {
     let imap = lua.create_table()?;
     imap.set(
@@ -224,8 +228,8 @@ pub fn imap_table(
     )?;
     imap.set("metrics", metrics_table(lua, shared.metrics.clone())?)?;
     upstream_functions(lua, &imap, shared.health.clone())?;
-    let host = shared;
-    let owner = name;
+    let host = shared.clone();
+    let owner = name.clone();
     shared_table.set(
         "incr",
         lua.create_function(
@@ -236,7 +240,16 @@ pub fn imap_table(
             },
         )?,
     )?;
+    if let Some(state) = shared.state.clone() {
+        // With [state], these take `{ shared = true }`, which waits for Redis.
+        imap.set(
+            "rate_limit",
+            state_api::rate_limit_fn(lua, shared.clone(), state.clone(), name.clone(), budget)?,
+        )?;
+        state_api::shared_counters(lua, &shared_table, shared.clone(), state, name, budget)?;
+    }
     imap.set("shared", shared_table)?;
+    imap.set("state", state_api::state_table(lua, shared.state.clone(), budget)?)?;
 
     let m = lua.create_table()?;
     m.set(
@@ -598,7 +611,7 @@ impl mlua::UserData for LuaMetric {
     }
 }
 
-fn ttl_of(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {
+pub(super) fn ttl_of(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {
     match ttl {
         None => Ok(None),
         Some(t) => Duration::try_from_secs_f64(t)

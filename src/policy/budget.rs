@@ -33,6 +33,8 @@ pub(super) struct Budget {
     /// A shared-state call of this hook call failed (timeout, Redis down): whatever the
     /// script made of it, the call ends under the policy's `on_state_error`.
     state_failed: Mutex<Option<String>>,
+    /// The call runs in a coroutine that can wait (see [`OnVm`]).
+    may_wait: AtomicBool,
 }
 
 /// One call's share of the budget while another call has the VM.
@@ -42,6 +44,7 @@ pub(super) struct Saved {
     deadline_ns: u64,
     next_detach_ns: u64,
     state_failed: Option<String>,
+    may_wait: bool,
 }
 
 impl Budget {
@@ -53,6 +56,7 @@ impl Budget {
             lowered: AtomicBool::new(false),
             next_detach_ns: AtomicU64::new(u64::MAX),
             state_failed: Mutex::new(None),
+            may_wait: AtomicBool::new(false),
         }
     }
 
@@ -61,13 +65,14 @@ impl Budget {
     }
 
     /// A fresh budget for a call starting now.
-    fn fresh(&self, instructions: u64, time: Duration) -> Saved {
+    fn fresh(&self, instructions: u64, time: Duration, may_wait: bool) -> Saved {
         let now = self.base.elapsed();
         Saved {
             remaining: i64::try_from(instructions).unwrap_or(i64::MAX),
             deadline_ns: self.nanos(now + time),
             next_detach_ns: self.nanos(now + super::detach::DETACH_AFTER),
             state_failed: None,
+            may_wait,
         }
     }
 
@@ -77,6 +82,7 @@ impl Budget {
         self.next_detach_ns
             .store(saved.next_detach_ns, Ordering::Relaxed);
         *self.failed_slot() = saved.state_failed.take();
+        self.may_wait.store(saved.may_wait, Ordering::Relaxed);
     }
 
     fn save(&self) -> Saved {
@@ -85,6 +91,7 @@ impl Budget {
             deadline_ns: self.deadline_ns.load(Ordering::Relaxed),
             next_detach_ns: self.next_detach_ns.load(Ordering::Relaxed),
             state_failed: self.failed_slot().take(),
+            may_wait: self.may_wait.load(Ordering::Relaxed),
         }
     }
 
@@ -97,6 +104,11 @@ impl Budget {
         let deadline = self.deadline_ns.load(Ordering::Relaxed);
         let now = self.nanos(self.base.elapsed());
         Duration::from_nanos(deadline.saturating_sub(now))
+    }
+
+    /// Whether the current call can wait for shared state.
+    pub(super) fn may_wait(&self) -> bool {
+        self.may_wait.load(Ordering::Relaxed)
     }
 
     /// A shared-state call of the current hook call failed.
@@ -157,7 +169,7 @@ pub(super) fn install(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
 
 /// Arms the count hook at its normal rate for a new call (that runs without waiting).
 pub(super) fn arm(lua: &Lua, budget: &Arc<Budget>, instructions: u64, time: Duration) {
-    let mut fresh = budget.fresh(instructions, time);
+    let mut fresh = budget.fresh(instructions, time, false);
     budget.restore(&mut fresh);
     rearm(lua, budget);
 }
@@ -199,7 +211,7 @@ impl<'a, F: Future, Fin> OnVm<'a, F, Fin> {
             budget,
             inner: Box::pin(inner),
             finish: Some(finish),
-            saved: budget.fresh(instructions, time),
+            saved: budget.fresh(instructions, time, true),
             started: false,
         }
     }

@@ -933,7 +933,7 @@ fn load_vm(
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.clone());
         let name_cell = api::PolicyName::new(&default_name);
-        let imap = api::imap_table(&lua, &c.options, shared.clone(), name_cell.clone())
+        let imap = api::imap_table(&lua, &c.options, shared.clone(), name_cell.clone(), &budget)
             .map_err(load_err)?;
         let loading = Arc::new(AtomicBool::new(true));
         imap.set(
@@ -957,7 +957,7 @@ fn load_vm(
             .eval();
         loading.store(false, Ordering::Relaxed);
         let value = value.map_err(load_err)?;
-        let (meta, vm_policy) = contract(&path, &default_name, value, (c.on_error, c.on_error))?;
+        let (meta, vm_policy) = contract(&path, &default_name, value, (c.on_error, c.state_error_mode()))?;
         name_cell.set(&meta.name);
         metas.push(meta);
         policies.push(vm_policy);

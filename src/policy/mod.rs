@@ -13,6 +13,7 @@ pub mod lua;
 pub mod pattern;
 pub mod ratelimit;
 mod sandbox;
+mod state_api;
 mod views;
 mod waiting;
 
