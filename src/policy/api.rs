@@ -63,6 +63,8 @@ pub struct HostShared {
     /// configured upstream up in tools (`UpstreamHealth::unprobed`); `None`: no upstream is
     /// known.
     pub health: Option<UpstreamHealth>,
+    /// The shared state in Redis (`[state]`); `None`: everything stays in process.
+    pub state: Option<crate::state::State>,
 }
 
 impl HostShared {
