@@ -843,7 +843,7 @@ impl Config {
         let url = redis::parse_redis_url(state.redis.expose()).ok_or_else(|| {
             Invalid::new(
                 at("redis"),
-                "not a URL: give redis://host:port/db or rediss://host:port/db",
+                "not a redis:// or rediss:// (TLS) URL such as redis://127.0.0.1:6379/0",
             )
         })?;
         if !matches!(url.scheme(), "redis" | "rediss") {
@@ -1685,6 +1685,123 @@ mod tests {
         .to_string();
         assert!(err.contains("metrics endpoint"), "{err}");
         assert!(admin("token = \"x\"\nport = 1\n").is_err());
+    }
+
+    #[test]
+    fn state_is_optional_and_has_defaults() {
+        assert!(parse(MINIMAL).unwrap().state.is_none());
+        let c = parse(&format!(
+            "{MINIMAL}[state]\nredis = \"redis://127.0.0.1:6379/0\"\n"
+        ))
+        .unwrap();
+        let s = c.state.unwrap();
+        assert_eq!(s.redis.expose(), "redis://127.0.0.1:6379/0");
+        assert_eq!(s.prefix, "imapgate:");
+        assert_eq!(s.timeout(), Duration::from_millis(100));
+        assert_eq!(s.connect_timeout(), Duration::from_millis(1000));
+        assert_eq!(s.connections, 2);
+        assert_eq!(s.session_ttl(), Duration::from_secs(30));
+        assert_eq!((s.password_file, s.password_env), (None, None));
+        let c = parse(&format!(
+            "{MINIMAL}[state]\nredis = \"rediss://redis.example.org:6380/3\"\n\
+             password_file = \"redis.pass\"\nprefix = \"mail:\"\ntimeout_ms = 20\n\
+             connect_timeout_ms = 500\nconnections = 4\nsession_ttl_s = 9\n"
+        ))
+        .unwrap();
+        let s = c.state.unwrap();
+        assert_eq!(
+            s.password_file.as_deref(),
+            Some(Path::new("/etc/imapgate/redis.pass"))
+        );
+        assert_eq!(
+            (s.prefix.as_str(), s.timeout_ms, s.connections),
+            ("mail:", 20, 4)
+        );
+        assert_eq!(s.session_ttl_s, 9);
+    }
+
+    #[test]
+    fn state_refuses_what_cannot_work() {
+        let state = |body: &str| parse(&format!("{MINIMAL}[state]\n{body}"));
+        for (body, field, message) in [
+            ("", "`state`", "redis"),
+            ("redis = \"127.0.0.1:6379\"\n", "`state.redis`", "redis://"),
+            (
+                "redis = \"http://127.0.0.1/\"\n",
+                "`state.redis`",
+                "rediss://",
+            ),
+            (
+                "redis = \"redis://127.0.0.1/x\"\n",
+                "`state.redis`",
+                "database number",
+            ),
+            (
+                "redis = \"redis://h\"\npassword_file = \"f\"\npassword_env = \"V\"\n",
+                "`state.password_env`",
+                "not both",
+            ),
+            (
+                "redis = \"redis://:pw@h\"\npassword_env = \"V\"\n",
+                "`state.password_env`",
+                "one place",
+            ),
+            (
+                "redis = \"redis://h\"\ntimeout_ms = 0\n",
+                "`state.timeout_ms`",
+                "at least 1",
+            ),
+            (
+                "redis = \"redis://h\"\nconnections = 0\n",
+                "`state.connections`",
+                "1 to 64",
+            ),
+            (
+                "redis = \"redis://h\"\nsession_ttl_s = 2\n",
+                "`state.session_ttl_s`",
+                "at least 3",
+            ),
+            ("redis = \"redis://h\"\nport = 1\n", "port", "unknown field"),
+        ] {
+            let err = state(body).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains(message),
+                "{body:?}: {err}"
+            );
+        }
+        // A password in the URL is accepted, and never shown.
+        let c = state("redis = \"redis://:s3cret@127.0.0.1:6379/0\"\n").unwrap();
+        let shown = format!("{:?}", c.state.unwrap());
+        assert!(
+            !shown.contains("s3cret") && shown.contains("127.0.0.1:6379"),
+            "{shown}"
+        );
+        let err = state("redis = \"redis://:s3cret@h/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn on_state_error_defaults_to_on_error() {
+        let policy = |extra: &str| {
+            parse(&format!("{MINIMAL}[[policy]]\nscript = \"p.lua\"\n{extra}"))
+                .unwrap()
+                .policies
+                .remove(0)
+        };
+        assert_eq!(policy("").state_error_mode(), OnError::Closed);
+        assert_eq!(
+            policy("on_error = \"open\"\n").state_error_mode(),
+            OnError::Open
+        );
+        let p = policy("on_error = \"open\"\non_state_error = \"closed\"\n");
+        assert_eq!(p.state_error_mode(), OnError::Closed);
+        assert_eq!(p.on_error, OnError::Open);
+        assert_eq!(
+            policy("on_state_error = \"open\"\n").state_error_mode(),
+            OnError::Open
+        );
     }
 
     #[test]

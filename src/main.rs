@@ -88,6 +88,18 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         imapgate::admin::load_token(admin)?;
     }
     let names = imapgate::policy::check(&config)?;
+    if let Some(state) = &config.state {
+        // A config mistake fails the check; a server that does not answer (yet) is only a
+        // warning: imapgate starts without it and connects when it comes.
+        match imapgate::state::probe(state) {
+            Ok(()) => println!("[state]: Redis at {} answers", state.redis.redacted()),
+            Err(e @ imapgate::state::StateError::Config(_)) => return Err(e.into()),
+            Err(e) => eprintln!(
+                "warning: [state]: Redis at {} does not answer: {e}",
+                state.redis.redacted()
+            ),
+        }
+    }
     println!(
         "{}: ok ({} policies: {})",
         path.display(),

@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 
 use crate::admin::{self, Admin, AdminError, TokenSlot};
 use crate::audit::{Audit, AuditError};
-use crate::config::{Config, ListenerTls, LogFormat, UpstreamTls};
+use crate::config::{Config, ListenerTls, LogFormat, StateConfig, UpstreamTls};
 use crate::metrics::{HealthState, Metrics, SessionLimit};
 use crate::net::certs::{CertError, ClientCerts};
 use crate::net::health::{self, Prober, UpstreamHealth};
@@ -27,6 +27,7 @@ use crate::policy::api::HostShared;
 use crate::policy::{Policies, PolicyError};
 use crate::session::relay::Routing;
 use crate::session::{self, ConnectionLimits, Listener, Registry, SessionError, Settings, Shared};
+use crate::state::{ClusterSessions, State};
 
 /// After the drain timeout, how long sessions get to say BYE before the process exits anyway.
 const BYE_GRACE: Duration = Duration::from_secs(2);
@@ -63,6 +64,8 @@ pub enum ServerError {
     },
     #[error("{0}")]
     Admin(#[source] AdminError),
+    #[error("{0}")]
+    State(#[source] crate::state::StateError),
 }
 
 /// A started proxy: its listeners accept until [`Server::shutdown`].
@@ -77,6 +80,8 @@ pub struct Server {
     prober: Prober,
     /// One task per upstream with `warm` connections.
     warmers: JoinSet<()>,
+    /// The refresh of this instance's cluster session registrations, with `[state]`.
+    state_tasks: JoinSet<()>,
     metrics_endpoint: Option<EndpointThread>,
     admin_endpoint: Option<(EndpointThread, TokenSlot)>,
     sessions: Registry,
@@ -174,10 +179,29 @@ impl Server {
             }
             None => None,
         };
-        let sessions = Registry::new(ConnectionLimits {
-            per_user: config.limits.max_connections_per_user,
-            per_address: config.limits.max_connections_per_address,
-        });
+        let state = match &config.state {
+            Some(cfg) => Some(start_state(cfg, &metrics).await?),
+            None => None,
+        };
+        let mut state_tasks = JoinSet::new();
+        // The cluster-wide registry only serves the per-user limit: without one, no session
+        // costs a Redis round trip.
+        let cluster = state
+            .as_ref()
+            .filter(|_| config.limits.max_connections_per_user > 0)
+            .map(|s| {
+                let cluster = ClusterSessions::new(s.clone());
+                let refresher = cluster.clone();
+                state_tasks.spawn(async move { refresher.refresh_forever().await });
+                cluster
+            });
+        let sessions = Registry::with_cluster(
+            ConnectionLimits {
+                per_user: config.limits.max_connections_per_user,
+                per_address: config.limits.max_connections_per_address,
+            },
+            cluster,
+        );
         let admin_endpoint = match &config.admin {
             Some(a) => {
                 let token = TokenSlot::new(admin::load_token(a).map_err(ServerError::Admin)?);
@@ -197,6 +221,7 @@ impl Server {
         let host = HostShared {
             metrics: Some(metrics.clone()),
             health: Some(upstream_health.clone()),
+            state,
             ..HostShared::default()
         };
         let policies = Policies::load_with_host(&config.policies, &config.lua, host)
@@ -276,6 +301,7 @@ impl Server {
             upstream_health,
             prober,
             warmers,
+            state_tasks,
             metrics_endpoint,
             admin_endpoint,
             sessions,
@@ -380,6 +406,7 @@ impl Server {
         }
         self.prober.stop();
         self.warmers.abort_all();
+        self.state_tasks.abort_all();
         if let Err(e) = self.audit.flush().await {
             tracing::warn!(error = %e, "audit log not flushed");
         }
@@ -625,6 +652,31 @@ pub fn init_logging(config: &Config) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The shared-state client of `[state]`, and one PING so that the log says at start whether
+/// Redis answers. Redis being down does not stop the start: the client reconnects, and state
+/// calls fail as documented until it is back.
+async fn start_state(cfg: &StateConfig, metrics: &Metrics) -> Result<State, ServerError> {
+    let state = State::new(cfg, Some(metrics)).map_err(ServerError::State)?;
+    // The first request also waits for the connection, which the command timeout alone
+    // may not cover on a slow network.
+    let first = timeout(cfg.connect_timeout() + cfg.timeout(), state.ping()).await;
+    match first {
+        Ok(Ok(())) => tracing::info!(
+            redis = state.url(),
+            prefix = state.prefix(),
+            "shared state: Redis answers"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(redis = state.url(), %error, "shared state: Redis does not answer yet; state calls fail until it does")
+        }
+        Err(_) => tracing::warn!(
+            redis = state.url(),
+            "shared state: Redis does not answer yet; state calls fail until it does"
+        ),
+    }
+    Ok(state)
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the

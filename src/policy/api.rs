@@ -64,7 +64,8 @@ pub struct HostShared {
     /// configured upstream up in tools (`UpstreamHealth::unprobed`); `None`: no upstream is
     /// known.
     pub health: Option<UpstreamHealth>,
-    /// `[state]`: Redis shared by several imapgates (`imap.state`, `shared = true`).
+    /// The shared state in Redis (`[state]`: `imap.state`, `shared = true`); `None`:
+    /// everything stays in process.
     pub state: Option<crate::state::State>,
 }
 

@@ -8,6 +8,10 @@
 //! relay adds once per read, as it does for the metrics), and carries the kick signal the
 //! session's driver waits on beside its sockets.
 //!
+//! With `[state]`, the per-user limit is cluster-wide: after the in-process check, a login is
+//! registered in Redis ([`SessionHandle::confirm_login`], [`ClusterSessions`]), which counts
+//! the user's sessions on every instance. Should Redis fail, the in-process count stands.
+//!
 //! One mutex guards the table and the per-user and per-address counts, so that a check and the
 //! registration it allows are one step: two logins racing for a user's last slot cannot both
 //! get it. It is held only for map updates and for copying a snapshot, never across I/O.
@@ -21,6 +25,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::metrics::SessionLimit;
+use crate::state::{ClusterSessions, Registration};
 
 /// `0` means unlimited for both.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +91,8 @@ pub struct Registry {
 struct Inner {
     limits: ConnectionLimits,
     table: Mutex<Table>,
+    /// The cluster-wide registry, with `[state]` and a per-user limit.
+    cluster: Option<ClusterSessions>,
 }
 
 #[derive(Default)]
@@ -105,6 +112,8 @@ struct Slot {
     upstream: Option<String>,
     bytes: Arc<Bytes>,
     kick: watch::Sender<bool>,
+    /// Logged in here, not yet checked against the cluster ([`SessionHandle::confirm_login`]).
+    cluster_pending: bool,
 }
 
 #[derive(Default)]
@@ -148,10 +157,16 @@ fn count_down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
 
 impl Registry {
     pub fn new(limits: ConnectionLimits) -> Registry {
+        Registry::with_cluster(limits, None)
+    }
+
+    /// A registry whose per-user limit also counts the sessions of other instances.
+    pub fn with_cluster(limits: ConnectionLimits, cluster: Option<ClusterSessions>) -> Registry {
         Registry {
             inner: Arc::new(Inner {
                 limits,
                 table: Mutex::default(),
+                cluster,
             }),
         }
     }
@@ -193,6 +208,7 @@ impl Registry {
                 upstream: None,
                 bytes: bytes.clone(),
                 kick,
+                cluster_pending: false,
             },
         );
         drop(table);
@@ -268,6 +284,10 @@ impl Registry {
         if let Some((_, key)) = &slot.user {
             count_down(&mut table.per_user, key);
         }
+        drop(table);
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.unregister_later(id);
+        }
     }
 }
 
@@ -313,7 +333,55 @@ impl SessionHandle {
         }
         count_up(&mut table.per_user, key.clone());
         slot.user = Some((user.to_owned(), key));
+        slot.cluster_pending = self.registry.inner.cluster.is_some() && limit > 0;
         Ok(())
+    }
+
+    /// After [`SessionHandle::logged_in`] allowed a login: with a cluster registry, the
+    /// per-user limit across every instance. Refused: the session no longer counts as the
+    /// user's, as when the in-process limit refuses. Redis failing or too slow: the
+    /// in-process count stands, and that is logged and counted. Returns at once when there is
+    /// nothing to check.
+    pub async fn confirm_login(&self) -> Result<(), LimitExceeded> {
+        let Some(cluster) = &self.registry.inner.cluster else {
+            return Ok(());
+        };
+        let user_key = {
+            let mut table = self.registry.table();
+            let Some(slot) = table.sessions.get_mut(&self.id) else {
+                return Ok(());
+            };
+            if !std::mem::take(&mut slot.cluster_pending) {
+                return Ok(());
+            }
+            match &slot.user {
+                Some((_, key)) => key.clone(),
+                None => return Ok(()),
+            }
+        };
+        let limit = self.registry.inner.limits.per_user;
+        match cluster.register(self.id, &user_key, limit).await {
+            Ok(Registration::Registered { .. }) => Ok(()),
+            Ok(Registration::OverLimit { count }) => {
+                tracing::debug!(
+                    count,
+                    "the user's sessions across the cluster are at the limit"
+                );
+                let mut table = self.registry.table();
+                let table = &mut *table;
+                if let Some(slot) = table.sessions.get_mut(&self.id)
+                    && let Some((_, key)) = slot.user.take()
+                {
+                    count_down(&mut table.per_user, &key);
+                }
+                Err(LimitExceeded::User)
+            }
+            Err(error) => {
+                // Counted in imapgate_state_requests_total{op="session"}.
+                tracing::warn!(%error, "cluster session limit unavailable: the in-process count applies");
+                Ok(())
+            }
+        }
     }
 
     /// The upstream the session is connected to, by its configured name.

@@ -313,6 +313,13 @@ impl Driver {
                 (ur, uw, standin) = (Some(r), Some(w), None);
             }
             self.report_events();
+            // The cluster-wide per-user limit (with [state]): a Redis round trip after the
+            // login was counted in process by report_events.
+            if let Err(refused) = self.session.confirm_login().await {
+                tracing::info!("{refused} across the cluster: closing");
+                self.shared.metrics.session_refused(refused.limit());
+                self.conv.bye_unavailable(refused.bye_text());
+            }
             while let Some(control) = self.conv.take_control() {
                 match control {
                     Control::StartTls => {

@@ -326,6 +326,23 @@ impl State {
     }
 }
 
+/// For `imapgate check`, outside any runtime: whether Redis answers a PING now, within the
+/// connect and command timeouts. A [`StateError::Config`] is a config error; any other, a
+/// server that is not there (yet).
+pub fn probe(cfg: &StateConfig) -> Result<(), StateError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StateError::Config(format!("cannot start a runtime: {e}")))?;
+    runtime.block_on(async {
+        let state = State::new(cfg, None)?;
+        match tokio::time::timeout(cfg.connect_timeout() + cfg.timeout(), state.ping()).await {
+            Ok(result) => result,
+            Err(_) => Err(StateError::Timeout),
+        }
+    })
+}
+
 /// The connection settings: the URL, with the password from a file or the environment.
 fn connection_info(cfg: &StateConfig) -> Result<redis::ConnectionInfo, StateError> {
     let info = cfg

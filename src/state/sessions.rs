@@ -254,20 +254,17 @@ impl ClusterSessions {
             .await
     }
 
-    /// The task that refreshes this instance's registrations every third of the TTL, for as
-    /// long as the process runs.
-    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
+    /// Refreshes this instance's registrations every third of the TTL, for as long as the
+    /// process runs (the server runs it as a task of its own).
+    pub async fn refresh_forever(self) {
         let period = (self.inner.ttl / 3).max(Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(error) = this.refresh().await {
-                    tracing::warn!(%error, "cannot refresh this instance's cluster sessions");
-                }
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(error) = self.refresh().await {
+                tracing::warn!(%error, "cannot refresh this instance's cluster sessions");
             }
-        })
+        }
     }
 }
