@@ -34,11 +34,19 @@
 --   reset_on_success = true   a successful login clears the user's count
 --   exempt_networks  = {}     addresses never counted or judged per address (webmail
 --                             frontends, monitoring); their users are still counted
+--   shared           = false  true: the counts and cool-downs live in the [state] Redis,
+--                             shared by every imapgate using it (failures from one address
+--                             count together whichever instance they reach); without [state]
+--                             they stay in process. When Redis fails the policy's
+--                             on_state_error decides: "open" lets logins through unjudged,
+--                             "closed" refuses them with NO [UNAVAILABLE] (failures in
+--                             on_complete go uncounted either way).
 
 local o = imap.options
 local KNOWN_OPTIONS = {
   window_s = true, delay_after = true, delay_ms = true, refuse_after = true,
   cooldown_s = true, per_user = true, reset_on_success = true, exempt_networks = true,
+  shared = true,
 }
 for k in pairs(o) do
   if not KNOWN_OPTIONS[k] then
@@ -76,6 +84,8 @@ local refuse_after = number("refuse_after", 10, 1)
 local cooldown_s = number("cooldown_s", 900, 1)
 local per_user = boolean("per_user", true)
 local reset_on_success = boolean("reset_on_success", true)
+-- The last argument of every imap.shared call: where the counts live.
+local where = { shared = boolean("shared", false) }
 local exempt = o.exempt_networks or {}
 if type(exempt) ~= "table" then
   error("login_throttle: exempt_networks is a list of networks", 0)
@@ -121,11 +131,11 @@ local function user_key(user)
 end
 
 local function blocked(key)
-  return key ~= nil and imap.shared.get("cooldown " .. key) ~= nil
+  return key ~= nil and imap.shared.get("cooldown " .. key, where) ~= nil
 end
 
 local function failures(key)
-  return key and imap.shared.get("failures " .. key) or 0
+  return key and imap.shared.get("failures " .. key, where) or 0
 end
 
 -- Judges a login for the keys given (nil: not judged here).
@@ -149,12 +159,12 @@ local function failed(key)
   if key == nil then
     return
   end
-  local n = imap.shared.incr("failures " .. key, 1, window_s)
+  local n = imap.shared.incr("failures " .. key, 1, window_s, where)
   -- nil: imap.shared is full (100,000 keys); the failure goes uncounted rather than failing
   -- the hook.
   if n and n >= refuse_after then
-    imap.shared.set("cooldown " .. key, 1, cooldown_s)
-    imap.shared.set("failures " .. key, 0, window_s)
+    imap.shared.set("cooldown " .. key, 1, cooldown_s, where)
+    imap.shared.set("failures " .. key, 0, window_s, where)
     throttle:inc({ "cooldown" })
   end
 end
@@ -191,7 +201,7 @@ return {
     ctx.vars.login_tag = nil
     if status == "OK" then
       if reset_on_success and user then
-        imap.shared.set("failures " .. user, 0, window_s)
+        imap.shared.set("failures " .. user, 0, window_s, where)
       end
       return
     end

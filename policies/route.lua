@@ -1,6 +1,18 @@
 -- route: which upstream serves a login (on_login; imapgate must own the login: [routing],
 -- several [[upstream]], or this policy configured).
 --
+-- 0. With redis_hash (needs [state]): the user's entry in that Redis hash, shared by every
+--    imapgate (key "<prefix>kv:<redis_hash>", field the case-folded user, value an upstream
+--    name). An operator moves a user with `HSET <prefix>kv:routes alice@example.org mail2`
+--    and a kick (POST /kick?user=... on the admin endpoint, which also drops that user's
+--    cached entry on that instance). Answers are cached per instance for redis_cache_s
+--    (default 30 s): other instances see the move within that time. When Redis does not
+--    answer, a cached (even stale) entry is used; for a user with none, redis_down says:
+--    "refuse" (default) lets the failure through to the policy's on_state_error (keep it
+--    "closed", the default: NO [UNAVAILABLE]; routing them elsewhere would show them an
+--    empty mailbox), "fallback" goes on to the map and the pool (when any upstream of the
+--    pool can serve anyone). An entry naming an upstream that is not configured is ignored
+--    (logged).
 -- 1. A static map, from the options (users = { ["alice@example.org"] = "mail2" }) and/or a
 --    map file (map_file = "users.map": one "user upstream" per line, # comments). Entries may
 --    be wildcard domains: "*@example.org" = "mail3" serves every user of example.org without
@@ -25,13 +37,35 @@
 --   users    = { ["user@domain"] = "mail2", ["*@domain"] = "mail3" }
 --   map_file = "users.map"             relative to the configuration file's directory
 --   pool     = { "mail1", "mail2", "mail3" }
+--   redis_hash    = "routes"           a Redis hash of user -> upstream ([state] needed)
+--   redis_cache_s = 30                 how long an answer from it is used again
+--   redis_down    = "refuse"           or "fallback" (see 0.)
 
 local o = imap.options
-local KNOWN_OPTIONS = { users = true, map_file = true, pool = true }
+local KNOWN_OPTIONS = { users = true, map_file = true, pool = true, redis_hash = true, redis_cache_s = true, redis_down = true }
 for k in pairs(o) do
   if not KNOWN_OPTIONS[k] then
-    error(string.format("route: unknown option %q (known: users, map_file, pool)", tostring(k)), 0)
+    error(string.format("route: unknown option %q (known: users, map_file, pool, redis_hash, redis_cache_s, redis_down)", tostring(k)), 0)
   end
+end
+
+local redis_hash = o.redis_hash
+if redis_hash ~= nil then
+  if type(redis_hash) ~= "string" or redis_hash == "" then
+    error("route: redis_hash is the name of a Redis hash", 0)
+  end
+  if not imap.state.available then
+    error("route: redis_hash needs a [state] table (Redis) in the configuration", 0)
+  end
+end
+local redis_cache_s = o.redis_cache_s or 30
+if type(redis_cache_s) ~= "number" or redis_cache_s <= 0 then
+  error("route: redis_cache_s is a number of seconds > 0", 0)
+end
+local lookup_options = { cache_s = redis_cache_s }
+local redis_down = o.redis_down or "refuse"
+if redis_down ~= "refuse" and redis_down ~= "fallback" then
+  error("route: redis_down is \"refuse\" or \"fallback\"", 0)
 end
 
 -- The configured upstreams. Empty when the host knows none (an embedding without upstreams):
@@ -120,7 +154,7 @@ end
 
 local routed = imap.metrics.counter(
   "route_logins_total",
-  "Logins the route policy placed, by how: map (the user's entry), domain (a *@domain entry), hash (the pool), default (the first upstream)",
+  "Logins the route policy placed, by how: redis (the user's entry in the Redis hash), redis_down (Redis failed, redis_down = fallback), map (the user's entry), domain (a *@domain entry), hash (the pool), default (the first upstream)",
   { "how" }
 )
 
@@ -168,11 +202,34 @@ local function ranked(user)
   return list
 end
 
+-- The user's upstream in the Redis hash, or nil.
+local function from_redis(user)
+  if redis_down == "refuse" then
+    -- A failure raises an error: on_state_error decides.
+    return imap.state.hget(redis_hash, user, lookup_options)
+  end
+  local ok, upstream = pcall(imap.state.hget, redis_hash, user, lookup_options)
+  if not ok then
+    routed:inc({ "redis_down" })
+    return nil
+  end
+  return upstream
+end
+
 return {
   name = "route",
 
   on_login = function(ctx, login)
     local user = login.user and string.lower(login.user)
+    if user and redis_hash then
+      local upstream = from_redis(user)
+      if upstream and any_configured and not configured[upstream] then
+        imap.log("warn", string.format("route: %s maps a user to %q, which is not configured", redis_hash, upstream))
+      elseif upstream then
+        routed:inc({ "redis" })
+        return imap.route({ upstream = upstream })
+      end
+    end
     if user then
       local upstream, how = mapped(user)
       if upstream then

@@ -20,6 +20,11 @@
 --   mode       = "delay"  "delay": hold the command until its token is due; "reject": NO [LIMIT]
 --   max_delay  = 30       longest hold, in seconds, before a command is refused instead
 --   commands   = { "SEARCH", "UID SEARCH", "SORT", "UID SORT", "THREAD", "UID THREAD" }
+--   shared     = false    true: one bucket per user for every imapgate sharing the [state]
+--                         Redis (one round trip per limited command, evaluated atomically in
+--                         Redis with its clock); without [state] the bucket stays in process.
+--                         When Redis fails the policy's on_state_error decides: "open" lets
+--                         the command through, "closed" answers NO [UNAVAILABLE].
 
 local o = imap.options
 local per_second = o.per_second or 1.0
@@ -30,6 +35,9 @@ local fold_case = o.fold_case
 if fold_case == nil then
   fold_case = true
 end
+local shared = o.shared or false
+assert(type(shared) == "boolean", "search_rate_limit: shared is true or false")
+local limit_options = { shared = shared }
 assert(mode == "reject" or mode == "delay", "search_rate_limit: mode must be reject or delay")
 assert(o.key == nil or o.key == "user" or o.key == "peer", "search_rate_limit: key must be user or peer")
 assert(type(fold_case) == "boolean", "search_rate_limit: fold_case is true or false")
@@ -47,7 +55,7 @@ return {
   commands = o.commands or { "SEARCH", "UID SEARCH", "SORT", "UID SORT", "THREAD", "UID THREAD" },
 
   on_command = function(ctx, cmd)
-    local allowed, wait = imap.rate_limit(key_of(ctx), per_second, burst)
+    local allowed, wait = imap.rate_limit(key_of(ctx), per_second, burst, limit_options)
     if allowed then
       return
     end

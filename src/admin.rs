@@ -25,6 +25,7 @@ use crate::audit::rfc3339;
 use crate::config::{AdminConfig, Secret, check_token};
 use crate::metrics::Metrics;
 use crate::net::http::{Reply, json, plain};
+use crate::policy::Lookups;
 use crate::session::{Registry, SessionInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +120,9 @@ pub struct Admin {
     pub sessions: Registry,
     pub token: TokenSlot,
     pub metrics: Metrics,
+    /// Cached route lookups (`imap.state.hget` with `cache_s`): a kicked user's are
+    /// forgotten, so that their next login reads where they live now.
+    pub lookups: Arc<Lookups>,
 }
 
 /// One session as `GET /sessions` shows it.
@@ -198,6 +202,7 @@ impl Admin {
             Ok(_) => return plain(StatusCode::BAD_REQUEST, "?user=NAME is required\n"),
             Err(why) => return plain(StatusCode::BAD_REQUEST, why),
         };
+        self.lookups.forget_field(&user);
         let kicked = self.sessions.kick_user(&user);
         self.metrics.sessions_kicked(kicked);
         tracing::info!(user = user.as_str(), kicked, "admin endpoint: kick");
@@ -264,6 +269,7 @@ mod tests {
 
     fn admin(token: &str) -> Admin {
         Admin {
+            lookups: Arc::default(),
             sessions: Registry::default(),
             token: TokenSlot::new(Secret::new(token)),
             metrics: Metrics::new(),

@@ -24,7 +24,7 @@ use crate::net::upstream::Target;
 use crate::net::warm::Warm;
 use crate::net::{Stream, tune};
 use crate::policy::api::HostShared;
-use crate::policy::{Policies, PolicyError};
+use crate::policy::{Lookups, Policies, PolicyError};
 use crate::session::relay::Routing;
 use crate::session::{self, ConnectionLimits, Listener, Registry, SessionError, Settings, Shared};
 use crate::state::{ClusterSessions, State};
@@ -202,10 +202,12 @@ impl Server {
             },
             cluster,
         );
+        let lookups = Arc::new(Lookups::default());
         let admin_endpoint = match &config.admin {
             Some(a) => {
                 let token = TokenSlot::new(admin::load_token(a).map_err(ServerError::Admin)?);
                 let handler = Admin {
+                    lookups: lookups.clone(),
                     sessions: sessions.clone(),
                     token: token.clone(),
                     metrics: metrics.clone(),
@@ -222,6 +224,7 @@ impl Server {
             metrics: Some(metrics.clone()),
             health: Some(upstream_health.clone()),
             state,
+            lookups,
             ..HostShared::default()
         };
         let policies = Policies::load_with_host(&config.policies, &config.lua, host)

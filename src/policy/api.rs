@@ -67,6 +67,8 @@ pub struct HostShared {
     /// The shared state in Redis (`[state]`: `imap.state`, `shared = true`); `None`:
     /// everything stays in process.
     pub state: Option<crate::state::State>,
+    /// Cached `imap.state.hget` answers (`cache_s`).
+    pub lookups: Arc<state_api::Lookups>,
 }
 
 impl HostShared {
@@ -250,7 +252,10 @@ pub(super) fn imap_table(
         state_api::shared_counters(lua, &shared_table, shared.clone(), state, name, budget)?;
     }
     imap.set("shared", shared_table)?;
-    imap.set("state", state_api::state_table(lua, shared.state.clone(), budget)?)?;
+    imap.set(
+        "state",
+        state_api::state_table(lua, shared.state.clone(), shared.lookups.clone(), budget)?,
+    )?;
 
     let m = lua.create_table()?;
     m.set(

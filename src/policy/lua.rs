@@ -365,11 +365,12 @@ impl PolicySet {
         decisions: &mut Vec<Decision>,
     ) -> Result<Verdict, Failure> {
         let hook = call.hook;
-        let result = match state {
-            // Whatever the script made of the failed call (it may have caught the error):
-            // the policy decided without the state it asked for.
-            Some(why) => Err(Failure::State(format!("shared state: {why}"))),
-            None => result
+        let result = match (result, state) {
+            // The hook failed after shared state did (the error went through, or the wait
+            // took its time budget): `on_state_error` decides. A script that caught the error
+            // with `pcall` decided for itself, and its verdict stands.
+            (Err(_), Some(why)) => Err(Failure::State(format!("shared state: {why}"))),
+            (result, _) => result
                 .map_err(|e| Failure::Hook(flatten_error(&e)))
                 .and_then(|v| {
                     if hook.allows(&v) {
@@ -957,7 +958,12 @@ fn load_vm(
             .eval();
         loading.store(false, Ordering::Relaxed);
         let value = value.map_err(load_err)?;
-        let (meta, vm_policy) = contract(&path, &default_name, value, (c.on_error, c.state_error_mode()))?;
+        let (meta, vm_policy) = contract(
+            &path,
+            &default_name,
+            value,
+            (c.on_error, c.state_error_mode()),
+        )?;
         name_cell.set(&meta.name);
         metas.push(meta);
         policies.push(vm_policy);

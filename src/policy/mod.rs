@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::net::health::UpstreamHealth;
 
 pub use lua::{CompleteView, Completed, LoginView, PolicySet};
+pub use state_api::Lookups;
 pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
 pub use waiting::{Finished, Judgement, Waiting};
 

@@ -16,9 +16,10 @@
 //! one imapgate is its own cluster), and `imap.state` is there with `available = false`; its
 //! functions fail.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mlua::{Lua, Table, Value};
 
@@ -41,6 +42,19 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, StateError>> + Send + 'static,
 {
+    bounded_or(budget, op, None)
+}
+
+/// [`bounded`], with an answer to give instead of failing (a stale cached one).
+fn bounded_or<T, F>(
+    budget: &Arc<Budget>,
+    op: F,
+    fallback: Option<T>,
+) -> mlua::Result<impl Future<Output = mlua::Result<T>> + Send + 'static + use<T, F>>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StateError>> + Send + 'static,
+{
     if !budget.may_wait() {
         return Err(mlua::Error::RuntimeError(
             "shared state is only available in on_command, on_login and on_complete".into(),
@@ -54,8 +68,14 @@ where
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the hook's time budget ran out waiting for shared state".to_string(),
         };
+        if let Some(value) = fallback {
+            tracing::warn!(error = %failure, "shared state failed; a cached answer is used");
+            return Ok(value);
+        }
         budget.state_failed(failure.clone());
-        Err(mlua::Error::RuntimeError(format!("shared state: {failure}")))
+        Err(mlua::Error::RuntimeError(format!(
+            "shared state: {failure}"
+        )))
     })
 }
 
@@ -78,6 +98,70 @@ fn shared_ttl(ttl: Option<f64>) -> mlua::Result<Option<Duration>> {
         Some(_) => Err(mlua::Error::RuntimeError(
             "ttl must be a number of seconds > 0".into(),
         )),
+    }
+}
+
+/// `{ cache_s = N }` of `imap.state.hget`: how long an answer is used again without asking.
+fn cache_time(opts: &Option<Table>) -> mlua::Result<Option<Duration>> {
+    let Some(t) = opts else {
+        return Ok(None);
+    };
+    match t.get::<Value>("cache_s")? {
+        Value::Nil => Ok(None),
+        Value::Integer(n) if n > 0 => Ok(Some(Duration::from_secs(n.unsigned_abs()))),
+        Value::Number(n) if n > 0.0 => Duration::try_from_secs_f64(n)
+            .map(Some)
+            .map_err(|_| mlua::Error::RuntimeError("cache_s is a number of seconds > 0".into())),
+        _ => Err(mlua::Error::RuntimeError(
+            "cache_s is a number of seconds > 0".into(),
+        )),
+    }
+}
+
+/// Answers of `imap.state.hget` with `cache_s`, per instance (shared by every VM and kept
+/// across reloads): a route map read once per user per `cache_s`, not per login. When Redis
+/// fails, a stale answer is used rather than none. Bounded: past [`Lookups::MAX`] entries the
+/// expired ones go, and a new answer is not kept while it is still full.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    map: Mutex<HashMap<(String, String), (Option<String>, Instant)>>,
+}
+
+enum Cached {
+    Fresh(Option<String>),
+    Stale(Option<String>),
+    Missing,
+}
+
+impl Lookups {
+    const MAX: usize = 100_000;
+
+    fn get(&self, key: &str, field: &str, ttl: Duration) -> Cached {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // One lookup per call: the owned key is built only to find the entry.
+        match map.get(&(key.to_string(), field.to_string())) {
+            Some((value, at)) if at.elapsed() < ttl => Cached::Fresh(value.clone()),
+            Some((value, _)) => Cached::Stale(value.clone()),
+            None => Cached::Missing,
+        }
+    }
+
+    fn put(&self, key: String, field: String, value: Option<String>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            // Nothing is cached longer than an hour's worth of use; keep it simple.
+            map.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(3600));
+            if map.len() >= Self::MAX {
+                return;
+            }
+        }
+        map.insert((key, field), (value, Instant::now()));
+    }
+
+    /// Forgets every cached answer for `field` (a user being moved: the admin kick).
+    pub fn forget_field(&self, field: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|(_, f), _| !f.eq_ignore_ascii_case(field));
     }
 }
 
@@ -120,6 +204,7 @@ impl<T, F: Future<Output = mlua::Result<T>>> Answer<T, F> {
 pub(super) fn state_table(
     lua: &Lua,
     state: Option<State>,
+    lookups: Arc<Lookups>,
     budget: &Arc<Budget>,
 ) -> mlua::Result<Table> {
     let t = lua.create_table()?;
@@ -141,9 +226,8 @@ pub(super) fn state_table(
         "get",
         lua.create_async_function(move |_, key: String| {
             let s = s.clone();
-            let op = checked_key(&key).and_then(|()| {
-                bounded(&b, async move { s.get(&format!("kv:{key}")).await })
-            });
+            let op = checked_key(&key)
+                .and_then(|()| bounded(&b, async move { s.get(&format!("kv:{key}")).await }));
             async move { op?.await }
         })?,
     )?;
@@ -162,9 +246,10 @@ pub(super) fn state_table(
                         )));
                     }
                     let ttl = shared_ttl(ttl)?;
-                    bounded(&b, async move {
-                        s.set(&format!("kv:{key}"), &value, ttl).await
-                    })
+                    bounded(
+                        &b,
+                        async move { s.set(&format!("kv:{key}"), &value, ttl).await },
+                    )
                 });
                 async move { op?.await.map(|()| true) }
             },
@@ -191,13 +276,38 @@ pub(super) fn state_table(
     let (s, b) = (state, budget.clone());
     t.set(
         "hget",
-        lua.create_async_function(move |_, (key, field): (String, String)| {
-            let s = s.clone();
-            let op = checked_key(&key).and_then(|()| {
-                bounded(&b, async move { s.hget(&format!("kv:{key}"), &field).await })
-            });
-            async move { op?.await }
-        })?,
+        lua.create_async_function(
+            move |_, (key, field, opts): (String, String, Option<Table>)| {
+                let s = s.clone();
+                let answer = (|| -> mlua::Result<_> {
+                    checked_key(&key)?;
+                    let cache_for = cache_time(&opts)?;
+                    let key = format!("kv:{key}");
+                    let cached = match cache_for {
+                        Some(ttl) => match lookups.get(&key, &field, ttl) {
+                            Cached::Fresh(value) => return Ok(Answer::Now(value)),
+                            Cached::Stale(value) => Some(value),
+                            Cached::Missing => None,
+                        },
+                        None => None,
+                    };
+                    let cache = lookups.clone();
+                    let op = bounded_or(
+                        &b,
+                        async move {
+                            let value = s.hget(&key, &field).await?;
+                            if cache_for.is_some() {
+                                cache.put(key, field, value.clone());
+                            }
+                            Ok(value)
+                        },
+                        cached,
+                    )?;
+                    Ok(Answer::Later(op))
+                })();
+                async move { answer?.get().await }
+            },
+        )?,
     )?;
     Ok(t)
 }
@@ -229,9 +339,10 @@ pub(super) fn rate_limit_fn(
                 checked_key(&key)?;
                 let s = state.clone();
                 let k = policy_key(&owner, &key);
-                let op = bounded(&budget, async move {
-                    s.rate_limit(&k, per_second, burst).await
-                })?;
+                let op = bounded(
+                    &budget,
+                    async move { s.rate_limit(&k, per_second, burst).await },
+                )?;
                 Ok(Answer::Later(async move {
                     op.await.map(|d| (d.allowed, d.wait.as_secs_f64()))
                 }))
