@@ -211,3 +211,52 @@ async fn the_per_user_limit_holds_across_instances_and_a_dead_instance_stops_cou
     let took = killed.elapsed();
     assert!(took <= TTL + Duration::from_secs(3), "{took:?}");
 }
+
+/// Redis not answering during a login: the in-process count decides, and the failure is
+/// counted; once Redis answers again the cluster count is back.
+#[tokio::test]
+async fn a_redis_that_does_not_answer_leaves_the_in_process_limit() {
+    use imapgate::config::{MetricsConfig, StateConfig, UpstreamTls};
+
+    use crate::support::evidence::{sample, scrape};
+    use crate::support::proxy::{PLAIN, Proxy, config_for};
+
+    let dc = Dovecot::shared();
+    let redis = Redis::start();
+    let mut config = config_for(dc, UpstreamTls::None);
+    config.limits.max_connections_per_user = 1;
+    config.state = Some(StateConfig {
+        timeout_ms: 200,
+        connect_timeout_ms: 200,
+        ..StateConfig::new(&redis.url())
+    });
+    config.metrics = Some(MetricsConfig {
+        bind: "127.0.0.1:0".parse().expect("address"),
+    });
+    let proxy = Proxy::start(config).await;
+    let addr = proxy.addr(PLAIN);
+    let (user, pass) = dc.fresh_user();
+    // Another instance's session, registered straight in Redis, holds the only place.
+    let key = format!("imapgate:sessions:{}", user.to_lowercase());
+    let _: i64 = redis.cmd(&["ZADD", &key, "99999999999999", "elsewhere:1"]);
+    assert!(matches!(login(addr, &user, &pass).await, Login::Refused));
+
+    redis.freeze();
+    // Unknown cluster-wide: this instance has none of the user's sessions, so one is allowed...
+    let Login::Kept(mut kept) = login(addr, &user, &pass).await else {
+        panic!("refused while Redis did not answer");
+    };
+    // ...and the in-process limit still holds.
+    assert!(matches!(login(addr, &user, &pass).await, Login::Refused));
+    redis.thaw();
+    let text = scrape(proxy.metrics_addr().expect("metrics")).await;
+    assert!(
+        sample(
+            &text,
+            "imapgate_state_requests_total{op=\"session\",result=\"timeout\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    kept.logout().await;
+    proxy.shutdown().await;
+}
