@@ -234,6 +234,21 @@ impl Client {
             .unwrap_or_else(|e| panic!("write to {peer}: {e}"));
     }
 
+    /// Writes `line` and CRLF, and says whether that worked rather than panicking: for a
+    /// connection the server may be closing.
+    pub async fn try_send_line(&mut self, line: &str) -> std::io::Result<()> {
+        let timeout = self.timeout;
+        let bytes = format!("{line}\r\n");
+        let s = self.stream_mut();
+        let write = async {
+            s.write_all(bytes.as_bytes()).await?;
+            s.flush().await
+        };
+        tokio::time::timeout(timeout, write)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    }
+
     /// Writes `line` followed by CRLF.
     pub async fn send_line(&mut self, line: &str) {
         let mut bytes = line.as_bytes().to_vec();

@@ -31,11 +31,18 @@ impl Haproxy {
     /// `server_options` on its `server` line (`send-proxy-v2`, `send-proxy`). Panics with
     /// HAProxy's log if it does not come up.
     pub fn start(backend: SocketAddr, server_options: &str) -> Haproxy {
+        Haproxy::start_balanced(&[backend], server_options)
+    }
+
+    /// HAProxy relaying connections to `backends` in turn (`balance roundrobin`), each
+    /// `server` line with `server_options`. A connection a backend refuses (one that died) is
+    /// sent to the next (`option redispatch`).
+    pub fn start_balanced(backends: &[SocketAddr], server_options: &str) -> Haproxy {
         let mut last = String::new();
         // A free port is found by binding port 0 and releasing it: another process may take
         // it in between, so a clash is retried on another.
         for _ in 0..3 {
-            let mut lb = Haproxy::spawn(backend, server_options);
+            let mut lb = Haproxy::spawn(backends, server_options);
             match lb.wait_ready() {
                 Ok(()) => return lb,
                 Err(e) => {
@@ -49,16 +56,21 @@ impl Haproxy {
         panic!("HAProxy did not start: {last}");
     }
 
-    fn spawn(backend: SocketAddr, server_options: &str) -> Haproxy {
+    fn spawn(backends: &[SocketAddr], server_options: &str) -> Haproxy {
         let dir = super::temp_dir();
         let port = super::proxy::free_port();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("    server imapgate{i} {b} {server_options}\n"))
+            .collect();
         let config = format!(
             "global\n    maxconn 200\n\n\
              defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
-             timeout server 60s\n\n\
+             timeout server 60s\n    retries 2\n    option redispatch 1\n\n\
              frontend imap\n    bind {addr}\n    default_backend imapgate\n\n\
-             backend imapgate\n    server imapgate {backend} {server_options}\n"
+             backend imapgate\n    balance roundrobin\n{servers}"
         );
         let conf = dir.path().join("haproxy.cfg");
         std::fs::write(&conf, config).expect("write haproxy.cfg");
