@@ -5,5 +5,9 @@ mod support;
 
 #[path = "cluster/connection_limit.rs"]
 mod connection_limit;
+#[path = "cluster/hooks.rs"]
+mod hooks;
+#[path = "cluster/policies.rs"]
+mod policies;
 #[path = "cluster/state.rs"]
 mod state;

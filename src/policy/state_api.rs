@@ -124,8 +124,11 @@ fn cache_time(opts: &Option<Table>) -> mlua::Result<Option<Duration>> {
 /// expired ones go, and a new answer is not kept while it is still full.
 #[derive(Debug, Default)]
 pub struct Lookups {
-    map: Mutex<HashMap<(String, String), (Option<String>, Instant)>>,
+    map: Mutex<HashMap<(String, String), Entry>>,
 }
+
+/// An answer (`None`: the field is not in the hash), and when it was read.
+type Entry = (Option<String>, Instant);
 
 enum Cached {
     Fresh(Option<String>),
@@ -177,6 +180,15 @@ fn wants_shared(opts: &Option<Table>) -> mlua::Result<bool> {
                 other.type_name()
             ))),
         },
+    }
+}
+
+/// A count as Lua shows it: an integer when it is one (`3`, not `3.0`).
+fn number(n: f64) -> Value {
+    if n.fract() == 0.0 && n.abs() < 9.0e15 {
+        Value::Integer(n as i64)
+    } else {
+        Value::Number(n)
     }
 }
 
@@ -268,7 +280,7 @@ pub(super) fn state_table(
                         s.incr(&format!("kv:{key}"), by.unwrap_or(1.0), ttl).await
                     })
                 });
-                async move { op?.await }
+                async move { op?.await.map(number) }
             },
         )?,
     )?;
