@@ -217,19 +217,21 @@ impl State {
         result
     }
 
-    /// Whether Redis answers a PING now.
+    /// Whether Redis answers a PING now, on every connection (which opens those not open
+    /// yet, so that the first requests do not pay for it).
     pub async fn ping(&self) -> Result<(), StateError> {
-        let mut con = self.connection();
-        let pong: String = self
-            .run(StateOp::Ping, async move {
-                redis::cmd("PING").query_async(&mut con).await
-            })
-            .await?;
-        if pong == "PONG" {
-            Ok(())
-        } else {
-            Err(StateError::BadReply(format!("PING answered {pong:?}")))
+        for manager in &self.inner.managers {
+            let mut con = manager.clone();
+            let pong: String = self
+                .run(StateOp::Ping, async move {
+                    redis::cmd("PING").query_async(&mut con).await
+                })
+                .await?;
+            if pong != "PONG" {
+                return Err(StateError::BadReply(format!("PING answered {pong:?}")));
+            }
         }
+        Ok(())
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, StateError> {

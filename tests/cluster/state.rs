@@ -338,3 +338,49 @@ async fn the_password_comes_from_a_file_or_the_environment() {
         Err(StateError::Config(_))
     ));
 }
+
+#[tokio::test]
+async fn check_says_whether_redis_answers_without_failing_when_it_does_not() {
+    let redis = Redis::start();
+    let dir = crate::support::temp_dir();
+    let check = |url: &str| {
+        let path = dir.path().join("imapgate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\nbind = \"127.0.0.1:1143\"\ntls = \"none\"\n\
+                 [state]\nredis = \"{url}\"\ntimeout_ms = 200\nconnect_timeout_ms = 200\n"
+            ),
+        )
+        .expect("write config");
+        let out = std::process::Command::new(crate::support::proxy::binary())
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run imapgate check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = check(&redis.url());
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("Redis at") && stdout.contains("answers"),
+        "{stdout}"
+    );
+
+    let port = crate::support::proxy::free_port();
+    let (ok, stdout, stderr) = check(&format!("redis://:hidden-pw@127.0.0.1:{port}/0"));
+    assert!(
+        ok,
+        "a Redis that does not answer only warns: {stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("warning") && stderr.contains("does not answer"),
+        "{stderr}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("hidden-pw"));
+}
