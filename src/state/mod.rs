@@ -95,6 +95,7 @@ struct Inner {
     next: AtomicUsize,
     prefix: String,
     timeout: Duration,
+    connect_timeout: Duration,
     session_ttl: Duration,
     /// The URL without its password, for logs.
     shown_url: String,
@@ -141,7 +142,20 @@ impl State {
                 "the state client needs a Tokio runtime".into(),
             ));
         }
-        let client = redis::Client::open(info).map_err(|e| StateError::Config(e.to_string()))?;
+        let client = match &cfg.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StateError::Config(format!("cannot read ca {}: {e}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| StateError::Config(format!("cannot use [state]: {}", e.category())))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
             .set_response_timeout(Some(cfg.timeout()))
@@ -162,6 +176,7 @@ impl State {
                 next: AtomicUsize::new(0),
                 prefix: cfg.prefix.clone(),
                 timeout: cfg.timeout(),
+                connect_timeout: cfg.connect_timeout(),
                 session_ttl: cfg.session_ttl(),
                 shown_url: cfg.redis.redacted(),
                 metrics: metrics.map(Metrics::state),
@@ -201,8 +216,20 @@ impl State {
     where
         F: Future<Output = Result<T, RedisError>>,
     {
+        self.run_within(self.inner.timeout, op, request).await
+    }
+
+    async fn run_within<T, F>(
+        &self,
+        limit: Duration,
+        op: StateOp,
+        request: F,
+    ) -> Result<T, StateError>
+    where
+        F: Future<Output = Result<T, RedisError>>,
+    {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.inner.timeout, request).await {
+        let result = match tokio::time::timeout(limit, request).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StateError::from_redis(e)),
             Err(_) => Err(StateError::Timeout),
@@ -218,12 +245,14 @@ impl State {
     }
 
     /// Whether Redis answers a PING now, on every connection (which opens those not open
-    /// yet, so that the first requests do not pay for it).
+    /// yet, so that the first requests do not pay for it). Each may take the connect timeout
+    /// and the command timeout.
     pub async fn ping(&self) -> Result<(), StateError> {
+        let limit = self.inner.connect_timeout + self.inner.timeout;
         for manager in &self.inner.managers {
             let mut con = manager.clone();
             let pong: String = self
-                .run(StateOp::Ping, async move {
+                .run_within(limit, StateOp::Ping, async move {
                     redis::cmd("PING").query_async(&mut con).await
                 })
                 .await?;
@@ -338,10 +367,7 @@ pub fn probe(cfg: &StateConfig) -> Result<(), StateError> {
         .map_err(|e| StateError::Config(format!("cannot start a runtime: {e}")))?;
     runtime.block_on(async {
         let state = State::new(cfg, None)?;
-        match tokio::time::timeout(cfg.connect_timeout() + cfg.timeout(), state.ping()).await {
-            Ok(result) => result,
-            Err(_) => Err(StateError::Timeout),
-        }
+        state.ping().await
     })
 }
 

@@ -384,3 +384,36 @@ async fn check_says_whether_redis_answers_without_failing_when_it_does_not() {
     );
     assert!(!format!("{stdout}{stderr}").contains("hidden-pw"));
 }
+
+#[tokio::test]
+async fn rediss_verifies_the_server_with_the_configured_ca() {
+    let dir = crate::support::temp_dir();
+    let pki = crate::support::Pki::generate(dir.path());
+    let redis = Redis::with_tls(&pki);
+    assert!(redis.url().starts_with("rediss://127.0.0.1:"));
+    let trusted = StateConfig {
+        ca: Some(pki.ca.clone()),
+        // A TLS handshake on a loaded machine with a debug build is slower than loopback.
+        timeout_ms: 2000,
+        ..config(&redis, "t7:")
+    };
+    let state = State::new(&trusted, None).expect("state");
+    state.ping().await.expect("ping over TLS");
+    state.set("k", "v", None).await.expect("set over TLS");
+    assert_eq!(
+        redis.cmd::<Option<String>>(&["GET", "t7:k"]).as_deref(),
+        Some("v")
+    );
+
+    // Without the CA, the system roots do not know the test CA: no connection.
+    let untrusted = StateConfig {
+        timeout_ms: 2000,
+        ..config(&redis, "t7:")
+    };
+    let state = State::new(&untrusted, None).expect("state");
+    let err = state.get("k").await.expect_err("an unknown CA");
+    assert!(
+        matches!(err, StateError::Connect(_) | StateError::Timeout),
+        "{err:?}"
+    );
+}
