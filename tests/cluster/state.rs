@@ -277,7 +277,7 @@ async fn a_frozen_server_times_out_and_a_thawed_one_answers_again() {
 }
 
 #[tokio::test]
-async fn a_server_that_is_not_there_makes_ops_fail_not_hang() {
+async fn a_server_that_is_not_there_makes_ops_fail_not_hang_until_it_comes() {
     // State::new does not need the server.
     let port = crate::support::proxy::free_port();
     let cfg = StateConfig::new(&format!("redis://127.0.0.1:{port}/0"));
@@ -290,6 +290,23 @@ async fn a_server_that_is_not_there_makes_ops_fail_not_hang() {
         "{result:?}"
     );
     assert!(state.ping().await.is_err());
+
+    // The server comes: the same client finds it, without a restart.
+    let redis = Redis::start_at(port);
+    assert!(
+        eventually(Duration::from_secs(10), async || state
+            .set("k", "v", None)
+            .await
+            .is_ok())
+        .await,
+        "the client did not find the server that came"
+    );
+    assert_eq!(
+        redis
+            .cmd::<Option<String>>(&["GET", "imapgate:k"])
+            .as_deref(),
+        Some("v")
+    );
 }
 
 #[tokio::test]

@@ -35,25 +35,30 @@ pub struct Redis {
 impl Redis {
     /// A server without a password.
     pub fn start() -> Redis {
-        Redis::start_with(None, None)
+        Redis::start_with(None, None, None)
+    }
+
+    /// A server on `port` (one a test chose before the server existed).
+    pub fn start_at(port: u16) -> Redis {
+        Redis::start_with(None, None, Some(port))
     }
 
     /// A server that requires `password` (`requirepass`).
     pub fn with_password(password: &str) -> Redis {
-        Redis::start_with(Some(password), None)
+        Redis::start_with(Some(password), None, None)
     }
 
     /// A server that speaks only TLS, with `pki`'s certificate for localhost and 127.0.0.1.
     pub fn with_tls(pki: &super::Pki) -> Redis {
-        Redis::start_with(None, Some(pki))
+        Redis::start_with(None, Some(pki), None)
     }
 
-    fn start_with(password: Option<&str>, tls: Option<&super::Pki>) -> Redis {
+    fn start_with(password: Option<&str>, tls: Option<&super::Pki>, port: Option<u16>) -> Redis {
         let mut last = String::new();
         // A free port is found by binding port 0 and releasing it: another process may take
         // it in between, so a clash is retried on another.
         for _ in 0..3 {
-            let mut r = Redis::spawn(password, tls);
+            let mut r = Redis::spawn(password, tls, port);
             match r.wait_ready() {
                 Ok(()) => return r,
                 Err(e) => last = format!("{e}\n--- redis log ---\n{}", r.log()),
@@ -62,9 +67,9 @@ impl Redis {
         panic!("redis-server did not start: {last}");
     }
 
-    fn spawn(password: Option<&str>, tls: Option<&super::Pki>) -> Redis {
+    fn spawn(password: Option<&str>, tls: Option<&super::Pki>, port: Option<u16>) -> Redis {
         let dir = super::temp_dir();
-        let port = super::proxy::free_port();
+        let port = port.unwrap_or_else(super::proxy::free_port);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut config = format!(
             "bind 127.0.0.1\ndaemonize no\nsave \"\"\nappendonly no\n\
