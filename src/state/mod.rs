@@ -124,10 +124,16 @@ end
 return v
 ";
 
+/// Longest TTL sent: ten years. Redis refuses an expiry past its 64-bit millisecond clock
+/// with an error, which a policy's huge TTL must not turn into a failed call.
+const MAX_TTL_MS: u64 = 10 * 365 * 86_400 * 1000;
+
 /// A TTL as Redis milliseconds: at least 1, since 0 is an error there and "expire now" is
-/// never what a caller means.
+/// never what a caller means; at most [`MAX_TTL_MS`].
 fn millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_TTL_MS)
 }
 
 impl State {
@@ -407,4 +413,17 @@ fn connection_info(cfg: &StateConfig) -> Result<redis::ConnectionInfo, StateErro
         }
         None => info,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_are_whole_milliseconds_redis_accepts() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_secs(60)), 60_000);
+        assert_eq!(millis(Duration::MAX), MAX_TTL_MS);
+    }
 }
