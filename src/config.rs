@@ -504,6 +504,10 @@ pub struct StateConfig {
     /// The name of an environment variable holding the password.
     #[serde(default)]
     pub password_env: Option<String>,
+    /// `rediss://` only: the PEM CA certificate(s) to verify the server with, instead of the
+    /// system roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// Put in front of every key imapgate reads or writes.
     #[serde(default = "default_state_prefix")]
     pub prefix: String,
@@ -545,6 +549,7 @@ impl StateConfig {
             redis: RedisUrl(url.to_owned()),
             password_file: None,
             password_env: None,
+            ca: None,
             prefix: default_state_prefix(),
             connect_timeout_ms: default_state_connect_timeout_ms(),
             timeout_ms: default_state_timeout_ms(),
@@ -772,6 +777,7 @@ impl Config {
         }
         if let Some(state) = &mut self.state {
             state.password_file.as_mut().map(anchor);
+            state.ca.as_mut().map(anchor);
         }
     }
 
@@ -857,6 +863,12 @@ impl Config {
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(Invalid::new(at("redis"), "the URL names no host"));
+        }
+        if state.ca.is_some() && url.scheme() != "rediss" {
+            return Err(Invalid::new(
+                at("ca"),
+                "only for rediss:// (TLS): the `redis` URL is not",
+            ));
         }
         // The path is the database number; anything else would be silently ignored.
         let db = url.path().trim_start_matches('/');
@@ -1705,6 +1717,7 @@ mod tests {
         let c = parse(&format!(
             "{MINIMAL}[state]\nredis = \"rediss://redis.example.org:6380/3\"\n\
              password_file = \"redis.pass\"\nprefix = \"mail:\"\ntimeout_ms = 20\n\
+             ca = \"redis-ca.pem\"\n\
              connect_timeout_ms = 500\nconnections = 4\nsession_ttl_s = 9\n"
         ))
         .unwrap();
@@ -1718,6 +1731,10 @@ mod tests {
             ("mail:", 20, 4)
         );
         assert_eq!(s.session_ttl_s, 9);
+        assert_eq!(
+            s.ca.as_deref(),
+            Some(Path::new("/etc/imapgate/redis-ca.pem"))
+        );
     }
 
     #[test]
@@ -1762,6 +1779,11 @@ mod tests {
                 "at least 3",
             ),
             ("redis = \"redis://h\"\nport = 1\n", "port", "unknown field"),
+            (
+                "redis = \"redis://h\"\nca = \"ca.pem\"\n",
+                "`state.ca`",
+                "rediss://",
+            ),
         ] {
             let err = state(body).unwrap_err().to_string();
             assert!(

@@ -662,9 +662,13 @@ pub fn init_logging(config: &Config) {
 /// calls fail as documented until it is back.
 async fn start_state(cfg: &StateConfig, metrics: &Metrics) -> Result<State, ServerError> {
     let state = State::new(cfg, Some(metrics)).map_err(ServerError::State)?;
-    // The first request also waits for the connection, which the command timeout alone
-    // may not cover on a slow network.
-    let first = timeout(cfg.connect_timeout() + cfg.timeout(), state.ping()).await;
+    // Each connection may take the connect timeout and the command timeout.
+    let connections = u32::try_from(cfg.connections).unwrap_or(u32::MAX);
+    let first = timeout(
+        (cfg.connect_timeout() + cfg.timeout()) * connections,
+        state.ping(),
+    )
+    .await;
     match first {
         Ok(Ok(())) => tracing::info!(
             redis = state.url(),

@@ -95,6 +95,7 @@ struct Inner {
     next: AtomicUsize,
     prefix: String,
     timeout: Duration,
+    connect_timeout: Duration,
     session_ttl: Duration,
     /// The URL without its password, for logs.
     shown_url: String,
@@ -123,10 +124,16 @@ end
 return v
 ";
 
+/// Longest TTL sent: ten years. Redis refuses an expiry past its 64-bit millisecond clock
+/// with an error, which a policy's huge TTL must not turn into a failed call.
+const MAX_TTL_MS: u64 = 10 * 365 * 86_400 * 1000;
+
 /// A TTL as Redis milliseconds: at least 1, since 0 is an error there and "expire now" is
-/// never what a caller means.
+/// never what a caller means; at most [`MAX_TTL_MS`].
 fn millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_TTL_MS)
 }
 
 impl State {
@@ -141,7 +148,20 @@ impl State {
                 "the state client needs a Tokio runtime".into(),
             ));
         }
-        let client = redis::Client::open(info).map_err(|e| StateError::Config(e.to_string()))?;
+        let client = match &cfg.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StateError::Config(format!("cannot read ca {}: {e}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| StateError::Config(format!("cannot use [state]: {}", e.category())))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
             .set_response_timeout(Some(cfg.timeout()))
@@ -162,6 +182,7 @@ impl State {
                 next: AtomicUsize::new(0),
                 prefix: cfg.prefix.clone(),
                 timeout: cfg.timeout(),
+                connect_timeout: cfg.connect_timeout(),
                 session_ttl: cfg.session_ttl(),
                 shown_url: cfg.redis.redacted(),
                 metrics: metrics.map(Metrics::state),
@@ -201,8 +222,20 @@ impl State {
     where
         F: Future<Output = Result<T, RedisError>>,
     {
+        self.run_within(self.inner.timeout, op, request).await
+    }
+
+    async fn run_within<T, F>(
+        &self,
+        limit: Duration,
+        op: StateOp,
+        request: F,
+    ) -> Result<T, StateError>
+    where
+        F: Future<Output = Result<T, RedisError>>,
+    {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.inner.timeout, request).await {
+        let result = match tokio::time::timeout(limit, request).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StateError::from_redis(e)),
             Err(_) => Err(StateError::Timeout),
@@ -217,19 +250,23 @@ impl State {
         result
     }
 
-    /// Whether Redis answers a PING now.
+    /// Whether Redis answers a PING now, on every connection (which opens those not open
+    /// yet, so that the first requests do not pay for it). Each may take the connect timeout
+    /// and the command timeout.
     pub async fn ping(&self) -> Result<(), StateError> {
-        let mut con = self.connection();
-        let pong: String = self
-            .run(StateOp::Ping, async move {
-                redis::cmd("PING").query_async(&mut con).await
-            })
-            .await?;
-        if pong == "PONG" {
-            Ok(())
-        } else {
-            Err(StateError::BadReply(format!("PING answered {pong:?}")))
+        let limit = self.inner.connect_timeout + self.inner.timeout;
+        for manager in &self.inner.managers {
+            let mut con = manager.clone();
+            let pong: String = self
+                .run_within(limit, StateOp::Ping, async move {
+                    redis::cmd("PING").query_async(&mut con).await
+                })
+                .await?;
+            if pong != "PONG" {
+                return Err(StateError::BadReply(format!("PING answered {pong:?}")));
+            }
         }
+        Ok(())
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
@@ -336,10 +373,7 @@ pub fn probe(cfg: &StateConfig) -> Result<(), StateError> {
         .map_err(|e| StateError::Config(format!("cannot start a runtime: {e}")))?;
     runtime.block_on(async {
         let state = State::new(cfg, None)?;
-        match tokio::time::timeout(cfg.connect_timeout() + cfg.timeout(), state.ping()).await {
-            Ok(result) => result,
-            Err(_) => Err(StateError::Timeout),
-        }
+        state.ping().await
     })
 }
 
@@ -379,4 +413,17 @@ fn connection_info(cfg: &StateConfig) -> Result<redis::ConnectionInfo, StateErro
         }
         None => info,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_are_whole_milliseconds_redis_accepts() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_secs(60)), 60_000);
+        assert_eq!(millis(Duration::MAX), MAX_TTL_MS);
+    }
 }

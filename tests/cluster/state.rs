@@ -277,7 +277,7 @@ async fn a_frozen_server_times_out_and_a_thawed_one_answers_again() {
 }
 
 #[tokio::test]
-async fn a_server_that_is_not_there_makes_ops_fail_not_hang() {
+async fn a_server_that_is_not_there_makes_ops_fail_not_hang_until_it_comes() {
     // State::new does not need the server.
     let port = crate::support::proxy::free_port();
     let cfg = StateConfig::new(&format!("redis://127.0.0.1:{port}/0"));
@@ -290,6 +290,23 @@ async fn a_server_that_is_not_there_makes_ops_fail_not_hang() {
         "{result:?}"
     );
     assert!(state.ping().await.is_err());
+
+    // The server comes: the same client finds it, without a restart.
+    let redis = Redis::start_at(port);
+    assert!(
+        eventually(Duration::from_secs(10), async || state
+            .set("k", "v", None)
+            .await
+            .is_ok())
+        .await,
+        "the client did not find the server that came"
+    );
+    assert_eq!(
+        redis
+            .cmd::<Option<String>>(&["GET", "imapgate:k"])
+            .as_deref(),
+        Some("v")
+    );
 }
 
 #[tokio::test]
@@ -337,4 +354,83 @@ async fn the_password_comes_from_a_file_or_the_environment() {
         State::new(&missing, None),
         Err(StateError::Config(_))
     ));
+}
+
+#[tokio::test]
+async fn check_says_whether_redis_answers_without_failing_when_it_does_not() {
+    let redis = Redis::start();
+    let dir = crate::support::temp_dir();
+    let check = |url: &str| {
+        let path = dir.path().join("imapgate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\nbind = \"127.0.0.1:1143\"\ntls = \"none\"\n\
+                 [state]\nredis = \"{url}\"\ntimeout_ms = 200\nconnect_timeout_ms = 200\n"
+            ),
+        )
+        .expect("write config");
+        let out = std::process::Command::new(crate::support::proxy::binary())
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run imapgate check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = check(&redis.url());
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("Redis at") && stdout.contains("answers"),
+        "{stdout}"
+    );
+
+    let port = crate::support::proxy::free_port();
+    let (ok, stdout, stderr) = check(&format!("redis://:hidden-pw@127.0.0.1:{port}/0"));
+    assert!(
+        ok,
+        "a Redis that does not answer only warns: {stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("warning") && stderr.contains("does not answer"),
+        "{stderr}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("hidden-pw"));
+}
+
+#[tokio::test]
+async fn rediss_verifies_the_server_with_the_configured_ca() {
+    let dir = crate::support::temp_dir();
+    let pki = crate::support::Pki::generate(dir.path());
+    let redis = Redis::with_tls(&pki);
+    assert!(redis.url().starts_with("rediss://127.0.0.1:"));
+    let trusted = StateConfig {
+        ca: Some(pki.ca.clone()),
+        // A TLS handshake on a loaded machine with a debug build is slower than loopback.
+        timeout_ms: 2000,
+        ..config(&redis, "t7:")
+    };
+    let state = State::new(&trusted, None).expect("state");
+    state.ping().await.expect("ping over TLS");
+    state.set("k", "v", None).await.expect("set over TLS");
+    assert_eq!(
+        redis.cmd::<Option<String>>(&["GET", "t7:k"]).as_deref(),
+        Some("v")
+    );
+
+    // Without the CA, the system roots do not know the test CA: no connection.
+    let untrusted = StateConfig {
+        timeout_ms: 2000,
+        ..config(&redis, "t7:")
+    };
+    let state = State::new(&untrusted, None).expect("state");
+    let err = state.get("k").await.expect_err("an unknown CA");
+    assert!(
+        matches!(err, StateError::Connect(_) | StateError::Timeout),
+        "{err:?}"
+    );
 }

@@ -25,6 +25,8 @@ pub struct Redis {
     addr: SocketAddr,
     pid: u32,
     password: Option<String>,
+    /// With TLS only (`rediss://`): the CA that issued the server's certificate.
+    tls_ca: Option<Vec<u8>>,
     shell: Child,
     pipe: Option<ChildStdin>,
     dir: tempfile::TempDir,
@@ -33,20 +35,30 @@ pub struct Redis {
 impl Redis {
     /// A server without a password.
     pub fn start() -> Redis {
-        Redis::start_with(None)
+        Redis::start_with(None, None, None)
+    }
+
+    /// A server on `port` (one a test chose before the server existed).
+    pub fn start_at(port: u16) -> Redis {
+        Redis::start_with(None, None, Some(port))
     }
 
     /// A server that requires `password` (`requirepass`).
     pub fn with_password(password: &str) -> Redis {
-        Redis::start_with(Some(password))
+        Redis::start_with(Some(password), None, None)
     }
 
-    fn start_with(password: Option<&str>) -> Redis {
+    /// A server that speaks only TLS, with `pki`'s certificate for localhost and 127.0.0.1.
+    pub fn with_tls(pki: &super::Pki) -> Redis {
+        Redis::start_with(None, Some(pki), None)
+    }
+
+    fn start_with(password: Option<&str>, tls: Option<&super::Pki>, port: Option<u16>) -> Redis {
         let mut last = String::new();
         // A free port is found by binding port 0 and releasing it: another process may take
         // it in between, so a clash is retried on another.
         for _ in 0..3 {
-            let mut r = Redis::spawn(password);
+            let mut r = Redis::spawn(password, tls, port);
             match r.wait_ready() {
                 Ok(()) => return r,
                 Err(e) => last = format!("{e}\n--- redis log ---\n{}", r.log()),
@@ -55,15 +67,25 @@ impl Redis {
         panic!("redis-server did not start: {last}");
     }
 
-    fn spawn(password: Option<&str>) -> Redis {
+    fn spawn(password: Option<&str>, tls: Option<&super::Pki>, port: Option<u16>) -> Redis {
         let dir = super::temp_dir();
-        let port = super::proxy::free_port();
+        let port = port.unwrap_or_else(super::proxy::free_port);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut config = format!(
-            "bind 127.0.0.1\nport {port}\ndaemonize no\nsave \"\"\nappendonly no\n\
+            "bind 127.0.0.1\ndaemonize no\nsave \"\"\nappendonly no\n\
              dir {}\nlogfile \"\"\ndatabases 4\n",
             dir.path().display()
         );
+        match tls {
+            None => config.push_str(&format!("port {port}\n")),
+            Some(pki) => config.push_str(&format!(
+                "port 0\ntls-port {port}\ntls-cert-file {:?}\ntls-key-file {:?}\n\
+                 tls-ca-cert-file {:?}\ntls-auth-clients no\n",
+                pki.cert.display().to_string(),
+                pki.key.display().to_string(),
+                pki.ca.display().to_string(),
+            )),
+        }
         if let Some(p) = password {
             config.push_str(&format!("requirepass {p:?}\n"));
         }
@@ -110,6 +132,7 @@ impl Redis {
             addr,
             pid,
             password: password.map(str::to_owned),
+            tls_ca: tls.map(|pki| pki.ca_pem.clone().into_bytes()),
             shell,
             pipe,
             dir,
@@ -141,9 +164,14 @@ impl Redis {
         self.addr
     }
 
-    /// `redis://127.0.0.1:PORT/0`, without the password.
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` with TLS), without the password.
     pub fn url(&self) -> String {
-        format!("redis://{}/0", self.addr)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}/0", self.addr)
     }
 
     pub fn pid(&self) -> u32 {
@@ -164,7 +192,16 @@ impl Redis {
             let settings = info.redis_settings().clone().set_password(p);
             info = info.set_redis_settings(settings);
         }
-        let client = ::redis::Client::open(info)?;
+        let client = match &self.tls_ca {
+            Some(ca) => ::redis::Client::build_with_tls(
+                info,
+                ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )?,
+            None => ::redis::Client::open(info)?,
+        };
         let mut con = client.get_connection_with_timeout(Duration::from_secs(2))?;
         con.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut cmd = ::redis::cmd(args[0]);
