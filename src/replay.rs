@@ -16,7 +16,7 @@ use crate::config::{Config, ListenerTls};
 use crate::imap::command::{CommandKind, parse_command};
 use crate::net::health::UpstreamHealth;
 use crate::policy::api::HostShared;
-use crate::policy::{ConnInfo, LoginView, Policies, PolicyError, Verdict};
+use crate::policy::{ConnInfo, Judgement, LoginView, Policies, PolicyError, Verdict};
 use crate::session::state::{Control, Conversation, Event, Settings};
 
 const DEFAULT_GREETING: &str =
@@ -48,6 +48,8 @@ pub enum ReplayError {
     Syntax { line: usize },
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
+    #[error("[state]: {0}")]
+    State(String),
 }
 
 enum Side {
@@ -81,11 +83,31 @@ pub fn replay(
     opts: &ReplayOptions,
     out: &mut impl Write,
 ) -> Result<(), ReplayError> {
+    // With [state], the policies ask the configured Redis, as the proxy would (what they
+    // write there is real: a replayed SEARCH takes a token of a shared bucket). Hooks that
+    // wait for it are driven on a runtime of the replay's own.
+    let runtime = match &config.state {
+        Some(_) => Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ReplayError::State(format!("cannot start a runtime: {e}")))?,
+        ),
+        None => None,
+    };
+    let _entered = runtime.as_ref().map(|r| r.enter());
+    let state = match &config.state {
+        Some(cfg) => Some(
+            crate::state::State::new(cfg, None).map_err(|e| ReplayError::State(e.to_string()))?,
+        ),
+        None => None,
+    };
     // No server is probed: every configured upstream counts as up.
     let host = HostShared {
         health: Some(UpstreamHealth::unprobed(
             config.upstreams.iter().map(|u| &u.name),
         )),
+        state,
         ..HostShared::default()
     };
     let policies = Policies::load_with_host(&config.policies, &config.lua, host)?;
@@ -134,12 +156,25 @@ pub fn replay(
                 writeln!(out, "C: {line}")?;
                 conv.client_buffer().extend_from_slice(wire.as_bytes());
                 conv.client_input();
+                settle_hooks(&mut conv, runtime.as_ref());
                 let login = routed
                     .then(|| login_of(&conv.to_upstream.peek_vec()))
                     .flatten();
                 report(&mut conv, out, Some(&wire), None)?;
                 if let Some(login) = login {
-                    let verdict = conv.judge_login(&login);
+                    let verdict = match conv.judge_login_waiting(&login) {
+                        Judgement::Ready(verdict, _) => verdict,
+                        Judgement::Waiting(waiting) => match runtime.as_ref() {
+                            Some(rt) => {
+                                let done = rt.block_on(waiting);
+                                conv.hook_decisions(done.decisions);
+                                done.verdict
+                            }
+                            None => Verdict::Close {
+                                text: "a hook waits without [state]".into(),
+                            },
+                        },
+                    };
                     report(&mut conv, out, None, None)?;
                     writeln!(out, "   routed: {}", describe(&verdict))?;
                 }
@@ -148,6 +183,7 @@ pub fn replay(
                 writeln!(out, "S: {line}")?;
                 conv.upstream_buffer().extend_from_slice(wire.as_bytes());
                 conv.upstream_input();
+                settle_hooks(&mut conv, runtime.as_ref());
                 report(&mut conv, out, None, Some(&wire))?;
             }
         }
@@ -159,6 +195,18 @@ pub fn replay(
     conv.disconnect();
     report(&mut conv, out, None, None)?;
     Ok(())
+}
+
+/// Runs the hooks that wait for Redis to their end, one after another, as the proxy's driver
+/// would (it reads nothing more of the session meanwhile).
+fn settle_hooks(conv: &mut Conversation, runtime: Option<&tokio::runtime::Runtime>) {
+    let Some(rt) = runtime else {
+        return;
+    };
+    while let Some(hook) = conv.take_hook() {
+        let done = rt.block_on(hook);
+        conv.hook_done(done);
+    }
 }
 
 fn handle_controls(

@@ -5,6 +5,8 @@ mod support;
 
 #[path = "cluster/connection_limit.rs"]
 mod connection_limit;
+#[path = "cluster/examples.rs"]
+mod examples;
 #[path = "cluster/hooks.rs"]
 mod hooks;
 #[path = "cluster/policies.rs"]

@@ -305,10 +305,30 @@ impl Policies {
 /// Checks that every policy of `config` loads, for `imapgate check` (every configured upstream
 /// counting as up).
 pub fn check(config: &Config) -> Result<Vec<String>, PolicyError> {
+    // With [state], policies see `imap.state` as available (a policy may require it); the
+    // client is built without connecting, on a runtime of its own since `check` has none.
+    let runtime = match &config.state {
+        Some(_) => Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| PolicyError::Lua(format!("cannot start a runtime: {e}")))?,
+        ),
+        None => None,
+    };
+    let _entered = runtime.as_ref().map(|r| r.enter());
+    let state = match &config.state {
+        Some(cfg) => Some(
+            crate::state::State::new(cfg, None)
+                .map_err(|e| PolicyError::Lua(format!("[state]: {e}")))?,
+        ),
+        None => None,
+    };
     let host = api::HostShared {
         health: Some(UpstreamHealth::unprobed(
             config.upstreams.iter().map(|u| &u.name),
         )),
+        state,
         ..api::HostShared::default()
     };
     let set = PolicySet::load(&config.policies, &config.lua, Arc::new(host))?;
