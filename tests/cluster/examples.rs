@@ -56,7 +56,7 @@ fn replay_routes_from_redis_as_the_proxy_would() {
     let text = std::fs::read_to_string(example("imapgate.toml"))
         .expect("read example")
         .replace("redis://127.0.0.1:6379/0", &redis.url());
-    let config = Config::from_str_named(&text, &example("imapgate.toml").display().to_string())
+    let config = Config::from_str_named(&text, example("imapgate.toml").display().to_string())
         .expect("example parses");
     let run = |transcript: &str| {
         let mut out = Vec::new();
