@@ -2020,3 +2020,41 @@ fn login_throttle_exempt_networks_and_options() {
         assert!(e.to_string().contains(error), "{options}: {e}");
     }
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_delayed_command_answered() {
+    // C: a SEARCH ALL          (delayed by the policy)
+    // C: b NOOP                (pipelined behind it)
+    // C: <shuts its write side>
+    // ... the delay ends: both go upstream, and only then is the upstream's write side shut.
+    let scripts = Scripts::new();
+    let script = scripts.write(
+        "hold.lua",
+        r#"return { commands = { "SEARCH" }, on_command = function(ctx, cmd)
+             if not ctx.vars.held then ctx.vars.held = true; return imap.delay(50) end
+           end }"#,
+    );
+    let mut conv = conversation(load(&[config(&script)]).unwrap());
+    let (up, _) = send(&mut conv, "s SELECT INBOX\r\n");
+    assert_eq!(up, "s SELECT INBOX\r\n");
+    answer(&mut conv, "s OK selected\r\n");
+    let (up, down) = send(&mut conv, "a SEARCH ALL\r\nb NOOP\r\n");
+    assert_eq!((up.as_str(), down.as_str()), ("", ""));
+    conv.client_eof();
+    assert_eq!(
+        conv.take_control(),
+        None,
+        "nothing ends while a command is held"
+    );
+    // The driver calls this at the hold's deadline.
+    conv.release_held();
+    conv.client_input();
+    assert_eq!(
+        String::from_utf8_lossy(&conv.to_upstream.drain_to_vec()),
+        "a SEARCH ALL\r\nb NOOP\r\n"
+    );
+    assert_eq!(
+        conv.take_control(),
+        Some(imapgate::session::state::Control::ShutdownUpstreamWrite)
+    );
+}

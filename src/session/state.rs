@@ -177,6 +177,8 @@ pub struct Conversation {
     pub(super) awaiting: Option<Awaiting>,
     /// That hook, until the driver takes it to poll.
     pub(super) hook: Option<PendingHook>,
+    /// The client closed its side while a command was held: see [`Conversation::client_eof`].
+    client_ended: bool,
 }
 
 impl Conversation {
@@ -234,6 +236,7 @@ impl Conversation {
             held: None,
             awaiting: None,
             hook: None,
+            client_ended: false,
         };
         conv.sync_ctx();
         let set = conv.policies.current();
@@ -447,6 +450,10 @@ impl Conversation {
                 Ok(None) => break,
                 Err(e) => self.client_frame_error(e),
             }
+        }
+        if self.client_ended && self.held.is_none() && self.awaiting.is_none() {
+            self.client_ended = false;
+            self.end_of_client();
         }
     }
 
@@ -864,6 +871,17 @@ impl Conversation {
 
     /// The client closed its sending side.
     pub fn client_eof(&mut self) {
+        if self.held.is_some() || self.awaiting.is_some() {
+            // A command held for its policies (and what the client sent after it) is still
+            // owed its answer: a client that half-closed its side reads on. The end is
+            // decided once nothing is held any more.
+            self.client_ended = true;
+            return;
+        }
+        self.end_of_client();
+    }
+
+    fn end_of_client(&mut self) {
         if self.client_in.is_mid_message() || self.client_in.buffered() > 0 {
             // Half a command reached (or would reach) the upstream: end both legs.
             self.controls.push(Control::Close { flush: false });
