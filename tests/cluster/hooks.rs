@@ -72,6 +72,25 @@ fn ctx(id: u64) -> ConnCtx {
     })
 }
 
+/// A sans-IO conversation in which `user` has logged in (what was relayed is drained).
+fn logged_in(policies: Policies, user: &str) -> Conversation {
+    let mut conv = Conversation::new(
+        Settings::default(),
+        true,
+        Bytes::from_static(GREETING),
+        policies,
+        ConnInfo::default(),
+    );
+    conv.client_buffer()
+        .extend_from_slice(format!("l LOGIN {user} pw\r\n").as_bytes());
+    conv.client_input();
+    conv.upstream_buffer().extend_from_slice(b"l OK hi\r\n");
+    conv.upstream_input();
+    conv.to_client.drain_to_vec();
+    conv.to_upstream.drain_to_vec();
+    conv
+}
+
 /// The verdict on a SEARCH, waiting for it if the hook waits.
 async fn verdict(policies: &Policies, id: u64) -> Verdict {
     let set = policies.current();
@@ -273,19 +292,7 @@ async fn shared_state_is_refused_where_a_hook_cannot_wait() {
             Some(OnError::Open),
         )],
     );
-    let mut conv = Conversation::new(
-        Settings::default(),
-        true,
-        Bytes::from_static(GREETING),
-        policies,
-        ConnInfo::default(),
-    );
-    conv.to_client.drain_to_vec();
-    conv.client_buffer()
-        .extend_from_slice(b"l LOGIN alice pw\r\n");
-    conv.client_input();
-    conv.upstream_buffer().extend_from_slice(b"l OK hi\r\n");
-    conv.upstream_input();
+    let mut conv = logged_in(policies, "alice");
     conv.client_buffer().extend_from_slice(b"a LIST \"\" *\r\n");
     conv.client_input();
     conv.upstream_buffer()
@@ -327,21 +334,7 @@ async fn the_conversation_holds_a_command_while_its_hook_waits() {
             None,
         )],
     );
-    let mut conv = Conversation::new(
-        Settings::default(),
-        true,
-        Bytes::from_static(GREETING),
-        policies,
-        ConnInfo {
-            user: Some("bob".into()),
-            ..ConnInfo::default()
-        },
-    );
-    conv.client_buffer()
-        .extend_from_slice(b"l LOGIN bob pw\r\n");
-    conv.client_input();
-    conv.upstream_buffer().extend_from_slice(b"l OK hi\r\n");
-    conv.upstream_input();
+    let mut conv = logged_in(policies, "bob");
     conv.client_buffer()
         .extend_from_slice(b"s SELECT INBOX\r\n");
     conv.client_input();

@@ -17,6 +17,16 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The state timeout of these imapgates.
 const STATE_TIMEOUT: Duration = Duration::from_millis(300);
 
+/// One upstream (`dc`) and the shipped policy `script` configured by `toml` (`@SCRIPT@` is
+/// its path).
+fn one_upstream_with(dc: &Dovecot, toml: &str, script: &str) -> String {
+    format!(
+        "[upstream]\naddress = \"{}\"\n{}",
+        dc.addr(),
+        toml.replace("@SCRIPT@", &policy(script))
+    )
+}
+
 fn policy(name: &str) -> String {
     toml_path(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -125,11 +135,7 @@ async fn one_users_searches_over_both_instances_are_one_bucket() {
     let dc = Dovecot::shared();
     let redis = Redis::start();
     let (user, pass) = dc.fresh_user();
-    let rest = format!(
-        "[upstream]\naddress = \"{}\"\n{}",
-        dc.addr(),
-        SEARCH_LIMIT.replace("@SCRIPT@", &policy("search_rate_limit.lua"))
-    );
+    let rest = one_upstream_with(dc, SEARCH_LIMIT, "search_rate_limit.lua");
     let cluster = Cluster::start(&redis, &rest);
     let mut sessions = Vec::new();
     for _ in 0..4 {
@@ -158,7 +164,7 @@ async fn one_users_searches_over_both_instances_are_one_bucket() {
         .each("imapgate_commands_total", &[("command", "SEARCH")])
         .await;
     assert!(
-        searches.iter().all(|&n| n >= 2.0),
+        searches.iter().all(|&n| n >= 1.0),
         "both instances judged searches: {searches:?}"
     );
     let state_ok = cluster
@@ -187,11 +193,7 @@ async fn failed_logins_from_one_address_count_on_every_instance() {
     let dc = Dovecot::shared();
     let redis = Redis::start();
     let (user, pass) = dc.fresh_user();
-    let rest = format!(
-        "[upstream]\naddress = \"{}\"\n{}",
-        dc.addr(),
-        THROTTLE.replace("@SCRIPT@", &policy("login_throttle.lua"))
-    );
+    let rest = one_upstream_with(dc, THROTTLE, "login_throttle.lua");
     let cluster = Cluster::start(&redis, &rest);
     for i in 0..4 {
         let mut c = Client::connect(cluster.addr()).await;
@@ -212,7 +214,13 @@ async fn failed_logins_from_one_address_count_on_every_instance() {
             &[("action", "failure")],
         )
         .await;
-    assert_eq!(failures, [2.0, 2.0], "round robin: two failures on each");
+    // Round robin spreads them (not always two and two): each instance saw fewer than
+    // refuse_after, so only the shared count can start the cool-down.
+    assert_eq!(failures.iter().sum::<f64>(), 4.0, "{failures:?}");
+    assert!(
+        failures.iter().all(|&n| (1.0..4.0).contains(&n)),
+        "both instances counted failures: {failures:?}"
+    );
     for i in 0..2 {
         let mut c = Client::connect(cluster.addr()).await;
         c.read_greeting().await;
@@ -300,6 +308,8 @@ redis_cache_s = 600
     assert_eq!(backend_of(&mut second).await, "on-mail1");
 
     redis.cmd::<i64>(&["HSET", "imapgate:kv:routes", "carol", "mail2"]);
+    // Round robin usually put one session on each, but not always: kick both instances.
+    let mut kicked = Vec::new();
     for g in &gates {
         let (status, body) = http_request(
             g.addr("admin"),
@@ -308,8 +318,15 @@ redis_cache_s = 600
             &["Authorization: Bearer t0ken-cluster-kick"],
         )
         .await;
-        assert_eq!((status, body.trim()), (200, r#"{"kicked":1}"#));
+        assert_eq!(status, 200, "{body}");
+        kicked.push(body.trim().to_string());
     }
+    kicked.sort();
+    assert!(
+        kicked == [r#"{"kicked":1}"#, r#"{"kicked":1}"#]
+            || kicked == [r#"{"kicked":0}"#, r#"{"kicked":2}"#],
+        "both sessions kicked: {kicked:?}"
+    );
     for c in [&mut first, &mut second] {
         let bye = c.collect_until("* BYE", WAIT).await;
         assert!(
@@ -366,14 +383,10 @@ async fn with_redis_paused_only_what_needs_it_waits_and_nothing_longer_than_the_
     let dc = Dovecot::shared();
     let redis = Redis::start();
     let (user, pass) = dc.fresh_user();
-    let rest = format!(
-        "[upstream]\naddress = \"{}\"\n{}",
-        dc.addr(),
-        SEARCH_LIMIT
-            .replace("@SCRIPT@", &policy("search_rate_limit.lua"))
-            .replace("per_second = 0.01", "per_second = 100.0")
-            .replace("burst = 3", "burst = 100")
-    );
+    let generous = SEARCH_LIMIT
+        .replace("per_second = 0.01", "per_second = 100.0")
+        .replace("burst = 3", "burst = 100");
+    let rest = one_upstream_with(dc, &generous, "search_rate_limit.lua");
     let g = gate(&redis, &rest);
     let direct = |g: &ProxyProcess| g.addr("imap");
     // The listener takes PROXY headers from 127.0.0.1 only: go through a load balancer.

@@ -687,17 +687,11 @@ fn spawn_watchdog(pgid: u32, dir: &Path) -> (Child, ChildStdin) {
 
 /// `dovecot` from PATH, else from the usual sbin folders (PATH may lack them for users).
 pub fn dovecot_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("dovecot"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "dovecot not found: install it with \
-                 `apt-get install dovecot-imapd` (.ci/run does this)"
-            )
-        })
+    super::find_binary(
+        "dovecot",
+        &["/usr/sbin", "/usr/local/sbin", "/sbin"],
+        "dovecot-imapd",
+    )
 }
 
 fn is_root() -> bool {

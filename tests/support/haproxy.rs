@@ -142,27 +142,15 @@ impl Haproxy {
 impl Drop for Haproxy {
     fn drop(&mut self) {
         drop(self.pipe.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.shell.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!("the HAProxy shell (pid {}) did not stop", self.shell.id());
+        super::reap(&mut self.shell, "HAProxy");
     }
 }
 
 /// `haproxy` from PATH, else from the usual sbin folders.
 pub fn haproxy_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "haproxy not found: install it with `apt-get install haproxy` (.ci/run does this)"
-            )
-        })
+    super::find_binary(
+        "haproxy",
+        &["/usr/sbin", "/usr/local/sbin", "/sbin"],
+        "haproxy",
+    )
 }

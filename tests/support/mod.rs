@@ -45,6 +45,33 @@ pub use dovecot::{Dovecot, DovecotOptions, Oauth2Options, generated_user};
 pub use oauth::TokenChecker;
 pub use pki::Pki;
 
+/// `name` from PATH, else from `dirs`; panics saying which Debian package has it.
+pub fn find_binary(name: &str, dirs: &[&str], package: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(dirs.iter().map(std::path::PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found: install it with `apt-get install {package}` (.ci/run does this)"
+            )
+        })
+}
+
+/// Waits (up to 5 s) for the shell that runs a test server to end, once told to (its stdin
+/// closed); says so when it does not.
+pub fn reap(shell: &mut std::process::Child, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = shell.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    eprintln!("the {what} shell (pid {}) did not stop", shell.id());
+}
+
 /// A folder for a test's files, removed when dropped (mode 0755 so that services running
 /// as other users can read what a root test writes there).
 pub fn temp_dir() -> tempfile::TempDir {

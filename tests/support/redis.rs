@@ -238,28 +238,15 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         drop(self.pipe.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.shell.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!("the redis shell (pid {}) did not stop", self.shell.id());
+        super::reap(&mut self.shell, "redis");
     }
 }
 
 /// `redis-server` from PATH, else from /usr/bin.
 pub fn redis_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"].map(PathBuf::from))
-        .map(|d| d.join("redis-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "redis-server not found: install it with `apt-get install redis-server` \
-                 (.ci/run does this)"
-            )
-        })
+    super::find_binary(
+        "redis-server",
+        &["/usr/bin", "/usr/local/bin", "/usr/sbin"],
+        "redis-server",
+    )
 }
