@@ -83,6 +83,23 @@ impl HostShared {
     }
 }
 
+/// `imap.rate_limit` in process: `allowed, wait_seconds`.
+pub(super) fn local_rate_limit(
+    host: &HostShared,
+    owner: &PolicyName,
+    key: &str,
+    per_second: f64,
+    burst: u32,
+) -> mlua::Result<(bool, f64)> {
+    let d = host
+        .limiters
+        .check(owner.scoped(key), per_second, burst)
+        .ok_or_else(|| {
+            mlua::Error::RuntimeError("rate_limit needs per_second > 0 and burst >= 1".into())
+        })?;
+    Ok((d.allowed, d.wait.as_secs_f64()))
+}
+
 /// The key of a policy's bucket or counter in the maps all policies share.
 fn scoped(policy: &str, key: &str) -> String {
     let mut k = String::with_capacity(policy.len() + 1 + key.len());
@@ -202,15 +219,7 @@ pub(super) fn imap_table(
     imap.set(
         "rate_limit",
         lua.create_function(move |_, (key, per_second, burst): (String, f64, u32)| {
-            let d = limiter_host
-                .limiters
-                .check(owner.scoped(&key), per_second, burst)
-                .ok_or_else(|| {
-                    mlua::Error::RuntimeError(
-                        "rate_limit needs per_second > 0 and burst >= 1".into(),
-                    )
-                })?;
-            Ok((d.allowed, d.wait.as_secs_f64()))
+            local_rate_limit(&limiter_host, &owner, &key, per_second, burst)
         })?,
     )?;
 

@@ -338,15 +338,8 @@ pub(super) fn rate_limit_fn(
         move |_, (key, per_second, burst, opts): (String, f64, u32, Option<Table>)| {
             let answer = (|| -> mlua::Result<_> {
                 if !wants_shared(&opts)? {
-                    let d = host
-                        .limiters
-                        .check(owner.scoped(&key), per_second, burst)
-                        .ok_or_else(|| {
-                            mlua::Error::RuntimeError(
-                                "rate_limit needs per_second > 0 and burst >= 1".into(),
-                            )
-                        })?;
-                    return Ok(Answer::Now((d.allowed, d.wait.as_secs_f64())));
+                    return super::api::local_rate_limit(&host, &owner, &key, per_second, burst)
+                        .map(Answer::Now);
                 }
                 checked_key(&key)?;
                 let s = state.clone();
