@@ -852,9 +852,9 @@ async fn run_scenario(
         }
         let mut row = make_row(scenario, v, &direct, &direct_plain, &proxied[i], opts);
         if scenario == Scenario::RateLimit && v.policies != Policies::RateLimitLocal {
-            let local = variants.iter().position(|w| {
-                w.policies == Policies::RateLimitLocal && w.upstream == v.upstream
-            });
+            let local = variants
+                .iter()
+                .position(|w| w.policies == Policies::RateLimitLocal && w.upstream == v.upstream);
             if let Some(j) = local {
                 compare_with_local(&mut row, &proxied[i], &proxied[j]);
             }
