@@ -61,7 +61,8 @@ struct Cli {
     /// Seconds of each measured run (fetch-large, small, small-serial, append).
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
-    /// Comma-separated: fetch-large, small, small-serial, append, idle, imaplib-append, login.
+    /// Comma-separated: fetch-large, small, small-serial, append, idle, imaplib-append, login,
+    /// ratelimit.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
     /// Idle TLS connections held open in IDLE for the memory figure.

@@ -42,6 +42,11 @@ fn load_harness_produces_figures_for_every_scenario() {
     let opts = Options {
         upstreams: vec![Upstream::Plain, Upstream::Tls],
         policies: vec![Policies::None, Policies::Shipped],
+        // The ratelimit scenario has imapgates of its own: its own test below.
+        scenarios: Scenario::ALL
+            .into_iter()
+            .filter(|&s| s != Scenario::RateLimit)
+            .collect(),
         ..tiny()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -59,7 +64,7 @@ fn load_harness_produces_figures_for_every_scenario() {
     let shipped = opts.policy_dir.join("require_tls.lua").is_file();
     let variants = if shipped { 4 } else { 2 };
     let python = load::scenarios::python3().is_some();
-    for scenario in Scenario::ALL {
+    for &scenario in &opts.scenarios {
         if scenario == Scenario::Imaplib && !python {
             continue;
         }
@@ -134,6 +139,59 @@ fn load_harness_produces_figures_for_every_scenario() {
     assert!(modes.contains(&("routed", "on_login")), "{modes:?}");
     assert!(modes.contains(&("routed+warm", "on_login")), "{modes:?}");
     assert!(modes.contains(&("transparent", "none")), "{modes:?}");
+}
+
+#[test]
+fn ratelimit_scenario_compares_local_and_shared_buckets() {
+    let opts = Options {
+        scenarios: vec![Scenario::RateLimit],
+        upstreams: vec![Upstream::Plain],
+        ..tiny()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let report = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), load::run(&opts)).await })
+        .expect("the harness finishes within 2 minutes")
+        .unwrap_or_else(|e| panic!("the harness failed: {e}"));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+
+    let table = load::table(&report);
+    let policies: Vec<_> = report.rows.iter().map(|r| r.policies).collect();
+    assert_eq!(
+        policies,
+        [
+            "ratelimit-local",
+            "ratelimit-local+state",
+            "ratelimit-shared"
+        ],
+        "{table}"
+    );
+    for r in &report.rows {
+        assert_eq!(r.scenario, "ratelimit");
+        assert!(
+            r.direct.unwrap_or(0.0) > 0.0 && r.proxied.unwrap_or(0.0) > 0.0,
+            "{r:?}"
+        );
+        // Never limited, and Redis answered every shared decision.
+        assert_eq!(r.not_ok, Some(0), "a command was refused: {r:?}\n{table}");
+        for by_kind in [&r.p50_us_by_kind_proxied, &r.p99_us_by_kind_direct] {
+            let kinds = by_kind
+                .as_ref()
+                .map(|m| m.keys().copied().collect::<Vec<_>>());
+            assert_eq!(kinds, Some(vec!["NOOP", "SEARCH"]), "{r:?}");
+        }
+        assert!(r.imapgate_cpu_us_per_unit.is_some(), "{r:?}");
+        let compared = r.added_p50_us_vs_local_by_kind.is_some();
+        assert_eq!(compared, r.policies != "ratelimit-local", "{r:?}");
+    }
+    assert!(
+        table.contains("ratelimit-shared over ratelimit-local"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -8,7 +8,9 @@
 //!
 //! imapgate runs in transparent mode (one `[upstream]`) for every scenario; the login scenario
 //! also measures it routing (`[routing]`, two named upstreams that are both the same Dovecot,
-//! so that the backend's work is the direct path's).
+//! so that the backend's work is the direct path's). The ratelimit scenario has imapgates of
+//! its own: the shipped search_rate_limit alone, without `[state]`, with `[state]` on a private
+//! redis-server but its bucket in process, and with its bucket shared in that Redis.
 #![allow(dead_code)]
 
 pub mod client;
@@ -39,10 +41,13 @@ pub enum Scenario {
     Imaplib,
     /// Connect + TLS + LOGIN + SELECT INBOX + LOGOUT, again and again, by several clients.
     Login,
+    /// SEARCH (rate-limited by the shipped policy) and NOOP (not hooked) in turn, one at a
+    /// time, through imapgates whose bucket is in process or in Redis.
+    RateLimit,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::FetchLarge,
         Scenario::Small,
         Scenario::SmallSerial,
@@ -50,6 +55,7 @@ impl Scenario {
         Scenario::Idle,
         Scenario::Imaplib,
         Scenario::Login,
+        Scenario::RateLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +67,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Imaplib => "imaplib-append",
             Scenario::Login => "login",
+            Scenario::RateLimit => "ratelimit",
         }
     }
 
@@ -82,6 +89,14 @@ pub enum Policies {
     /// A small `on_login` policy splitting the users over the two routed upstreams (routed
     /// imapgate only).
     OnLogin,
+    /// The shipped search_rate_limit alone, bucket in process, no `[state]` (ratelimit
+    /// scenario only, as are the next two).
+    RateLimitLocal,
+    /// The same with `[state]` configured: every hooked command now runs as a coroutine that
+    /// could wait, but the bucket stays in process (`shared = false`).
+    RateLimitLocalState,
+    /// `[state]` and `shared = true`: one GCRA script round trip to Redis per SEARCH.
+    RateLimitShared,
 }
 
 impl Policies {
@@ -90,7 +105,18 @@ impl Policies {
             Policies::None => "none",
             Policies::Shipped => "shipped",
             Policies::OnLogin => "on_login",
+            Policies::RateLimitLocal => "ratelimit-local",
+            Policies::RateLimitLocalState => "ratelimit-local+state",
+            Policies::RateLimitShared => "ratelimit-shared",
         }
+    }
+
+    /// One of the ratelimit scenario's own variants.
+    pub fn is_ratelimit(self) -> bool {
+        matches!(
+            self,
+            Policies::RateLimitLocal | Policies::RateLimitLocalState | Policies::RateLimitShared
+        )
     }
 }
 
@@ -222,6 +248,23 @@ pub struct Row {
     pub p50_us_by_kind_direct: Option<BTreeMap<&'static str, f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us_by_kind_proxied: Option<BTreeMap<&'static str, f64>>,
+    /// p99 latency per command kind (ratelimit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us_by_kind_direct: Option<BTreeMap<&'static str, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us_by_kind_proxied: Option<BTreeMap<&'static str, f64>>,
+    /// ratelimit, `[state]` variants: p50 per command kind minus that of the variant without
+    /// `[state]` (same upstream), paired round by round, median over the rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added_p50_us_vs_local_by_kind: Option<BTreeMap<&'static str, f64>>,
+    /// ratelimit, `[state]` variants: imapgate CPU per command minus that of the variant
+    /// without `[state]`, paired the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added_cpu_us_vs_local: Option<f64>,
+    /// ratelimit: redis-server's CPU time per command (SEARCH and NOOP together) during the
+    /// proxied runs, in µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_us_per_unit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us_direct: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,6 +334,9 @@ struct Sample {
     kib_per_conn: Option<f64>,
     /// In the order of [`kinds`] for the scenario.
     p50_us_by_kind: Option<Vec<f64>>,
+    p99_us_by_kind: Option<Vec<f64>>,
+    /// redis-server's CPU time per unit during the run (ratelimit).
+    redis_cpu_us_per_unit: Option<f64>,
 }
 
 /// The names of [`Sample::p50_us_by_kind`]'s entries.
@@ -298,6 +344,7 @@ fn kinds(scenario: Scenario) -> &'static [&'static str] {
     match scenario {
         Scenario::Small | Scenario::SmallSerial => &scenarios::SMALL_KINDS,
         Scenario::Login => &scenarios::LOGIN_PHASES,
+        Scenario::RateLimit => &scenarios::RATELIMIT_KINDS,
         _ => &[],
     }
 }
@@ -325,7 +372,11 @@ impl Variant {
     /// Routed imapgates are measured by the login scenario only: after the login, a routed
     /// session is the same relay as a transparent one.
     fn measures(&self, scenario: Scenario) -> bool {
-        self.mode == Mode::Transparent || scenario == Scenario::Login
+        if self.policies.is_ratelimit() {
+            return scenario == Scenario::RateLimit;
+        }
+        scenario != Scenario::RateLimit
+            && (self.mode == Mode::Transparent || scenario == Scenario::Login)
     }
 }
 
@@ -339,6 +390,8 @@ struct Ctx<'a> {
     /// ticket, both being "localhost").
     login_tls: Arc<ClientConfig>,
     seed: Seed,
+    /// The ratelimit scenario's private redis-server.
+    redis: Option<crate::support::redis::Redis>,
     notes: Vec<String>,
     runs: u32,
 }
@@ -378,6 +431,45 @@ pub fn shipped_policy_toml(opts: &Options) -> Result<String, String> {
         toml.push('\n');
     }
     Ok(toml)
+}
+
+/// The config of a ratelimit variant: `[state]` on `redis_url` when the variant has it, and
+/// the shipped search_rate_limit alone, with a limit the load never reaches (so that the
+/// figures are the cost of the decision, not of limiting), shared or not.
+pub fn ratelimit_policy_toml(
+    opts: &Options,
+    policies: Policies,
+    redis_url: &str,
+) -> Result<String, String> {
+    let path = opts.policy_dir.join("search_rate_limit.lua");
+    if !path.is_file() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    let (state, shared) = match policies {
+        Policies::RateLimitLocal => (false, false),
+        Policies::RateLimitLocalState => (true, false),
+        Policies::RateLimitShared => (true, true),
+        other => return Err(format!("{} is not a ratelimit variant", other.label())),
+    };
+    let mut toml = String::new();
+    if state {
+        let _ = writeln!(toml, "[state]\nredis = {redis_url:?}\n");
+    }
+    let _ = writeln!(
+        toml,
+        "[[policy]]\nscript = {:?}\n\
+         options = {{ per_second = 1000000, burst = 1000000, shared = {shared} }}",
+        path.display().to_string()
+    );
+    Ok(toml)
+}
+
+/// Whether a `redis-server` binary is installed (where tests/support looks for it).
+fn redis_server_installed() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"].map(PathBuf::from))
+        .any(|d| d.join("redis-server").is_file())
 }
 
 /// Runs everything `opts` asks for.
@@ -432,13 +524,18 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         tls,
         login_tls,
         seed,
+        redis: None,
         notes,
         runs: 0,
     };
     let needs_seed = opts.scenarios.iter().any(|s| {
         matches!(
             s,
-            Scenario::FetchLarge | Scenario::Small | Scenario::SmallSerial | Scenario::Append
+            Scenario::FetchLarge
+                | Scenario::Small
+                | Scenario::SmallSerial
+                | Scenario::Append
+                | Scenario::RateLimit
         )
     });
     if needs_seed {
@@ -457,6 +554,10 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                 Policies::None => None,
                 // A policy with on_login makes imapgate own the login: that is routed.
                 Policies::OnLogin => continue,
+                // The ratelimit scenario adds its own.
+                Policies::RateLimitLocal
+                | Policies::RateLimitLocalState
+                | Policies::RateLimitShared => continue,
                 Policies::Shipped => match shipped_policy_toml(opts) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -493,6 +594,9 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                     }
                     Policies::Shipped => Some(shipped_policy_toml(opts)?),
                     Policies::None => None,
+                    Policies::RateLimitLocal
+                    | Policies::RateLimitLocalState
+                    | Policies::RateLimitShared => continue,
                 };
                 let mut modes = vec![Mode::Routed];
                 if opts.routed_warm > 0 {
@@ -510,8 +614,42 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             }
         }
     }
+    if opts.scenarios.contains(&Scenario::RateLimit) {
+        if redis_server_installed() {
+            ctx.progress("starting a private redis-server");
+            let redis = crate::support::redis::Redis::start();
+            for &upstream in &opts.upstreams {
+                for policies in [
+                    Policies::RateLimitLocal,
+                    Policies::RateLimitLocalState,
+                    Policies::RateLimitShared,
+                ] {
+                    variants.push(Variant {
+                        upstream,
+                        mode: Mode::Transparent,
+                        policies,
+                        policy_toml: Some(ratelimit_policy_toml(opts, policies, &redis.url())?),
+                        gate: None,
+                    });
+                }
+            }
+            ctx.redis = Some(redis);
+        } else {
+            let note = "ratelimit skipped: redis-server not found (apt-get install redis-server)";
+            ctx.progress(note);
+            ctx.notes.push(note.into());
+        }
+    }
+    // Only the imapgates some asked-for scenario measures.
+    variants.retain(|v| opts.scenarios.iter().any(|&s| v.measures(s)));
     if variants.is_empty() {
-        return Err("no imapgate variant to measure".into());
+        return Err(format!(
+            "no imapgate variant to measure{}",
+            ctx.notes
+                .iter()
+                .map(|n| format!("; {n}"))
+                .collect::<String>()
+        ));
     }
     let max_conns = (2 * idle_n + 1000).max(10_000);
     let mut usable = Vec::new();
@@ -666,6 +804,11 @@ async fn run_scenario(
             };
             let tls = (path != Path_::DirectPlain).then_some(&tls);
             let cpu0 = gate.map(Gate::cpu);
+            let redis_pid = match (&ctx.redis, gate) {
+                (Some(r), Some(_)) if scenario == Scenario::RateLimit => Some(r.pid()),
+                _ => None,
+            };
+            let redis_cpu0 = redis_pid.map(env::cpu_time);
             let t0 = Instant::now();
             let archive = match path {
                 Path_::Proxied(i) if variants[i].policies == Policies::Shipped => {
@@ -681,6 +824,10 @@ async fn run_scenario(
                 let cpu = (g.cpu() - c0).as_secs_f64();
                 s.cpu_per_s = Some(cpu / secs.max(1e-6));
                 s.cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
+            }
+            if let (Some(pid), Some(c0)) = (redis_pid, redis_cpu0) {
+                let cpu = (env::cpu_time(pid) - c0).as_secs_f64();
+                s.redis_cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
             ctx.progress(&format!(
                 "round {}/{rounds} {} via {label}: {:.1}{}",
@@ -698,13 +845,66 @@ async fn run_scenario(
             }
         }
     }
-    Ok(variants
-        .iter()
-        .zip(proxied)
-        .filter(|(v, _)| v.measures(scenario))
-        .map(|(v, p)| make_row(scenario, v, &direct, &direct_plain, &p, opts))
-        .collect())
+    let mut rows = Vec::new();
+    for (i, v) in variants.iter().enumerate() {
+        if !v.measures(scenario) {
+            continue;
+        }
+        let mut row = make_row(scenario, v, &direct, &direct_plain, &proxied[i], opts);
+        if scenario == Scenario::RateLimit && v.policies != Policies::RateLimitLocal {
+            let local = variants
+                .iter()
+                .position(|w| w.policies == Policies::RateLimitLocal && w.upstream == v.upstream);
+            if let Some(j) = local {
+                compare_with_local(&mut row, &proxied[i], &proxied[j]);
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
 }
+
+/// The ratelimit figures that matter: what `[state]` (and sharing the bucket) adds over the
+/// same imapgate without it. Each round ran both one after the other, so the differences are
+/// taken round by round (the machine's drift cancels) and their median kept.
+fn compare_with_local(row: &mut Row, with_state: &[Sample], local: &[Sample]) {
+    let paired = |f: &dyn Fn(&Sample) -> Option<f64>| {
+        med(with_state
+            .iter()
+            .zip(local)
+            .filter_map(|(a, b)| Some(f(a)? - f(b)?)))
+    };
+    let added: BTreeMap<&'static str, f64> = scenarios::RATELIMIT_KINDS
+        .iter()
+        .enumerate()
+        .filter_map(|(k, name)| {
+            let p50 = |s: &Sample| s.p50_us_by_kind.as_ref()?.get(k).copied();
+            Some((*name, paired(&p50)?))
+        })
+        .collect();
+    row.added_cpu_us_vs_local = paired(&|s: &Sample| s.cpu_us_per_unit);
+    let search = added.get("SEARCH").copied();
+    let noop = added.get("NOOP").copied();
+    if row.policies == Policies::RateLimitShared.label() {
+        row.target = Some(format!(
+            "SEARCH p50 shared - local <= {RATELIMIT_TARGET_US} µs"
+        ));
+        row.target_met = search.map(|a| a <= RATELIMIT_TARGET_US);
+    } else {
+        row.target = Some(format!(
+            "NOOP p50 with [state] - without <= {RATELIMIT_NOISE_US} µs"
+        ));
+        row.target_met = noop.map(|a| a <= RATELIMIT_NOISE_US);
+    }
+    row.added_p50_us_vs_local_by_kind = Some(added);
+}
+
+/// The issue's target for a shared decision: one loopback round trip.
+const RATELIMIT_TARGET_US: f64 = 200.0;
+/// "Nothing added" to an unhooked command, read as: within the round-to-round noise of a
+/// serial command's p50 on this machine (small-serial's added p50 moved by ~10 µs between
+/// runs of the same build).
+const RATELIMIT_NOISE_US: f64 = 10.0;
 
 async fn measure(
     ctx: &mut Ctx<'_>,
@@ -740,6 +940,20 @@ async fn measure(
                 p99_us: Some(r.p99_us),
                 not_ok: Some(r.not_ok),
                 p50_us_by_kind: Some(r.p50_us_by_kind.to_vec()),
+                ..Sample::default()
+            }
+        }
+        Scenario::RateLimit => {
+            let r = scenarios::ratelimit(addr, tls, opts.duration).await?;
+            Sample {
+                value: r.cmds_per_s,
+                units: Some(r.completed as f64),
+                // The headline is the limited command's.
+                p50_us: Some(r.p50_us_by_kind[0]),
+                p99_us: Some(r.p99_us_by_kind[0]),
+                not_ok: Some(r.not_ok),
+                p50_us_by_kind: Some(r.p50_us_by_kind.to_vec()),
+                p99_us_by_kind: Some(r.p99_us_by_kind.to_vec()),
                 ..Sample::default()
             }
         }
@@ -827,11 +1041,10 @@ fn make_row(
         _ => None,
     };
     let ratio = ratio_of(d);
-    let by_kind = |samples: &[Sample]| -> Option<BTreeMap<&'static str, f64>> {
-        let rows: Vec<&Vec<f64>> = samples
-            .iter()
-            .filter_map(|s| s.p50_us_by_kind.as_ref())
-            .collect();
+    let by_kind_of = |samples: &[Sample],
+                      pick: fn(&Sample) -> Option<&Vec<f64>>|
+     -> Option<BTreeMap<&'static str, f64>> {
+        let rows: Vec<&Vec<f64>> = samples.iter().filter_map(pick).collect();
         if rows.is_empty() {
             return None;
         }
@@ -845,6 +1058,7 @@ fn make_row(
                 .collect(),
         )
     };
+    let by_kind = |samples: &[Sample]| by_kind_of(samples, |s| s.p50_us_by_kind.as_ref());
     let mut row = Row {
         scenario: scenario.name(),
         mode: v.mode.label(),
@@ -865,6 +1079,11 @@ fn make_row(
         p50_us_direct_plain: med(direct_plain.iter().filter_map(|s| s.p50_us)),
         p50_us_by_kind_direct: by_kind(direct),
         p50_us_by_kind_proxied: by_kind(proxied),
+        p99_us_by_kind_direct: by_kind_of(direct, |s| s.p99_us_by_kind.as_ref()),
+        p99_us_by_kind_proxied: by_kind_of(proxied, |s| s.p99_us_by_kind.as_ref()),
+        added_p50_us_vs_local_by_kind: None,
+        added_cpu_us_vs_local: None,
+        redis_cpu_us_per_unit: med(proxied.iter().filter_map(|s| s.redis_cpu_us_per_unit)),
         p50_us_direct: None,
         p50_us_proxied: None,
         p99_us_direct: None,
@@ -875,7 +1094,7 @@ fn make_row(
         imapgate_cpu_us_per_unit: med(proxied.iter().filter_map(|s| s.cpu_us_per_unit)),
         cpu_unit: match scenario {
             Scenario::FetchLarge | Scenario::Append => Some("µs/MiB"),
-            Scenario::Small | Scenario::SmallSerial => Some("µs/cmd"),
+            Scenario::Small | Scenario::SmallSerial | Scenario::RateLimit => Some("µs/cmd"),
             Scenario::Login => Some("µs/login"),
             _ => None,
         },
@@ -952,6 +1171,18 @@ fn make_row(
             row.added_p99_us = diff(row.p99_us_proxied, row.p99_us_direct);
             row.target = Some("added login p50 <= 1 ms".into());
             row.target_met = row.added_p50_us.map(|a| a <= 1000.0);
+        }
+        Scenario::RateLimit => {
+            // p50/p99 are SEARCH's (the limited command); the targets compare variants and
+            // are set by `compare_with_local`.
+            row.unit = "cmd/s";
+            row.p50_us_direct = med(direct.iter().filter_map(|s| s.p50_us));
+            row.p50_us_proxied = med(proxied.iter().filter_map(|s| s.p50_us));
+            row.p99_us_direct = med(direct.iter().filter_map(|s| s.p99_us));
+            row.p99_us_proxied = med(proxied.iter().filter_map(|s| s.p99_us));
+            row.added_p50_us = diff(row.p50_us_proxied, row.p50_us_direct);
+            row.added_p99_us = diff(row.p99_us_proxied, row.p99_us_direct);
+            row.not_ok = Some(direct.iter().chain(proxied).filter_map(|s| s.not_ok).sum());
         }
         Scenario::Imaplib => {
             row.unit = "ms/APPEND";
@@ -1128,12 +1359,54 @@ pub fn table(report: &Report) -> String {
                 kinds.join(", ")
             );
         }
+        if let (Some(d), Some(p)) = (&r.p99_us_by_kind_direct, &r.p99_us_by_kind_proxied) {
+            let kinds: Vec<String> = d
+                .iter()
+                .map(|(k, dv)| format!("{k} {dv:.0}/{}", fmt_opt(p.get(k).copied(), 0)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{} [{}, policies {}, upstream {}]: p99 µs direct/proxied by command: {}",
+                r.scenario,
+                r.mode,
+                r.policies,
+                r.upstream,
+                kinds.join(", ")
+            );
+        }
+    }
+    for r in &report.rows {
+        let Some(added) = &r.added_p50_us_vs_local_by_kind else {
+            continue;
+        };
+        let kinds: Vec<String> = added.iter().map(|(k, a)| format!("{k} {a:+.0}")).collect();
+        let _ = writeln!(
+            out,
+            "ratelimit [upstream {}]: {} over ratelimit-local (paired by round): p50 µs {}; \
+             imapgate CPU {} µs per command; redis-server CPU {} µs per command",
+            r.upstream,
+            r.policies,
+            kinds.join(", "),
+            r.added_cpu_us_vs_local
+                .map_or("?".into(), |c| format!("{c:+.1}")),
+            fmt_opt(r.redis_cpu_us_per_unit, 1),
+        );
     }
     let _ = writeln!(
         out,
         "gate cpu = imapgate CPU seconds per wall second during the proxied runs (2 = both cores); \
          cpu/unit = imapgate CPU time per MiB, per command or per login."
     );
+    if report.rows.iter().any(|r| r.scenario == "ratelimit") {
+        let _ = writeln!(
+            out,
+            "ratelimit: one connection, SEARCH UNSEEN and NOOP in turn, one at a time; p50/p99 \
+             columns are SEARCH's; cpu/unit per command of either kind. The shipped \
+             search_rate_limit alone (per_second = burst = 1e6: never limits): local = no \
+             [state]; local+state = [state] on a private redis-server, shared = false; shared \
+             = shared = true."
+        );
+    }
     if let Some(n) = report.rows.iter().find_map(|r| r.login_clients) {
         let _ = writeln!(
             out,

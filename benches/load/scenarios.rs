@@ -338,6 +338,80 @@ pub fn percentile(sorted: &[u32], q: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------
+// ratelimit
+// ---------------------------------------------------------------------------------------
+
+/// The commands of the ratelimit scenario, in the order they alternate: one the shipped
+/// search_rate_limit judges, one that no policy hooks.
+pub const RATELIMIT_KINDS: [&str; 2] = ["SEARCH", "NOOP"];
+
+const RATELIMIT_COMMANDS: [&str; 2] = ["SEARCH UNSEEN", "NOOP"];
+
+/// Pairs of commands sent before the measured window: Dovecot's first SEARCH builds its
+/// cache, and the first shared decision loads the GCRA script into Redis.
+const RATELIMIT_WARMUP: u64 = 20;
+
+#[derive(Debug, Clone)]
+pub struct RateLimitResult {
+    pub cmds_per_s: f64,
+    pub completed: u64,
+    /// Completions other than OK (a refusal by the policy, or `NO [UNAVAILABLE]` when its
+    /// shared state failed).
+    pub not_ok: u64,
+    /// In [`RATELIMIT_KINDS`] order.
+    pub p50_us_by_kind: [f64; 2],
+    pub p99_us_by_kind: [f64; 2],
+}
+
+/// One connection (the small user's INBOX, examined) sending SEARCH and NOOP in turn until
+/// `duration` has passed, each only once the previous one's completion is read: latency
+/// without queueing, from sending a command to reading its tagged completion.
+pub async fn ratelimit(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    duration: Duration,
+) -> Result<RateLimitResult, String> {
+    let mut c = login(addr, tls, env::SMALL_USER, 16 * 1024).await?;
+    c.ok("e", "EXAMINE INBOX").await?;
+    for n in 0..2 * RATELIMIT_WARMUP {
+        c.ok(&format!("w{n}"), RATELIMIT_COMMANDS[(n % 2) as usize])
+            .await?;
+    }
+    let mut latencies: [Vec<u32>; 2] = Default::default();
+    let mut not_ok = 0u64;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut n = 0u64;
+    while Instant::now() < deadline && n < MAX_OPS {
+        let k = (n % 2) as usize;
+        let tag = format!("r{n}");
+        let line = format!("{tag} {}\r\n", RATELIMIT_COMMANDS[k]);
+        let sent = Instant::now();
+        c.send(line.as_bytes()).await?;
+        let rs = c.until_tagged(&tag, false).await?;
+        let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if rs.last().and_then(|r| r.tagged(tag.as_bytes())) != Some(b"OK") {
+            not_ok += 1;
+        }
+        latencies[k].push(us);
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    c.logout().await;
+    let sorted = latencies.map(|mut v| {
+        v.sort_unstable();
+        v
+    });
+    Ok(RateLimitResult {
+        cmds_per_s: n as f64 / secs,
+        completed: n,
+        not_ok,
+        p50_us_by_kind: [percentile(&sorted[0], 0.5), percentile(&sorted[1], 0.5)],
+        p99_us_by_kind: [percentile(&sorted[0], 0.99), percentile(&sorted[1], 0.99)],
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // login
 // ---------------------------------------------------------------------------------------
 

@@ -62,6 +62,12 @@ where
     }
     let left = budget.time_left();
     let budget = budget.clone();
+    // On the heap: held inline, the Redis operation's future (copied again at each async
+    // layer around it) made the future mlua boxes for *every* call of these functions, in
+    // process or not, 70 KiB: copied and page-faulted on each hooked command (+15..+72 µs
+    // p50 on a SEARCH judged by an in-process bucket, in the load harness's ratelimit
+    // scenario). Now ~4 KiB.
+    let op = Box::pin(op);
     Ok(async move {
         let failure = match tokio::time::timeout(left, op).await {
             Ok(Ok(value)) => return Ok(value),
