@@ -1,11 +1,12 @@
 //! The Lua host: a small pool of sandboxed Lua 5.4 VMs, the policies loaded into each, and the
-//! calls into their hooks under an instruction budget and a memory limit.
+//! calls into their hooks, one policy after another, each under its budget (see
+//! [`super::budget`]).
 //!
 //! Every VM holds every policy, each in an environment of its own with its own copies of the
-//! libraries (see [`super::sandbox`]), so one policy cannot see or change what another runs. A connection always uses the same VM (`id % vms`), so the VMs'
-//! locks are rarely contended. The budget is checked by a count hook every 1,000 instructions;
-//! once exceeded it stays exceeded for the rest of the call, so `pcall` cannot swallow it: the
-//! next check outside the `pcall` fails again.
+//! libraries (see [`super::sandbox`]), so one policy cannot see or change what another runs. A
+//! connection always uses the same VM (`id % vms`), so the VMs' locks are rarely contended.
+//! What a policy file must return is [`super::contract`]; the arguments and results of each
+//! hook are [`super::glue`]; hooks that wait for Redis are [`super::waiting`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,23 +14,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
-use mlua::{
-    Function, Lua, LuaOptions, MetaMethod, MultiValue, StdLib, Table, UserData, UserDataMethods,
-    Value,
-};
+use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 
 use super::api::{self, HostShared};
 use super::budget::{self, Budget};
+use super::contract::contract;
+use super::glue::{
+    SHIMS, namespace_from_lua, namespace_to_lua, push_slots, read_back_flags, read_back_names,
+    verdict_of,
+};
 use super::sandbox::Sandbox;
-use super::views::{CommandView, Namespace, NamespaceEntry, ResponseView, is_list_flag};
+use super::userdata::{VarsHandle, peer_ip};
+use super::views::{CommandView, CompleteView, Completed, LoginView, ResponseView};
 use super::waiting::{Call, Failure, Glue};
-use super::{ConnCtx, Decision, Hook, PolicyError, Var, Verdict, path_name};
+use super::{ConnCtx, Decision, Hook, PolicyError, Verdict, path_name};
 use crate::config::{LuaConfig, OnError, PolicyConfig};
 use crate::imap::capability::CapabilitySet;
 use crate::imap::command::{CommandKind, CommandName};
 use crate::imap::response::{DataKind, Status};
 
-const HOOKS: [Hook; 7] = [
+pub(super) const HOOKS: [Hook; 7] = [
     Hook::Connect,
     Hook::Capability,
     Hook::Command,
@@ -120,7 +124,7 @@ fn next_generation() -> u64 {
 }
 
 /// Every command label a filter can name.
-fn all_command_labels() -> Vec<&'static str> {
+pub(super) fn all_command_labels() -> Vec<&'static str> {
     let mut labels = Vec::new();
     for &kind in CommandKind::ALL.iter().chain([CommandKind::Other].iter()) {
         for uid in [false, true] {
@@ -591,152 +595,12 @@ impl PolicySet {
     }
 }
 
-/// What `on_complete` sees: `cmd.tag`, `cmd.name`, the status, and `cmd.code`, the tagged
-/// response's code (`AUTHENTICATIONFAILED`, `UNAVAILABLE`...; upper case), if it has one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CompleteView<'a> {
-    pub tag: &'a str,
-    pub name: &'static str,
-    pub status: Status,
-    pub code: Option<&'a str>,
-}
-
-/// What `on_login` sees: `login.user` (the name the client gave), `login.mechanism`
-/// (`LOGIN`, or the SASL mechanism) and `login.delayed_ms`. Never the secret.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LoginView {
-    pub user: Option<String>,
-    pub mechanism: String,
-    /// How long delay verdicts have held this login so far (0 when first judged): a delayed
-    /// login is judged again when its delay ends, as a delayed command is.
-    pub delayed_ms: u64,
-}
-
 impl PolicySet {
     /// `on_login` (imapgate owns the login): [`Verdict::Pass`] (the default upstream),
     /// [`Verdict::Route`], [`Verdict::Reject`], [`Verdict::Close`] or [`Verdict::Delay`].
     #[must_use]
     pub fn on_login(&self, ctx: &mut ConnCtx, login: &LoginView) -> Verdict {
         self.chain_glue(ctx, &mut login.clone())
-    }
-}
-
-/// `on_complete`'s view, owned (a completion's hook may wait).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Completed {
-    pub tag: String,
-    pub name: &'static str,
-    pub status: Status,
-    pub code: Option<String>,
-}
-
-impl From<&CompleteView<'_>> for Completed {
-    fn from(v: &CompleteView<'_>) -> Completed {
-        Completed {
-            tag: v.tag.to_string(),
-            name: v.name,
-            status: v.status,
-            code: v.code.map(str::to_string),
-        }
-    }
-}
-
-impl Glue for CommandView {
-    const HOOK: Hook = Hook::Command;
-
-    fn command(&self) -> Option<&'static str> {
-        Some(self.name)
-    }
-
-    fn wants(meta: &PolicyMeta, command: Option<&'static str>) -> bool {
-        command.is_none_or(|name| meta.commands.as_ref().is_none_or(|c| c.contains(name)))
-    }
-
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
-        let lua = &vm.lua;
-        let mut args = MultiValue::with_capacity(7 + 2 * self.mailboxes.len());
-        args.push_back(Value::Function(f.clone()));
-        args.push_back(Value::Table(ctx));
-        args.push_back(Value::String(lua.create_string(&self.tag)?));
-        args.push_back(Value::String(lua.create_string(self.name)?));
-        args.push_back(Value::Integer(
-            i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
-        ));
-        args.push_back(match &self.user {
-            Some(u) => Value::String(lua.create_string(u)?),
-            None => Value::Nil,
-        });
-        push_slots(lua, &mut args, &self.mailboxes)?;
-        Ok((vm.command_shim.clone(), args))
-    }
-
-    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
-        let verdict = ret.pop_front().unwrap_or(Value::Nil);
-        read_back_names(ret, &mut self.mailboxes)?;
-        verdict_of(verdict)
-    }
-}
-
-impl Glue for LoginView {
-    const HOOK: Hook = Hook::Login;
-
-    fn command(&self) -> Option<&'static str> {
-        Some("LOGIN")
-    }
-
-    fn wants(_: &PolicyMeta, _: Option<&'static str>) -> bool {
-        true
-    }
-
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
-        let t = vm.lua.create_table()?;
-        t.raw_set("user", self.user.as_deref())?;
-        t.raw_set("mechanism", self.mechanism.as_str())?;
-        t.raw_set(
-            "delayed_ms",
-            i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
-        )?;
-        Ok((
-            f.clone(),
-            MultiValue::from_iter([Value::Table(ctx), Value::Table(t)]),
-        ))
-    }
-
-    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
-        verdict_of(ret.pop_front().unwrap_or(Value::Nil))
-    }
-}
-
-impl Glue for Completed {
-    const HOOK: Hook = Hook::Complete;
-
-    fn command(&self) -> Option<&'static str> {
-        Some(self.name)
-    }
-
-    fn wants(meta: &PolicyMeta, command: Option<&'static str>) -> bool {
-        let filter = meta.completes.as_ref().or(meta.commands.as_ref());
-        command.is_none_or(|name| filter.is_none_or(|c| c.contains(name)))
-    }
-
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
-        let lua = &vm.lua;
-        let cmd = lua.create_table()?;
-        cmd.raw_set("tag", self.tag.as_str())?;
-        cmd.raw_set("name", self.name)?;
-        cmd.raw_set("code", self.code.as_deref())?;
-        Ok((
-            f.clone(),
-            MultiValue::from_iter([
-                Value::Table(ctx),
-                Value::Table(cmd),
-                Value::String(lua.create_string(self.status.as_str())?),
-            ]),
-        ))
-    }
-
-    fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
-        verdict_of(ret.pop_front().unwrap_or(Value::Nil))
     }
 }
 
@@ -770,114 +634,6 @@ fn state_failed(hook: Hook, on_state_error: OnError) -> Option<Verdict> {
         }),
         _ => None,
     }
-}
-
-/// Glue that builds the `cmd`/`resp` tables inside Lua (much cheaper than field by field from
-/// Rust) and returns the names the hook may have changed. Trusted code, outside the sandbox.
-const SHIMS: &str = r#"
-local unpack = table.unpack
-local function split(n, ...)
-  local mailboxes, roles = { ... }, {}
-  for i = 1, n do roles[i] = mailboxes[n + i]; mailboxes[n + i] = nil end
-  return mailboxes, roles
-end
-local function command(f, ctx, tag, name, delayed_ms, user, n, ...)
-  local mailboxes, roles = split(n, ...)
-  local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles, delayed_ms = delayed_ms, user = user }
-  local verdict = f(ctx, cmd)
-  return verdict, unpack(cmd.mailboxes, 1, n)
-end
-local function response(f, ctx, kind, delimiter, namespace, flags, n, ...)
-  local mailboxes, roles = split(n, ...)
-  local resp = { kind = kind, mailboxes = mailboxes, roles = roles, delimiter = delimiter, namespace = namespace, flags = flags }
-  local verdict = f(ctx, resp)
-  return verdict, resp.delimiter, resp.namespace, resp.flags, unpack(resp.mailboxes, 1, n)
-end
-return command, response
-"#;
-
-/// `n, names..., roles...` as the shims take them.
-fn push_slots(lua: &Lua, args: &mut MultiValue, slots: &[super::MailboxSlot]) -> mlua::Result<()> {
-    args.push_back(Value::Integer(i64::try_from(slots.len()).unwrap_or(0)));
-    for slot in slots {
-        args.push_back(Value::String(lua.create_string(&slot.name)?));
-    }
-    for slot in slots {
-        args.push_back(Value::String(lua.create_string(slot.role_str())?));
-    }
-    Ok(())
-}
-
-fn read_back_names(values: MultiValue, slots: &mut [super::MailboxSlot]) -> mlua::Result<()> {
-    for (i, (value, slot)) in values.into_iter().zip(slots.iter_mut()).enumerate() {
-        match value {
-            Value::String(s) => {
-                let s = s.to_str()?;
-                if *s != *slot.name {
-                    slot.name = s.to_string();
-                }
-            }
-            other => {
-                return Err(mlua::Error::RuntimeError(format!(
-                    "mailboxes[{}] must stay a string, not {}",
-                    i + 1,
-                    other.type_name()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `resp.flags` back from Lua: a list of `\\atom` or atom strings on LIST/LSUB, absent elsewhere.
-fn read_back_flags(value: Value, listing: bool, flags: &mut Vec<String>) -> mlua::Result<()> {
-    let err = |m: String| Err(mlua::Error::RuntimeError(m));
-    let t = match value {
-        Value::Nil if !listing => return Ok(()),
-        Value::Table(t) if listing => t,
-        other if listing => {
-            return err(format!(
-                "resp.flags must stay a list of strings, not {}",
-                other.type_name()
-            ));
-        }
-        _ => return err("resp.flags exists only on LIST and LSUB responses".into()),
-    };
-    let mut same = t.raw_len() == flags.len();
-    if same {
-        for (i, flag) in flags.iter().enumerate() {
-            match t.raw_get::<Value>(i + 1)? {
-                Value::String(s) if s.as_bytes() == flag.as_bytes() => {}
-                _ => {
-                    same = false;
-                    break;
-                }
-            }
-        }
-    }
-    if same {
-        return Ok(());
-    }
-    let mut changed = Vec::with_capacity(t.raw_len());
-    for value in t.sequence_values::<Value>() {
-        let flag = match value? {
-            Value::String(s) => s.to_str()?.to_string(),
-            other => {
-                return err(format!(
-                    "resp.flags holds strings, not {}",
-                    other.type_name()
-                ));
-            }
-        };
-        if !is_list_flag(&flag) {
-            return err(format!(
-                "{flag:?} is not a mailbox attribute (\\atom or atom)"
-            ));
-        }
-        changed.push(flag);
-    }
-    *flags = changed;
-    Ok(())
 }
 
 /// The Lua side of a connection's `ctx`.
@@ -994,287 +750,4 @@ fn load_vm(
         },
         metas,
     ))
-}
-
-/// Checks the table a policy file returned against the hook contract.
-fn contract(
-    path: &str,
-    default_name: &str,
-    value: Value,
-    (on_error, on_state_error): (OnError, OnError),
-) -> Result<(PolicyMeta, VmPolicy), PolicyError> {
-    let bad = |message: String| PolicyError::Contract {
-        path: path.to_string(),
-        message,
-    };
-    let Value::Table(t) = value else {
-        return Err(bad(format!(
-            "a policy must return a table, this one returns a {}",
-            value.type_name()
-        )));
-    };
-    let known = [
-        "name",
-        "commands",
-        "responses",
-        "completes",
-        "on_connect",
-        "on_capability",
-        "on_command",
-        "on_response",
-        "on_complete",
-        "on_disconnect",
-        "on_login",
-    ];
-    for pair in t.pairs::<Value, Value>() {
-        let (k, _) = pair.map_err(|e| bad(flatten_error(&e)))?;
-        let key = match &k {
-            Value::String(s) => s.to_string_lossy(),
-            other => {
-                return Err(bad(format!(
-                    "unexpected {} key in the policy table",
-                    other.type_name()
-                )));
-            }
-        };
-        if !known.contains(&key.as_str()) {
-            return Err(bad(format!(
-                "unknown field `{key}` in the policy table (known: {})",
-                known.join(", ")
-            )));
-        }
-    }
-    let name = match t.get::<Value>("name").map_err(|e| bad(flatten_error(&e)))? {
-        Value::Nil => default_name.to_string(),
-        Value::String(s) => s.to_string_lossy(),
-        other => {
-            return Err(bad(format!(
-                "`name` must be a string, not {}",
-                other.type_name()
-            )));
-        }
-    };
-    let list = |field: &str,
-                valid: &dyn Fn(&str) -> bool|
-     -> Result<Option<HashSet<String>>, PolicyError> {
-        match t.get::<Value>(field).map_err(|e| bad(flatten_error(&e)))? {
-            Value::Nil => Ok(None),
-            Value::Table(items) => {
-                let mut set = HashSet::new();
-                for item in items.sequence_values::<String>() {
-                    let item =
-                        item.map_err(|_| bad(format!("`{field}` must be a list of strings")))?;
-                    let upper = item.to_ascii_uppercase();
-                    if !valid(&upper) {
-                        return Err(bad(format!(
-                            "`{field}` names `{item}`, which is not a known name"
-                        )));
-                    }
-                    set.insert(upper);
-                }
-                Ok(Some(set))
-            }
-            other => Err(bad(format!(
-                "`{field}` must be a list, not {}",
-                other.type_name()
-            ))),
-        }
-    };
-    let labels = all_command_labels();
-    let commands = list("commands", &|s| labels.contains(&s))?;
-    let completes = list("completes", &|s| labels.contains(&s))?;
-    let responses = list("responses", &|s| {
-        api::RESPONSE_KINDS.iter().any(|k| k.as_str() == s)
-    })?;
-    let mut hooks: [Option<Function>; 7] = Default::default();
-    let mut has = [false; 7];
-    for hook in HOOKS {
-        match t
-            .get::<Value>(hook.as_str())
-            .map_err(|e| bad(flatten_error(&e)))?
-        {
-            Value::Nil => {}
-            Value::Function(f) => {
-                hooks[hook_index(hook)] = Some(f);
-                has[hook_index(hook)] = true;
-            }
-            other => {
-                return Err(bad(format!(
-                    "`{}` must be a function, not {}",
-                    hook.as_str(),
-                    other.type_name()
-                )));
-            }
-        }
-    }
-    Ok((
-        PolicyMeta {
-            name: Arc::from(name.as_str()),
-            commands,
-            responses,
-            completes,
-            has,
-            on_error,
-            on_state_error,
-        },
-        VmPolicy { hooks },
-    ))
-}
-
-// ----- views as Lua values -----
-
-fn namespace_to_lua(lua: &Lua, ns: &Namespace) -> mlua::Result<Table> {
-    let n = lua.create_table()?;
-    for (key, entries) in [
-        ("personal", &ns.personal),
-        ("other", &ns.other),
-        ("shared", &ns.shared),
-    ] {
-        let list = lua.create_table()?;
-        for (i, e) in entries.iter().enumerate() {
-            let entry = lua.create_table()?;
-            entry.set("prefix", e.prefix.as_str())?;
-            if let Some(d) = &e.delimiter {
-                entry.set("delimiter", d.as_str())?;
-            }
-            list.raw_set(i + 1, entry)?;
-        }
-        n.set(key, list)?;
-    }
-    Ok(n)
-}
-
-fn namespace_from_lua(value: Value) -> mlua::Result<Namespace> {
-    let Value::Table(n) = value else {
-        return Err(mlua::Error::RuntimeError(
-            "resp.namespace must stay a table".into(),
-        ));
-    };
-    let mut ns = Namespace::default();
-    for (key, slot) in [
-        ("personal", &mut ns.personal),
-        ("other", &mut ns.other),
-        ("shared", &mut ns.shared),
-    ] {
-        if let Some(list) = n.get::<Option<Table>>(key)? {
-            for entry in list.sequence_values::<Table>() {
-                let entry = entry?;
-                slot.push(NamespaceEntry {
-                    prefix: entry.get("prefix")?,
-                    delimiter: entry.get("delimiter")?,
-                });
-            }
-        }
-    }
-    Ok(ns)
-}
-
-/// Reads a hook's return value: nothing is pass; a verdict table from `imap.*` is its verdict.
-fn verdict_of(value: Value) -> mlua::Result<Verdict> {
-    let t = match value {
-        Value::Nil => return Ok(Verdict::Pass),
-        Value::Table(t) => t,
-        other => {
-            return Err(mlua::Error::RuntimeError(format!(
-                "a hook returns nothing or an imap.* verdict, not {}",
-                other.type_name()
-            )));
-        }
-    };
-    api::verdict_from_table(&t)
-}
-
-// ----- ctx and caps as userdata -----
-
-fn peer_ip(peer: &str) -> &str {
-    match peer.rsplit_once(':') {
-        Some((ip, _)) => ip.trim_start_matches('[').trim_end_matches(']'),
-        None => peer,
-    }
-}
-
-/// `ctx.vars`: reads and writes go to the connection's Rust-side map, which outlives reloads.
-struct VarsHandle(super::Vars, Arc<str>);
-
-/// Most variables one policy may keep per connection.
-const MAX_VARS: usize = 256;
-
-impl UserData for VarsHandle {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_meta_method(MetaMethod::Index, |lua, this, key: String| {
-            let map = this
-                .0
-                .lock()
-                .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
-            Ok(match map.get(&this.1).and_then(|vars| vars.get(&key)) {
-                None => Value::Nil,
-                Some(Var::Bool(b)) => Value::Boolean(*b),
-                Some(Var::Int(i)) => Value::Integer(*i),
-                Some(Var::Number(n)) => Value::Number(*n),
-                Some(Var::Str(s)) => Value::String(lua.create_string(s)?),
-            })
-        });
-        methods.add_meta_method(
-            MetaMethod::NewIndex,
-            |_, this, (key, value): (String, Value)| {
-                let var = match value {
-                    Value::Nil => None,
-                    Value::Boolean(b) => Some(Var::Bool(b)),
-                    Value::Integer(i) => Some(Var::Int(i)),
-                    Value::Number(n) => Some(Var::Number(n)),
-                    Value::String(s) => Some(Var::Str(s.to_str()?.to_string())),
-                    other => {
-                        return Err(mlua::Error::RuntimeError(format!(
-                            "ctx.vars holds booleans, numbers and strings, not {}",
-                            other.type_name()
-                        )));
-                    }
-                };
-                let mut map = this
-                    .0
-                    .lock()
-                    .map_err(|_| mlua::Error::RuntimeError("vars unavailable".into()))?;
-                match var {
-                    None => {
-                        if let Some(vars) = map.get_mut(&this.1) {
-                            vars.remove(&key);
-                        }
-                    }
-                    Some(v) => {
-                        let vars = map.entry(this.1.clone()).or_default();
-                        if vars.len() >= MAX_VARS && !vars.contains_key(&key) {
-                            return Err(mlua::Error::RuntimeError("too many ctx.vars".into()));
-                        }
-                        vars.insert(key, v);
-                    }
-                }
-                Ok(())
-            },
-        );
-    }
-}
-
-impl UserData for CapabilitySet {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("has", |_, this, name: String| Ok(this.has(&name)));
-        methods.add_method_mut("add", |_, this, name: String| {
-            if !crate::imap::encode::is_valid_atom(name.as_bytes()) {
-                return Err(mlua::Error::RuntimeError(format!(
-                    "{name:?} is not a valid capability name"
-                )));
-            }
-            this.add(&name);
-            Ok(())
-        });
-        methods.add_method_mut("remove", |_, this, name: String| {
-            this.remove(&name);
-            Ok(())
-        });
-        methods.add_method_mut("remove_prefix", |_, this, prefix: String| {
-            let prefix = prefix.to_ascii_uppercase();
-            this.retain(|c| !c.to_ascii_uppercase().starts_with(&prefix));
-            Ok(())
-        });
-        methods.add_method("list", |_, this, ()| Ok(this.names().to_vec()));
-    }
 }

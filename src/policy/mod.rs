@@ -8,12 +8,15 @@
 
 pub mod api;
 mod budget;
+mod contract;
 mod detach;
+mod glue;
 pub mod lua;
 pub mod pattern;
 pub mod ratelimit;
 mod sandbox;
 mod state_api;
+mod userdata;
 mod views;
 mod waiting;
 
@@ -29,9 +32,12 @@ use crate::imap::response::Status;
 use crate::metrics::Metrics;
 use crate::net::health::UpstreamHealth;
 
-pub use lua::{CompleteView, Completed, LoginView, PolicySet};
+pub use lua::PolicySet;
 pub use state_api::Lookups;
-pub use views::{CommandView, MailboxSlot, Namespace, NamespaceEntry, ResponseView};
+pub use views::{
+    CommandView, CompleteView, Completed, LoginView, MailboxSlot, Namespace, NamespaceEntry,
+    ResponseView,
+};
 pub use waiting::{Finished, Judgement, Waiting};
 
 /// What a hook decided. Each hook has its own set (see [`Hook::allows`]); a verdict a hook

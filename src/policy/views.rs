@@ -2,6 +2,7 @@
 //! policies may change. The session turns changes back into edits of the original bytes.
 
 use crate::imap::command::MailboxRole;
+use crate::imap::response::Status;
 
 /// One mailbox-bearing argument, decoded to UTF-8.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +154,47 @@ mod tests {
             "", "\\", "\\\\x", "a b", "a]", "a)", "\\x\r\n", "*", "\\Has\"C", "nil",
         ] {
             assert!(!is_list_flag(bad), "{bad:?}");
+        }
+    }
+}
+
+/// What `on_complete` sees: `cmd.tag`, `cmd.name`, the status, and `cmd.code`, the tagged
+/// response's code (`AUTHENTICATIONFAILED`, `UNAVAILABLE`...; upper case), if it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompleteView<'a> {
+    pub tag: &'a str,
+    pub name: &'static str,
+    pub status: Status,
+    pub code: Option<&'a str>,
+}
+
+/// What `on_login` sees: `login.user` (the name the client gave), `login.mechanism`
+/// (`LOGIN`, or the SASL mechanism) and `login.delayed_ms`. Never the secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoginView {
+    pub user: Option<String>,
+    pub mechanism: String,
+    /// How long delay verdicts have held this login so far (0 when first judged): a delayed
+    /// login is judged again when its delay ends, as a delayed command is.
+    pub delayed_ms: u64,
+}
+
+/// `on_complete`'s view, owned (a completion's hook may wait).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub tag: String,
+    pub name: &'static str,
+    pub status: Status,
+    pub code: Option<String>,
+}
+
+impl From<&CompleteView<'_>> for Completed {
+    fn from(v: &CompleteView<'_>) -> Completed {
+        Completed {
+            tag: v.tag.to_string(),
+            name: v.name,
+            status: v.status,
+            code: v.code.map(str::to_string),
         }
     }
 }

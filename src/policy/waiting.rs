@@ -109,8 +109,8 @@ impl PolicySet {
     pub fn judge_complete(
         self: &Arc<Self>,
         ctx: &mut ConnCtx,
-        done: super::lua::Completed,
-    ) -> Judgement<super::lua::Completed> {
+        done: super::Completed,
+    ) -> Judgement<super::Completed> {
         self.judge(ctx, done)
     }
 
