@@ -45,8 +45,10 @@ use std::borrow::Cow;
 /// Bytes read from a socket at a time while data streams (reads fill the buffer).
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read at a time otherwise: most IMAP traffic is short lines, and an idle connection
-/// should not hold 2 x 64 KiB.
-const READ_MIN: usize = 4 * 1024;
+/// holds one such buffer per leg for as long as it idles (4 KiB each was a quarter of an idle
+/// TLS connection's memory). Reads that fill it grow it x4 at once, so a stream reaches
+/// [`READ_CHUNK`] after four reads.
+const READ_MIN: usize = 512;
 
 /// How much the next read on one leg asks for: grows while reads fill the buffer, falls back
 /// when they do not.
@@ -320,7 +322,9 @@ impl Driver {
         }
         loop {
             if let Some(responder) = standin.as_mut()
-                && let Some(stream) = self.stand_in(responder).await
+                // Boxed: the login's state (an upstream connect, a TLS handshake) is freed once
+                // it is done instead of sizing every session's task for its whole life.
+                && let Some(stream) = Box::pin(self.stand_in(responder)).await
             {
                 let (r, w) = tokio::io::split(stream);
                 (ur, uw, standin) = (Some(r), Some(w), None);
@@ -340,7 +344,7 @@ impl Driver {
                             .await
                             .map_err(SessionError::Client)?;
                         let stream = cr.unsplit(cw).into_inner();
-                        let stream = self.start_tls(stream).await?;
+                        let stream = Box::pin(self.start_tls(stream)).await?;
                         self.conv.client_sni(stream.sni());
                         let client;
                         (client, mid_message) = ClientLeg::new(stream);
