@@ -13,7 +13,7 @@ use std::time::Duration;
 use imapgate::metrics::{CommandResult, Direction, LoginResult, Metrics};
 use serde_json::Value;
 
-const DASHBOARD: &str = include_str!("../examples/grafana-dashboard.json");
+const DASHBOARD: &str = include_str!("../../examples/grafana-dashboard.json");
 
 /// Touches every built-in metric so that each family has a series and so appears in the
 /// scrape.

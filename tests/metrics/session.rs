@@ -1,13 +1,12 @@
 //! A scripted session through imapgate and a real Dovecot, then a scrape of /metrics and a look
 //! at the audit log: the counts must be exactly what the session did.
 
-mod support;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::support;
 use imapgate::config::{MetricsConfig, PolicyConfig, UpstreamTls};
-use support::evidence::{http_get_within, sample};
+use support::evidence::{http_get_within, poll, sample};
 use support::proxy::{IMAPS, PLAIN, Proxy, config_for};
 use support::{Client, Dovecot};
 
@@ -56,7 +55,11 @@ async fn scripted_session_gives_exact_counts_and_audit_lines() {
     c.ok("a4 SEARCH ALL").await;
     c.no("a5 SEARCH ALL").await;
     c.logout().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A session's counts are all in once it has ended.
+    poll("both sessions to end", Duration::from_secs(10), || {
+        (proxy.active() == 0).then_some(())
+    })
+    .await;
 
     let (status, scrape) = http_get_within(metrics, "/metrics", Duration::from_secs(10)).await;
     assert_eq!(status, 200);
@@ -156,7 +159,7 @@ async fn scripted_session_gives_exact_counts_and_audit_lines() {
             String::from_utf8_lossy(&out.stderr)
         );
     } else {
-        eprintln!("promtool not installed: format checked by tests/metrics_format.rs only");
+        eprintln!("promtool not installed: format checked by tests/metrics/format.rs only");
     }
 
     let (status, body) = http_get_within(metrics, "/healthz", Duration::from_secs(10)).await;

@@ -1,9 +1,8 @@
 //! The three shipped policies, end to end through imapgate and a real Dovecot.
 
-mod support;
-
 use std::path::PathBuf;
 
+use crate::support;
 use imapgate::config::{Config, PolicyConfig, UpstreamTls};
 use support::proxy::{IMAPS, PLAIN, Proxy, STARTTLS, config_for};
 use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities, list_names};

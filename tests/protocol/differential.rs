@@ -9,8 +9,7 @@
 //! or response is on the list of what imap-codec lacks, with the reason; anything else it
 //! refuses fails the test, so the corpus stays valid.
 
-mod protocol_support;
-
+use crate::protocol_support;
 use bytes::Bytes;
 use imap_codec::decode::Decoder;
 use imap_codec::imap_types::command::CommandBody;

@@ -21,8 +21,7 @@
 //!     `imap::sync_literals`). Only the commands not valid in that state (LOGIN, AUTHENTICATE,
 //!     STARTTLS) and COMPRESS are answered by imapgate instead.
 
-mod protocol_support;
-
+use crate::protocol_support;
 use bytes::Bytes;
 use imapgate::imap::command::{CommandKind, MailboxRole, parse_command};
 use imapgate::imap::encode::{self, EncodeOptions, LiteralForm, ResponseValue, Value};

@@ -4,8 +4,7 @@
 //! is: a command, a SASL response line or IDLE's DONE on the client side, a response on the server
 //! side. The tag and name found must be those written in the example.
 
-mod protocol_support;
-
+use crate::protocol_support;
 use bytes::Bytes;
 use imapgate::dissect::{self, Kind};
 use imapgate::imap::command::{self, CommandKind};

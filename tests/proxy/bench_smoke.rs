@@ -2,14 +2,10 @@
 //! figure for every scenario and variant. No timing is asserted: figures from a debug build on
 //! a shared machine mean nothing; this only proves that `cargo bench --bench load` works.
 
-mod support;
-
-#[path = "../benches/load/mod.rs"]
-mod load;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::load;
 use load::env::Upstream;
 use load::{Options, Policies, Scenario};
 
@@ -39,6 +35,7 @@ fn tiny() -> Options {
 
 #[test]
 fn load_harness_produces_figures_for_every_scenario() {
+    let _busy = crate::support::busy_blocking();
     let opts = Options {
         upstreams: vec![Upstream::Plain, Upstream::Tls],
         policies: vec![Policies::None, Policies::Shipped],
@@ -143,6 +140,7 @@ fn load_harness_produces_figures_for_every_scenario() {
 
 #[test]
 fn ratelimit_scenario_compares_local_and_shared_buckets() {
+    let _busy = crate::support::busy_blocking();
     let opts = Options {
         scenarios: vec![Scenario::RateLimit],
         upstreams: vec![Upstream::Plain],

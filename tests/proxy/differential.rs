@@ -35,11 +35,9 @@
 //! - `RUST_LOG=imapgate=debug` imapgate's own log (useful with `IMAPGATE_DIFF_ONLY`)
 //!
 //! A longer campaign: `IMAPGATE_DIFF_CASES=5000 IMAPGATE_DIFF_SEED=$RANDOM cargo test --release
-//! --test differential -- --nocapture`. Case `i` of seed `S` is the same case whatever the
+//! --test proxy differential:: -- --nocapture`. Case `i` of seed `S` is the same case whatever the
 //! count, so a failure found in a campaign replays alone with `IMAPGATE_DIFF_ONLY=i`
 //! (a worker's mailbox is reset between cases; only the order of cases on a worker differs).
-
-mod support;
 
 #[path = "differential/check.rs"]
 mod check;
@@ -57,6 +55,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support;
 use imapgate::config::{MetricsConfig, PolicyConfig, UpstreamTls};
 use support::proxy::{IMAPS, Proxy, STARTTLS, config_for};
 use support::tap::Tap;
@@ -404,6 +403,7 @@ fn dovecot_options(workers: usize) -> DovecotOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imapgate_and_dovecot_read_every_pipeline_alike() {
+    let _busy = crate::support::busy().await;
     let s = Settings::from_env();
     if std::env::var_os("RUST_LOG").is_some() {
         // imapgate's own log, for replaying one case (RUST_LOG=imapgate=debug).
@@ -550,7 +550,7 @@ fn report(s: &Settings, results: &[CaseResult], elapsed: Duration) -> String {
     }
     out.push_str(&format!(
         "\nreplay one: IMAPGATE_DIFF_SEED={:#x} IMAPGATE_DIFF_ONLY=<case> cargo test --test \
-         differential -- --nocapture\n",
+         proxy differential:: -- --nocapture\n",
         s.seed
     ));
     for r in failed.iter().take(s.show) {
@@ -569,8 +569,8 @@ fn full_case(s: &Settings, r: &CaseResult) -> String {
     let c = &r.case;
     let mut out = format!(
         "\n===== case {} (seed {:#x}, case seed {:#x}, worker {}) =====\nreplay: \
-         IMAPGATE_DIFF_SEED={:#x} IMAPGATE_DIFF_ONLY={} cargo test --test differential -- \
-         --nocapture\n{}\n",
+         IMAPGATE_DIFF_SEED={:#x} IMAPGATE_DIFF_ONLY={} cargo test --test proxy differential:: \
+         -- --nocapture\n{}\n",
         c.index,
         s.seed,
         c.seed,

@@ -1,11 +1,10 @@
 //! Proves the test harness: a private real Dovecot, the test PKI and the test client,
 //! talking to Dovecot directly (no proxy in between).
 
-mod support;
-
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::support;
 use support::{Client, Dovecot, DovecotOptions, capabilities, generated_user};
 
 const MESSAGE: &[u8] = b"From: alice@example.test\r\n\
@@ -304,11 +303,13 @@ async fn concurrent_sessions(dc: &Dovecot, sessions: usize) {
 
 #[tokio::test]
 async fn many_concurrent_sessions() {
+    let _busy = crate::support::busy().await;
     concurrent_sessions(Dovecot::shared(), 50).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_sessions_in_shared_imap_processes() {
+    let _busy = crate::support::busy().await;
     let dc = Dovecot::start(DovecotOptions {
         shared_imap_processes: true,
         ..Default::default()

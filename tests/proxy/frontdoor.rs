@@ -2,8 +2,6 @@
 //! routing, the client's real address (PROXY protocol in and out, ID forwarding), health and
 //! failover, certificates by SNI, operators' controls. One module per feature.
 
-mod support;
-
 #[path = "frontdoor/admin.rs"]
 mod admin;
 #[path = "frontdoor/health.rs"]

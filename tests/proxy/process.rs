@@ -1,10 +1,10 @@
 //! The imapgate binary as operators run it: limits, timeouts, signals, logs, memory, and a real
 //! third-party client.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
+use support::evidence::{http_get_within, poll};
 use support::proxy::{ProxyProcess, toml_path};
 use support::{Client, Dovecot, assert_tagged};
 
@@ -14,14 +14,14 @@ fn config(dc: &Dovecot, limits: &str) -> String {
         r#"
 [[listener]]
 name = "imaps"
-bind = "127.0.0.1:@PORT_imaps@"
+bind = "127.0.0.1:0"
 tls = "implicit"
 cert = {cert}
 key = {key}
 
 [[listener]]
 name = "plain"
-bind = "127.0.0.1:@PORT_plain@"
+bind = "127.0.0.1:0"
 tls = "none"
 
 [upstream]
@@ -37,27 +37,21 @@ address = "{upstream}"
 }
 
 fn start(dc: &Dovecot, limits: &str) -> ProxyProcess {
-    ProxyProcess::start(&config(dc, limits), &["imaps", "plain"], "info")
+    ProxyProcess::start(&config(dc, limits), "info")
 }
 
 #[tokio::test]
 async fn connections_over_the_limit_get_bye_at_accept() {
     let dc = Dovecot::shared();
     let proxy = start(dc, "max_connections = 2");
-    // The readiness probe's connections may still be winding down: wait until two fit.
+    // The ready file, not a probe connection, says imapgate listens: these are the first two.
     let mut held = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..2 {
         let mut c = Client::connect(proxy.addr("plain")).await;
-        if c.read_greeting().await.starts_with("* OK") {
-            held.push(c);
-            if held.len() == 2 {
-                break;
-            }
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let greeting = c.read_greeting().await;
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        held.push(c);
     }
-    assert_eq!(held.len(), 2);
     let mut third = Client::connect(proxy.addr("plain")).await;
     let greeting = third.read_greeting().await;
     assert!(greeting.starts_with("* BYE [UNAVAILABLE] "), "{greeting}");
@@ -92,12 +86,13 @@ async fn idle_timeout_says_bye_after_login() {
 
 #[tokio::test]
 async fn unreachable_upstream_gets_a_clear_bye_and_a_log_line() {
-    let port = support::proxy::free_port();
+    let dead = support::proxy::DeadPort::new();
     let toml = format!(
-        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:@PORT_plain@\"\ntls = \"none\"\n\
-         [upstream]\naddress = \"127.0.0.1:{port}\"\nconnect_timeout_s = 2\n"
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout_s = 2\n",
+        dead.addr()
     );
-    let proxy = ProxyProcess::start(&toml, &["plain"], "info");
+    let proxy = ProxyProcess::start(&toml, "info");
     let mut c = Client::connect(proxy.addr("plain")).await;
     let greeting = c.read_greeting().await;
     assert_eq!(
@@ -105,9 +100,7 @@ async fn unreachable_upstream_gets_a_clear_bye_and_a_log_line() {
         "* BYE [UNAVAILABLE] The mail server is unavailable, try again later"
     );
     c.expect_closed().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = proxy.log();
-    assert!(log.contains("cannot connect"), "{log}");
+    proxy.wait_for_log("cannot connect", 1).await;
 }
 
 #[tokio::test]
@@ -119,13 +112,13 @@ async fn sigterm_drains_then_says_bye_and_exits_zero() {
     c.read_greeting().await;
     c.login(&user, &pass).await;
     proxy.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // No longer accepting...
-    assert!(
-        tokio::net::TcpStream::connect(proxy.addr("plain"))
-            .await
+    // No longer accepting (soon after the signal)...
+    poll("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(proxy.addr("plain"))
             .is_err()
-    );
+            .then_some(())
+    })
+    .await;
     // ...but the live session goes on during the drain,
     c.ok("a1 SELECT INBOX").await;
     // and gets a BYE when the drain time is over.
@@ -139,7 +132,7 @@ async fn passwords_and_sasl_payloads_never_reach_the_log() {
     use base64::Engine as _;
     let dc = Dovecot::shared();
     let (user, pass) = dc.fresh_user();
-    let proxy = ProxyProcess::start(&config(dc, ""), &["imaps", "plain"], "trace");
+    let proxy = ProxyProcess::start(&config(dc, ""), "trace");
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.read_greeting().await;
     c.no(&format!("a1 LOGIN {user} WrongSecret123")).await;
@@ -153,7 +146,8 @@ async fn passwords_and_sasl_payloads_never_reach_the_log() {
     assert_tagged(&c2.read_until_tagged("b1").await, "b1", "OK");
     c.logout().await;
     c2.logout().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both sessions' whole logs: each ends with "closed" (debug).
+    proxy.wait_for_log("imapgate::server: closed", 2).await;
     let log = proxy.log();
     assert!(
         log.contains("login succeeded"),
@@ -167,6 +161,7 @@ async fn passwords_and_sasl_payloads_never_reach_the_log() {
 
 #[tokio::test]
 async fn fifty_mib_literals_stream_without_growing_memory() {
+    let _busy = crate::support::busy().await;
     let dc = Dovecot::shared();
     let proxy = start(dc, "");
     let (user, pass) = dc.fresh_user();
@@ -200,6 +195,7 @@ async fn fifty_mib_literals_stream_without_growing_memory() {
 
 #[test]
 fn python_imaplib_works_through_imapgate() {
+    let _busy = crate::support::busy_blocking();
     let dc = Dovecot::shared();
     let proxy = start(dc, "");
     let (user, pass) = dc.fresh_user();
@@ -237,4 +233,95 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout, "search 1\nok\n");
+}
+
+/// `imapgate run --ready-file`: once listening, the file names every listener (in config
+/// order), the metrics and admin endpoints, all bound from port 0, and imapgate's PID.
+#[tokio::test]
+async fn the_ready_file_names_every_address_bound_from_port_0() {
+    let dc = Dovecot::shared();
+    let dir = support::temp_dir();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "ready-file-token\n").expect("write token");
+    let toml = format!(
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n\
+         [[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n\
+         [upstream]\naddress = \"{}\"\n\
+         [metrics]\nbind = \"127.0.0.1:0\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\ntoken_file = {}\n",
+        dc.addr(),
+        toml_path(&token)
+    );
+    // ProxyProcess reads the file (and checks its PID) before it returns.
+    let proxy = ProxyProcess::start(&toml, "info");
+    let ports: std::collections::BTreeSet<u16> = [
+        proxy.addr("plain"),
+        proxy.addr("second"),
+        proxy.metrics_addr(),
+        proxy.admin_addr(),
+    ]
+    .iter()
+    .map(|a| a.port())
+    .collect();
+    assert_eq!(ports.len(), 4, "{ports:?}");
+    assert!(!ports.contains(&0));
+    for listener in ["plain", "second"] {
+        let mut c = Client::connect(proxy.addr(listener)).await;
+        assert!(c.read_greeting().await.starts_with("* OK"), "{listener}");
+    }
+    let (status, body) =
+        http_get_within(proxy.metrics_addr(), "/healthz", Duration::from_secs(10)).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (status, _) =
+        http_get_within(proxy.admin_addr(), "/sessions", Duration::from_secs(10)).await;
+    assert_eq!(status, 401, "the admin endpoint wants its token");
+}
+
+/// A ready file left by an earlier run is removed at start and never read as this run's.
+#[test]
+fn a_stale_ready_file_is_replaced() {
+    let dc = Dovecot::shared();
+    let dir = support::temp_dir();
+    let config = dir.path().join("imapgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n\
+             [upstream]\naddress = \"{}\"\n",
+            dc.addr()
+        ),
+    )
+    .expect("write config");
+    let ready = dir.path().join("ready.json");
+    let stale = r#"{"pid":1,"listeners":[{"name":"plain","addr":"127.0.0.1:1"}]}"#;
+    std::fs::write(&ready, stale).expect("write stale file");
+    let mut child = std::process::Command::new(support::proxy::binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn imapgate");
+    let pid = child.id();
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&ready).unwrap_or_default();
+        let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        if json.is_some_and(|j| j["pid"] == pid) {
+            break text;
+        }
+        if std::time::Instant::now() > end || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no ready file of pid {pid}; last seen: {text:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!text.contains("127.0.0.1:1\""), "{text}");
 }

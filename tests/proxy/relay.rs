@@ -1,10 +1,10 @@
 //! imapgate relaying a real Dovecot: every leg, every command family, the hard cases.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
 use imapgate::config::UpstreamTls;
+use support::evidence::{poll, sample};
 use support::proxy::{IMAPS, PLAIN, Proxy, STARTTLS};
 use support::{Client, Dovecot, DovecotOptions, assert_tagged, capabilities, message, quote};
 
@@ -82,6 +82,7 @@ async fn implicit_tls_session_covers_the_common_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_mib_message_round_trips_byte_identical() {
+    let _busy = crate::support::busy().await;
     let dc = Dovecot::shared();
     let proxy = Proxy::for_dovecot(dc, UpstreamTls::None).await;
     let (mut c, _) = login_tls(&proxy, dc).await;
@@ -268,6 +269,7 @@ async fn compress_is_refused_by_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_fetch_closes_only_that_session() {
+    let _busy = crate::support::busy().await;
     let dc = Dovecot::start(DovecotOptions {
         extra_config: "verbose_proctitle = yes\n".into(),
         ..DovecotOptions::default()
@@ -284,20 +286,27 @@ async fn upstream_killed_mid_fetch_closes_only_that_session() {
     bystander.read_greeting().await;
     bystander.login("bob", "bobpw").await;
 
-    // Ask for the big message but do not read it: the relay fills up and waits.
+    // Ask for the big message but do not read it: the relay fills up and waits. The FETCH
+    // is under way once a MiB of it has come from the server.
+    let from_server = || {
+        sample(
+            &proxy.server().metrics().render(),
+            "imapgate_bytes_total{direction=\"upstream_to_client\"}",
+        )
+    };
+    let before = from_server();
     victim.send_line("v3 FETCH 1 BODY.PEEK[]").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    poll("the FETCH to stream", Duration::from_secs(30), || {
+        (from_server() > before + 1024.0 * 1024.0).then_some(())
+    })
+    .await;
     let imap = dc.processes_matching("imap [alice");
     assert_eq!(
         imap.len(),
         1,
         "alice's imap process of this Dovecot: {imap:?}"
     );
-    let killed = std::process::Command::new("kill")
-        .args(["-9", &imap[0].to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success(), "could not kill alice's imap process");
+    support::signal_pid(imap[0], "KILL");
 
     let received = victim.expect_closed().await;
     assert!(

@@ -20,8 +20,6 @@
 //! - `ratelimit`: dodging the search limit, and mail lost to it (7, 12);
 //! - `fidelity`: valid commands refused, and imaptest through imapgate (10).
 
-mod support;
-
 #[path = "security/fidelity.rs"]
 mod fidelity;
 #[path = "security/hooks.rs"]
@@ -37,9 +35,10 @@ mod ratelimit;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::support;
 use imapgate::config::{Config, MetricsConfig, OnError, PolicyConfig, UpstreamTls};
 use serde_json::Value;
 use support::evidence::{audit_records, scrape};
@@ -47,7 +46,6 @@ pub use support::list_names;
 use support::proxy::{Proxy, config_for};
 use support::tap::Tap;
 use support::{Client, Dovecot, DovecotOptions, quote};
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 /// The namespace as a boundary: the client sees `INBOX.` with `.`, and everything it names
 /// lives under the server's `Jail/`. Outside the jail (e.g. `Private/Secret`) is off limits.
@@ -66,7 +64,7 @@ upstream_delimiter = "/""#;
 /// How long a hostile exchange may take before the test looks at what happened anyway.
 pub const PATIENCE: Duration = Duration::from_secs(5);
 
-/// The Dovecot behind every test of this binary: `/` as hierarchy delimiter (the namespace
+/// The Dovecot behind every test of this module: `/` as hierarchy delimiter (the namespace
 /// policy's upstream form) and LAYOUT=fs, so that a server name may hold the client's `.`.
 /// Tests share it; each uses users of its own ([`Dovecot::fresh_user`]).
 pub fn dovecot() -> &'static Dovecot {
@@ -113,16 +111,6 @@ pub fn example_policies() -> Vec<PolicyConfig> {
         .policies
 }
 
-/// Held (shared) by every [`Gate`], and exclusively by the one test with a latency bound, so
-/// that the other tests of this binary (imaptest, getmail, pipelines) do not load the two
-/// cores while it measures.
-static QUIET: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
-
-/// Waits until no [`Gate`] is running and keeps new ones from starting until dropped.
-pub async fn quiet() -> OwnedRwLockWriteGuard<()> {
-    QUIET.clone().write_owned().await
-}
-
 /// imapgate in-process in front of the tap in front of [`dovecot`], with an audit log and a
 /// metrics endpoint.
 pub struct Gate {
@@ -131,12 +119,12 @@ pub struct Gate {
     pub audit: PathBuf,
     pub metrics: SocketAddr,
     _dir: tempfile::TempDir,
-    _running: OwnedRwLockReadGuard<()>,
+    _busy: support::Busy,
 }
 
 impl Gate {
     pub async fn start(policies: Vec<PolicyConfig>) -> Gate {
-        let running = QUIET.clone().read_owned().await;
+        let busy = support::busy().await;
         let dc = dovecot();
         let tap = Tap::start(dc.addr()).await;
         let dir = support::temp_dir();
@@ -159,7 +147,7 @@ impl Gate {
             audit,
             metrics,
             _dir: dir,
-            _running: running,
+            _busy: busy,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Helpers shared by the `protocol_*` integration tests: framing a whole stream into logical
+//! Helpers shared by the protocol tests (tests/protocol/): framing a whole stream into logical
 //! messages, and reading the RFC example files.
 #![allow(dead_code)]
 

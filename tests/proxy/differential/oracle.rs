@@ -598,8 +598,8 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
 
+    use super::super::generate::{Canary, Frag, Listener, Phase};
     use super::*;
-    use crate::generate::{Canary, Frag, Listener, Phase};
     use crate::support::tap::Chunk;
 
     fn case(canaries: &[&str], secrets: &[&str]) -> Case {

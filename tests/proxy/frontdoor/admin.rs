@@ -329,14 +329,14 @@ async fn the_token_file_is_reread_on_sighup_and_never_logged() {
     let new = "new-t0ken-2b8e41";
     std::fs::write(&token_file, format!("{old}\n")).expect("write token");
     let toml = format!(
-        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:@PORT_plain@\"\ntls = \"none\"\n\
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n\
          [upstream]\naddress = \"{}\"\n\
-         [admin]\nbind = \"127.0.0.1:@PORT_admin@\"\ntoken_file = {}\n",
+         [admin]\nbind = \"127.0.0.1:0\"\ntoken_file = {}\n",
         dc.addr(),
         toml_path(&token_file)
     );
-    let proxy = ProxyProcess::start(&toml, &["plain", "admin"], "trace");
-    let admin = proxy.addr("admin");
+    let proxy = ProxyProcess::start(&toml, "trace");
+    let admin = proxy.admin_addr();
     assert_eq!(
         http_request(admin, "GET", "/sessions", &[&bearer(old)])
             .await

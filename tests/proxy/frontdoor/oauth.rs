@@ -542,9 +542,8 @@ m.logout()
 
 /// The imapgate binary in front of `mail1` (and, routed, `mail2`), logging at trace level.
 fn binary(mail1: &Dovecot, mail2: Option<&Dovecot>, dir: &Path) -> ProxyProcess {
-    let mut toml = String::from(
-        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:@PORT_plain@\"\ntls = \"none\"\n",
-    );
+    let mut toml =
+        String::from("[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ntls = \"none\"\n");
     let script = dir.join("policy.lua");
     let source = match mail2 {
         Some(mail2) => {
@@ -564,7 +563,7 @@ fn binary(mail1: &Dovecot, mail2: Option<&Dovecot>, dir: &Path) -> ProxyProcess 
     };
     std::fs::write(&script, source).expect("write policy");
     toml.push_str(&format!("[[policy]]\nscript = {}\n", toml_path(&script)));
-    ProxyProcess::start(&toml, &["plain"], "trace")
+    ProxyProcess::start(&toml, "trace")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

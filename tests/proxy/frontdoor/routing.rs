@@ -169,10 +169,9 @@ async fn a_failed_login_can_be_tried_again() {
 async fn fallbacks_are_tried_in_order_and_none_left_is_unavailable() {
     let b = Backends::start().await;
     let dir = crate::support::temp_dir();
-    // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    // A port nothing listens on (and nothing can take while the test runs).
+    let dead_port = crate::support::proxy::DeadPort::new();
+    let dead = dead_port.addr();
     let mut config: Config = config_for(&b.mail1, UpstreamTls::None);
     config.upstreams = vec![
         Backends::upstream(&b.mail1, "mail1"),

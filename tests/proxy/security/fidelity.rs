@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::{Gate, assert_answer, direct, dovecot, list_names};
 use crate::support::proxy::PLAIN;
-use crate::{Gate, assert_answer, direct, dovecot, list_names};
 
 /// Finding 10, first form: atoms with `[` are legal astrings and list-mailboxes (RFC 3501 and
 /// 9051: ATOM-CHAR excludes only `]` of the resp-specials). Through imapgate without policies:
@@ -61,7 +61,7 @@ async fn f10_large_id_before_login_is_relayed() {
     assert!(line.len() > 30 * 1024);
     let mut c = gate.client(PLAIN).await;
     c.send_line(&line).await;
-    let r = c.collect_until("i", crate::PATIENCE).await;
+    let r = c.collect_until("i", super::PATIENCE).await;
 
     let received = gate.server_received();
     assert!(

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::Client;
-use crate::support::evidence::{http_get_within, poll, sum_samples};
-use crate::support::proxy::{ProxyProcess, toml_path};
-use crate::support::tap::Tap;
-use crate::{
+use super::{
     COURIER, Gate, JAIL, PATIENCE, assert_answer, direct, dovecot, local_policy, server_mailboxes,
     shipped,
 };
+use crate::support::Client;
+use crate::support::evidence::{http_get_within, poll, scrape, sum_samples};
+use crate::support::proxy::{ProxyProcess, toml_path};
+use crate::support::tap::Tap;
 
 /// The finding's LIST pattern: namespace.lua turns it into a backtracking Lua pattern.
 const ATTACK: &str = "**************z";
@@ -28,7 +28,7 @@ fn gate_process(upstream: std::net::SocketAddr, extra: &str) -> ProxyProcess {
         r#"
 [[listener]]
 name = "plain"
-bind = "127.0.0.1:@PORT_plain@"
+bind = "127.0.0.1:0"
 tls = "none"
 
 [upstream]
@@ -38,7 +38,7 @@ address = "{upstream}"
 drain_timeout_s = {DRAIN_S}
 
 [metrics]
-bind = "127.0.0.1:@PORT_metrics@"
+bind = "127.0.0.1:0"
 
 [[policy]]
 script = {script}
@@ -47,7 +47,7 @@ options = {{ {options} }}
 "#,
         script = toml_path(&namespace),
     );
-    ProxyProcess::start(&toml, &["plain", "metrics"], "info")
+    ProxyProcess::start(&toml, "info")
 }
 
 const DRAIN_S: u64 = 2;
@@ -78,18 +78,18 @@ async fn plain_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> Clie
 /// ```
 ///
 /// while a third session's NOOPs must each answer within 100 ms (the bound the issue sets) and
-/// `/healthz` keeps answering. It runs alone among this binary's tests ([`crate::quiet`]), so
+/// `/healthz` keeps answering. No test that loads the cores runs beside it ([`crate::support::quiet`]), so
 /// that only the attack loads the cores. Today each LIST runs one `string.find` that
 /// backtracks for minutes in a single C call: the two attacks take both cores and every other
 /// session and `/healthz` stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
-    let _quiet = crate::quiet().await;
+    let _quiet = crate::support::quiet().await;
     let (user, pass) = user_with_a_long_folder().await;
     let tap = Tap::start(dovecot().addr()).await;
     let proxy = gate_process(tap.addr(), "");
     let plain = proxy.addr("plain");
-    let metrics = proxy.addr("metrics");
+    let metrics = proxy.metrics_addr();
     let mut victim = plain_login(plain, &user, &pass).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,14 +168,15 @@ async fn f05_list_pattern_attack_does_not_stall_other_sessions() {
 /// other sessions to another thread, two such hooks hold both workers of a 2-core machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_hook_stalls_only_its_own_session() {
-    let _quiet = crate::quiet().await;
+    let _quiet = crate::support::quiet().await;
     let (user, pass) = dovecot().fresh_user();
     let dir = crate::support::temp_dir();
     let spin = local_policy(
         dir.path(),
         "spin",
-        r#"return { name = "spin", commands = { "STATUS" },
-  on_command = function(ctx, cmd) while true do end end }"#,
+        r#"local started = imap.metrics.counter("spins", "hooks that began to spin")
+return { name = "spin", commands = { "STATUS" },
+  on_command = function(ctx, cmd) started:inc() while true do end end }"#,
     );
     let extra = format!(
         "[[policy]]\nscript = {}\n\n[lua]\ntime_ms = 1500\ninstructions = 1000000000000\n",
@@ -191,7 +192,17 @@ async fn a_slow_hook_stalls_only_its_own_session() {
         c.send_line("s1 STATUS INBOX (MESSAGES)").await;
         writers.push(c);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The NOOPs go once both hooks spin (the metrics endpoint has a thread of its own).
+    let metrics = proxy.metrics_addr();
+    let mut spinning = 0.0;
+    for _ in 0..500 {
+        spinning = sum_samples(&scrape(metrics).await, "imapgate_policy_spins_total", &[]);
+        if spinning >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(spinning, 2.0, "the two hooks did not both start");
     let mut slowest = Duration::ZERO;
     for i in 0..10 {
         let start = Instant::now();

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use crate::support::evidence::sample;
-use crate::{
+use super::{
     Gate, JAIL, PATIENCE, assert_answer, assert_refused_or_bye, direct, dovecot, server_mailboxes,
     shipped, tagged,
 };
+use crate::support::evidence::sample;
 
 /// A user whose account holds `Private/Secret` (one message, outside the jail) and `Jail/Box`.
 async fn user_with_a_secret() -> (String, String) {
@@ -184,7 +184,7 @@ sys.exit(0 if typ == "OK" else 1)
         "Dovecot has a mailbox outside the jail: {boxes:?}\nimaplib: {said}"
     );
     assert_eq!(
-        crate::server_messages(&mut d, "Jail/Missing").await,
+        super::server_messages(&mut d, "Jail/Missing").await,
         Some(1),
         "the message is not in the jail's folder; mailboxes {boxes:?}\nimaplib: {said}"
     );

@@ -2,12 +2,12 @@
 //! form relayed when a hook fails, INBOX's children shown, and hidden entries kept out of the
 //! audit log (findings 4, 6, 14, 15).
 
-use crate::support::evidence::{poll, sum_samples};
-use crate::support::proxy::PLAIN;
-use crate::{
+use super::{
     COURIER, Gate, JAIL, PATIENCE, assert_answer, direct, dovecot, list_names, local_policy,
     server_mailboxes, server_messages, shipped,
 };
+use crate::support::evidence::{poll, sum_samples};
+use crate::support::proxy::PLAIN;
 
 /// A user whose account holds `Private/Secret` (one message, outside the jail) and `Jail/Box`
 /// (empty); returns the name, password and Private/Secret's UIDVALIDITY.
@@ -356,7 +356,7 @@ async fn f15_hidden_list_entries_are_not_audit_records() {
     let r = c.ok("a LIST \"\" \"*\"").await;
     assert_eq!(list_names(&r), ["INBOX"], "{r:?}");
     assert_eq!(
-        crate::count_ci(&gate.tap.to_client_text(), "* LIST "),
+        super::count_ci(&gate.tap.to_client_text(), "* LIST "),
         31,
         "the server listed the 30 folders and INBOX"
     );

@@ -3,12 +3,12 @@
 
 use serde_json::Value;
 
+use super::{
+    Gate, PATIENCE, assert_answer, assert_refused_or_bye, b64, direct, dovecot, plain_b64, shipped,
+};
 use crate::support::Client;
 use crate::support::evidence::{dovecot_logins, poll, sample};
 use crate::support::proxy::STARTTLS;
-use crate::{
-    Gate, PATIENCE, assert_answer, assert_refused_or_bye, b64, direct, dovecot, plain_b64, shipped,
-};
 
 /// After a hostile exchange with `user`: a direct login as `user`, awaited in Dovecot's log,
 /// then the number of Dovecot login lines for `user` must be exactly that one. (The marker
@@ -259,7 +259,7 @@ async fn f13_user_known_after_authenticate_without_sasl_ir() {
     // Only the two searches within the user's budget reached it.
     let received = gate.server_received();
     assert_eq!(
-        crate::count_ci(&received, " SEARCH ALL"),
+        super::count_ci(&received, " SEARCH ALL"),
         2,
         "searches that reached Dovecot:\n{received}"
     );

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::support::evidence::{dovecot_logins, poll};
-use crate::{
+use super::{
     Gate, JAIL, PATIENCE, assert_answer, count_ci, direct, dovecot, example_policies, list_names,
     server_messages, shipped,
 };
+use crate::support::evidence::{dovecot_logins, poll};
 
 /// A search limit of 2 per user that refuses (rather than delays) beyond it.
 const TWO_SEARCHES: &str = "per_second = 0.001\nburst = 2\nmode = \"reject\"";
