@@ -167,7 +167,6 @@ impl ProxyProcess {
             }
         });
         let ready = wait_ready(&mut child, &ready_file, &log, reader);
-        assert_eq!(ready.pid, child.id(), "the ready file is another process's");
         ProxyProcess {
             child,
             ready,
@@ -253,33 +252,38 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Polls for imapgate's ready file; panics with the log if imapgate exits or takes too long.
+/// Polls for imapgate's ready file; if imapgate exits first, takes too long or writes
+/// something else, stops it (by its PID) and panics with its log.
 fn wait_ready(
     child: &mut Child,
     path: &Path,
     log: &Mutex<String>,
     reader: std::thread::JoinHandle<()>,
 ) -> Ready {
-    let log = || log.lock().map(|l| l.clone()).unwrap_or_default();
     let end = std::time::Instant::now() + START_TIMEOUT;
-    loop {
+    let failure = loop {
         // Written under another name and renamed: what exists is complete.
         if let Ok(text) = std::fs::read_to_string(path) {
-            return serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("ready file {text:?}: {e}"));
+            match serde_json::from_str::<Ready>(&text) {
+                Ok(ready) if ready.pid == child.id() => return ready,
+                Ok(_) => break format!("a ready file of another process: {text}"),
+                Err(e) => break format!("ready file {text:?}: {e}"),
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
-            // Its stderr is closed: the reader ends once it has every line.
-            let _ = reader.join();
-            panic!("imapgate exited at start ({status}); its log:\n{}", log());
+            break format!("imapgate exited at start ({status})");
         }
-        assert!(
-            std::time::Instant::now() < end,
-            "imapgate wrote no ready file within {START_TIMEOUT:?}; its log:\n{}",
-            log()
-        );
+        if std::time::Instant::now() >= end {
+            break format!("imapgate wrote no ready file within {START_TIMEOUT:?}");
+        }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Its stderr is closed: the reader ends once it has every line.
+    let _ = reader.join();
+    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+    panic!("{failure}; its log:\n{log}");
 }
 
 /// The imapgate binary cargo built for this test run.
