@@ -2,11 +2,25 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
-//!     [--idle-connections 1000] [--policies none|shipped|both] [--upstream plain|tls|both]
+//!     [--client plain|tls|both] [--policies none|shipped|both] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
-//!     [--routed-warm 4] [--json]
-//!     [--imapgate PATH]
+//!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
+//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--json] [--imapgate PATH]
 //! ```
+//!
+//! `--client plain` (or `both`, the default) adds the plaintext client leg: the client talks
+//! plaintext to Dovecot's plain port (direct) and to imapgate's plain listener (proxied, over a
+//! plain upstream, without the shipped policies since require_tls refuses such a LOGIN).
+//!
+//! What the machine needs for `--idle-connections N` (the harness checks and says what is
+//! missing, in a "this machine" note): open files: 2 N + 4096 per process (imapgate holds two
+//! sockets per connection; the harness raises its soft limit to the hard one, and as root the
+//! hard one too; its children inherit it; otherwise `ulimit -Hn`/`ulimit -n` first);
+//! `fs.inotify.max_user_instances` >= N + 256 when Dovecot hibernates the IDLE sessions (one
+//! inotify instance each, all of the mail user; the default 128 leaves the rest in an imap
+//! process each, polling every 30 s); `net.ipv4.ip_local_port_range` wider than N + 1000
+//! (each leg's connections go to one address and port). Memory: about 10,000 sessions take a
+//! few GiB in all (imapgate, Dovecot's imap-login for the direct TLS path, the harness).
 //!
 //! It starts a private Dovecot (tests/support), seeds the mailboxes, starts the imapgate binary
 //! cargo built for this bench (the release build) with a config of its own, and runs each
@@ -27,7 +41,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use load::env::Upstream;
-use load::{Options, Policies, Scenario};
+use load::{ClientLeg, Options, Policies, Scenario};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Which {
@@ -42,6 +56,13 @@ enum RoutedArg {
     OnLogin,
     Both,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ClientArg {
+    Plain,
+    Tls,
+    Both,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,9 +86,25 @@ struct Cli {
     /// ratelimit.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
-    /// Idle TLS connections held open in IDLE for the memory figure.
+    /// The client leg: TLS (Dovecot's TLS port against imapgate's TLS listener), plaintext
+    /// (Dovecot's plain port against imapgate's plain listener, plain upstream, no shipped
+    /// policies), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    client: ClientArg,
+    /// Connections held open in IDLE (memory, CPU while idle, setup time, notifications).
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
+    /// Seconds over which imapgate's CPU time is read with every connection idle.
+    #[arg(long, default_value_t = 10.0)]
+    idle_cpu_seconds: f64,
+    /// Idle sessions spot-checked for their IDLE notification (a message appended straight
+    /// on Dovecot must reach each as EXISTS); 0: none.
+    #[arg(long, default_value_t = 50)]
+    idle_notify_sample: usize,
+    /// Dovecot's imap_hibernate_timeout in seconds: IDLE sessions move to its imap-hibernate
+    /// process after this long; 0: no hibernation (one imap process per session).
+    #[arg(long, default_value_t = 1)]
+    idle_hibernate: u64,
     /// Rounds of the idle scenario (it is slow to set up).
     #[arg(long, default_value_t = 1)]
     idle_rounds: usize,
@@ -148,6 +185,15 @@ fn options(cli: &Cli) -> Result<Options, String> {
         idle_connections: cli.idle_connections.max(1),
         idle_rounds: cli.idle_rounds.max(1),
         idle_hold: Duration::from_secs_f64(cli.idle_hold.clamp(0.0, 3600.0)),
+        idle_cpu_window: Duration::from_secs_f64(cli.idle_cpu_seconds.clamp(0.1, 3600.0)),
+        idle_notify_sample: cli.idle_notify_sample,
+        idle_hibernation: (cli.idle_hibernate > 0)
+            .then(|| Duration::from_secs(cli.idle_hibernate.min(3600))),
+        client_legs: match cli.client {
+            ClientArg::Plain => vec![ClientLeg::Plain],
+            ClientArg::Tls => vec![ClientLeg::Tls],
+            ClientArg::Both => vec![ClientLeg::Tls, ClientLeg::Plain],
+        },
         fetch_clients: cli.fetch_clients.max(1),
         fetch_size: cli.fetch_kib.max(1) * 1024,
         small_connections: cli.small_connections.max(1),
