@@ -166,7 +166,7 @@ pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String>
     }
     // Each leg's connections come from 127.0.0.1 to one address and port: one ephemeral
     // port each, per destination.
-    if let Some(range) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok() {
+    if let Ok(range) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
         let ports: Vec<u64> = range
             .split_whitespace()
             .filter_map(|p| p.parse().ok())

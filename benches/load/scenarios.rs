@@ -899,7 +899,7 @@ async fn notify_check(
         .filter_map(|&i| Some((i, slots[i].take()?)))
         .collect();
     let mut latencies: Vec<f64> = Vec::new();
-    let mut set: JoinSet<Result<(usize, IdleConn, Option<Duration>), String>> = JoinSet::new();
+    let mut set: JoinSet<Result<Checked, String>> = JoinSet::new();
     loop {
         while set.len() < NOTIFY_CONCURRENCY {
             let Some((i, s)) = queue.pop_front() else {
@@ -935,6 +935,10 @@ async fn notify_check(
     };
     Ok((slots.into_iter().flatten().collect(), check))
 }
+
+/// A sampled session's index, the session, and how long its notification took (`None`: it
+/// did not come).
+type Checked = (usize, IdleConn, Option<Duration>);
 
 /// Sessions checked at once by [`notify_check`].
 const NOTIFY_CONCURRENCY: usize = 16;
