@@ -256,11 +256,23 @@ fn main() -> ExitCode {
         }
     };
     let limit = Duration::from_secs(cli.time_limit_min.max(1) * 60);
-    let result = runtime.block_on(async { tokio::time::timeout(limit, load::run(&opts)).await });
-    let report = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    let result = runtime
+        .block_on(async { tokio::time::timeout(limit, load::run_keeping_dovecot(&opts)).await });
+    // Stopped after the figures (or the error) are out: with thousands of idle users, removing
+    // their Maildirs takes a while.
+    let stop_dovecot = |dovecot: Option<support::Dovecot>| {
+        if let Some(dc) = dovecot {
+            if !cli.quiet {
+                eprintln!("load: stopping Dovecot and removing its files");
+            }
+            drop(dc);
+        }
+    };
+    let (report, dovecot) = match result {
+        Ok((Ok(r), dc)) => (r, dc),
+        Ok((Err(e), dc)) => {
             eprintln!("load: {e}");
+            stop_dovecot(dc);
             return ExitCode::FAILURE;
         }
         Err(_) => {
@@ -283,5 +295,6 @@ fn main() -> ExitCode {
         println!();
         print!("{json}");
     }
+    stop_dovecot(dovecot);
     ExitCode::SUCCESS
 }

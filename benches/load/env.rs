@@ -64,7 +64,8 @@ pub fn raise_nofile(_want: u64) -> Result<u64, String> {
 // ---------------------------------------------------------------------------------------
 
 /// A private Dovecot able to hold `connections` concurrent sessions, with `idle_users` users
-/// for the idle scenario besides the [`USERS`], and IDLE hibernation after `hibernation`.
+/// for the idle scenario besides the [`USERS`], and IDLE hibernation after `hibernation`;
+/// `nofile` is the open-file limit its processes inherit.
 ///
 /// Without hibernation every session is an `imap` process (one per session, Dovecot's
 /// default, as the test suite runs it); with it, a session in IDLE moves to the
@@ -74,9 +75,16 @@ pub fn start_dovecot(
     connections: usize,
     idle_users: usize,
     hibernation: Option<Duration>,
+    nofile: u64,
 ) -> Dovecot {
     let processes = (connections + 500).max(5000);
     let clients = (2 * connections + 1000).max(20_000);
+    // imap-login (a TLS session of the direct path: the client's socket and the one to its
+    // imap process) and imap-hibernate (a session's socket and its inotify instance) hold two
+    // descriptors per client: more clients than the limit allows go to further processes.
+    let per_process = usize::try_from(nofile.saturating_sub(512) / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(1000, clients);
     // A TLS session of the direct path stays in imap-login (which relays it to the imap or
     // imap-hibernate process): thousands of them outgrow the default 1 GiB address space.
     let extra_config = format!(
@@ -84,8 +92,8 @@ pub fn start_dovecot(
          default_client_limit = {clients}\n\
          default_vsz_limit = 2G\n\
          service imap {{\n  process_limit = {processes}\n}}\n\
-         service imap-login {{\n  client_limit = {clients}\n  vsz_limit = 8G\n}}\n\
-         service imap-hibernate {{\n  client_limit = {clients}\n}}\n\
+         service imap-login {{\n  client_limit = {per_process}\n  vsz_limit = 8G\n}}\n\
+         service imap-hibernate {{\n  client_limit = {per_process}\n}}\n\
          service auth {{\n  client_limit = {clients}\n}}\n\
          service anvil {{\n  client_limit = {clients}\n}}\n\
          protocol imap {{\n  mail_max_userip_connections = {clients}\n}}\n"
@@ -121,10 +129,11 @@ pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String>
     if nofile < fds {
         let nr_open = read("/proc/sys/fs/nr_open").unwrap_or(0);
         out.push(format!(
-            "open files: the limit is {nofile}, {idle} idle connections need {fds} (imapgate \
-             holds two sockets per connection; the harness raises its soft limit to the hard \
-             one, and the hard one too as root): run `ulimit -Hn {fds}; ulimit -n {fds}` as \
-             root first{}",
+            "open files: the limit is {nofile}, {idle} idle connections want {fds} (imapgate \
+             holds two sockets per connection; the harness raised its soft limit to the hard \
+             one, and could not raise the hard one: that takes root with CAP_SYS_RESOURCE): \
+             start it with `ulimit -Hn {fds}; ulimit -n {fds}` (or the service manager's \
+             LimitNOFILE){}",
             if nr_open > 0 && nr_open < fds {
                 format!(" and `sysctl -w fs.nr_open={fds}` (now {nr_open})")
             } else {

@@ -505,7 +505,7 @@ fn plain_client_capable(scenario: Scenario) -> bool {
 struct Ctx<'a> {
     opts: &'a Options,
     binary: PathBuf,
-    dc: crate::support::Dovecot,
+    dc: &'a crate::support::Dovecot,
     tls: Arc<ClientConfig>,
     /// The login scenario's: no TLS session resumption, so that every login pays a full
     /// handshake on both paths (a resumed one would depend on which server issued the last
@@ -596,26 +596,22 @@ fn redis_server_installed() -> bool {
 
 /// Runs everything `opts` asks for.
 pub async fn run(opts: &Options) -> Result<Report, String> {
+    run_keeping_dovecot(opts).await.0
+}
+
+/// [`run`], handing back its Dovecot (once started) instead of stopping it: with thousands
+/// of idle users, removing their Maildirs takes minutes on a busy disk, and the caller can
+/// print the figures (or the error) first.
+pub async fn run_keeping_dovecot(
+    opts: &Options,
+) -> (Result<Report, String>, Option<crate::support::Dovecot>) {
     let started = Instant::now();
-    let binary = env::imapgate_binary(opts.imapgate.as_deref())?;
-    let mut notes = Vec::new();
-    if !binary.is_file() {
-        return Err(format!(
-            "imapgate binary {} does not exist",
-            binary.display()
-        ));
-    }
-    if opts.imapgate.is_none() && !binary.components().any(|c| c.as_os_str() == "release") {
-        notes.push(format!(
-            "imapgate binary {} is not a release build: figures are not representative",
-            binary.display()
-        ));
-    }
     let idle_n = if opts.scenarios.contains(&Scenario::Idle) {
         opts.idle_connections
     } else {
         0
     };
+    let mut notes = Vec::new();
     let want_fds = env::nofile_wanted(idle_n);
     let nofile = match env::raise_nofile(want_fds) {
         Ok(n) => n,
@@ -630,8 +626,58 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         }
         notes.push(format!("this machine: {need}"));
     }
+    // imapgate holds two sockets per session and a few of its own: rather than fail at the
+    // last few hundred connections (it answers "* BYE [UNAVAILABLE]" when it cannot open the
+    // upstream one), say at once what fits.
+    let gate_fds = 2 * idle_n as u64 + 64;
+    if nofile > 0 && nofile < gate_fds {
+        return (
+            Err(format!(
+                "{idle_n} idle connections need {gate_fds} open files in imapgate, and the \
+                 limit here is {nofile} (a hard limit this process cannot raise: it lacks \
+                 CAP_SYS_RESOURCE, or is not root). At most {} connections fit; for {idle_n}, \
+                 start the harness with a hard limit of at least {want_fds} (`ulimit -Hn \
+                 {want_fds}` as root, or the service manager's LimitNOFILE).",
+                (nofile - 64) / 2
+            )),
+            None,
+        );
+    }
+    let dc = env::start_dovecot(2 * idle_n, idle_n, opts.idle_hibernation, nofile);
+    let mut result = run_on(opts, &dc, idle_n, notes, started).await;
+    let complaints = dovecot_complaints(&dc.log());
+    match &mut result {
+        Ok(report) => report.notes.extend(complaints),
+        Err(e) => {
+            for c in complaints {
+                e.push_str("\n  ");
+                e.push_str(&c);
+            }
+        }
+    }
+    (result, Some(dc))
+}
 
-    let dc = env::start_dovecot(2 * idle_n, idle_n, opts.idle_hibernation);
+async fn run_on(
+    opts: &Options,
+    dc: &crate::support::Dovecot,
+    idle_n: usize,
+    mut notes: Vec<String>,
+    started: Instant,
+) -> Result<Report, String> {
+    let binary = env::imapgate_binary(opts.imapgate.as_deref())?;
+    if !binary.is_file() {
+        return Err(format!(
+            "imapgate binary {} does not exist",
+            binary.display()
+        ));
+    }
+    if opts.imapgate.is_none() && !binary.components().any(|c| c.as_os_str() == "release") {
+        notes.push(format!(
+            "imapgate binary {} is not a release build: figures are not representative",
+            binary.display()
+        ));
+    }
     let tls = crate::support::tls_config(dc.ca_pem());
     let login_tls = {
         let mut c = (*tls).clone();
@@ -789,7 +835,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
     for mut v in variants {
         match Gate::start(
             &ctx.binary,
-            &ctx.dc,
+            ctx.dc,
             v.upstream,
             v.mode,
             v.policy_toml.as_deref(),
@@ -835,7 +881,6 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             }
         }
     }
-    ctx.notes.extend(dovecot_complaints(&ctx.dc.log()));
     drop(scratch);
     Ok(Report {
         rows,
@@ -963,7 +1008,7 @@ async fn run_scenario(
                         v.gate = None;
                         v.gate = Some(Gate::start(
                             &ctx.binary,
-                            &ctx.dc,
+                            ctx.dc,
                             v.upstream,
                             v.mode,
                             v.policy_toml.as_deref(),
