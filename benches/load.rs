@@ -5,7 +5,8 @@
 //!     [--client plain|tls|both] [--policies none|shipped|both] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
 //!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
-//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--json] [--imapgate PATH]
+//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 120] [--json]
+//!     [--imapgate PATH]
 //! ```
 //!
 //! `--client plain` (or `both`, the default) adds the plaintext client leg: the client talks
@@ -105,6 +106,10 @@ struct Cli {
     /// process after this long; 0: no hibernation (one imap process per session).
     #[arg(long, default_value_t = 1)]
     idle_hibernate: u64,
+    /// Dovecot's imap_idle_notify_interval in seconds: each session in IDLE gets
+    /// `* OK Still here` this often, which imapgate relays (a long one: no traffic at all).
+    #[arg(long, default_value_t = 120)]
+    idle_keepalive: u64,
     /// Rounds of the idle scenario (it is slow to set up).
     #[arg(long, default_value_t = 1)]
     idle_rounds: usize,
@@ -189,6 +194,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
         idle_notify_sample: cli.idle_notify_sample,
         idle_hibernation: (cli.idle_hibernate > 0)
             .then(|| Duration::from_secs(cli.idle_hibernate.min(3600))),
+        idle_keepalive: Duration::from_secs(cli.idle_keepalive.clamp(1, 86_400)),
         client_legs: match cli.client {
             ClientArg::Plain => vec![ClientLeg::Plain],
             ClientArg::Tls => vec![ClientLeg::Tls],

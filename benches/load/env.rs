@@ -64,17 +64,19 @@ pub fn raise_nofile(_want: u64) -> Result<u64, String> {
 // ---------------------------------------------------------------------------------------
 
 /// A private Dovecot able to hold `connections` concurrent sessions, with `idle_users` users
-/// for the idle scenario besides the [`USERS`], and IDLE hibernation after `hibernation`;
-/// `nofile` is the open-file limit its processes inherit.
+/// for the idle scenario besides the [`USERS`], IDLE hibernation after `hibernation`, and
+/// an IDLE keepalive (`* OK Still here`) every `keepalive`; `nofile` is the open-file limit
+/// its processes inherit.
 ///
 /// Without hibernation every session is an `imap` process (one per session, Dovecot's
 /// default, as the test suite runs it); with it, a session in IDLE moves to the
-/// `imap-hibernate` process after that long, so that 10,000 IDLE sessions are one process
-/// rather than 10,000 (see [`machine_needs`] for what the kernel must allow).
+/// `imap-hibernate` process after that long, so that 10,000 IDLE sessions are a few
+/// processes rather than 10,000 (see [`machine_needs`] for what the kernel must allow).
 pub fn start_dovecot(
     connections: usize,
     idle_users: usize,
     hibernation: Option<Duration>,
+    keepalive: Duration,
     nofile: u64,
 ) -> Dovecot {
     let processes = (connections + 500).max(5000);
@@ -87,15 +89,19 @@ pub fn start_dovecot(
         .clamp(1000, clients);
     // A TLS session of the direct path stays in imap-login (which relays it to the imap or
     // imap-hibernate process): thousands of them outgrow the default 1 GiB address space.
+    // anvil hears from every login process: Dovecot wants room for all of them.
+    let anvil = clients + 1000;
+    let keepalive = keepalive.as_secs().max(1);
     let extra_config = format!(
-        "default_process_limit = {processes}\n\
+        "imap_idle_notify_interval = {keepalive} secs\n\
+         default_process_limit = {processes}\n\
          default_client_limit = {clients}\n\
          default_vsz_limit = 2G\n\
          service imap {{\n  process_limit = {processes}\n}}\n\
          service imap-login {{\n  client_limit = {per_process}\n  vsz_limit = 8G\n}}\n\
          service imap-hibernate {{\n  client_limit = {per_process}\n}}\n\
          service auth {{\n  client_limit = {clients}\n}}\n\
-         service anvil {{\n  client_limit = {clients}\n}}\n\
+         service anvil {{\n  client_limit = {anvil}\n}}\n\
          protocol imap {{\n  mail_max_userip_connections = {clients}\n}}\n"
     );
     // "/" as delimiter: the shipped namespace policy's default upstream layout.

@@ -179,6 +179,10 @@ pub struct Options {
     pub idle_notify_sample: usize,
     /// Dovecot's IDLE hibernation (`imap_hibernate_timeout`) in the harness's Dovecot.
     pub idle_hibernation: Option<Duration>,
+    /// How often Dovecot tells a client in IDLE `* OK Still here`
+    /// (`imap_idle_notify_interval`; Dovecot's default: 2 minutes). imapgate relays each one,
+    /// so this traffic is part of its CPU "while idle"; a long interval leaves none.
+    pub idle_keepalive: Duration,
     pub fetch_clients: usize,
     pub fetch_size: usize,
     pub fetch_messages: usize,
@@ -224,6 +228,7 @@ impl Default for Options {
             idle_cpu_window: Duration::from_secs(10),
             idle_notify_sample: 50,
             idle_hibernation: Some(Duration::from_secs(1)),
+            idle_keepalive: Duration::from_secs(120),
             fetch_clients: 4,
             fetch_size: 5 * 1024 * 1024,
             fetch_messages: 4,
@@ -346,6 +351,12 @@ pub struct Row {
     /// idle: how long imapgate's CPU time was read with every session idle (the cpu columns).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_cpu_window_s: Option<f64>,
+    /// idle: Dovecot's IDLE keepalive interval, and the keepalives imapgate relays per second
+    /// in all (N / interval) while the sessions are idle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_keepalive_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_keepalives_per_s: Option<f64>,
     /// idle: the IDLE notification spot-check, over all rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_notify_direct: Option<NotifyCheck>,
@@ -643,7 +654,13 @@ pub async fn run_keeping_dovecot(
             None,
         );
     }
-    let dc = env::start_dovecot(2 * idle_n, idle_n, opts.idle_hibernation, nofile);
+    let dc = env::start_dovecot(
+        2 * idle_n,
+        idle_n,
+        opts.idle_hibernation,
+        opts.idle_keepalive,
+        nofile,
+    );
     let mut result = run_on(opts, &dc, idle_n, notes, started).await;
     let complaints = dovecot_complaints(&dc.log());
     match &mut result {
@@ -1379,6 +1396,8 @@ fn make_row(
         idle_setup_s_proxied: None,
         idle_setup_cpu_us_per_conn: None,
         idle_cpu_window_s: None,
+        idle_keepalive_s: None,
+        idle_keepalives_per_s: None,
         idle_notify_direct: None,
         idle_notify_proxied: None,
         dovecot_imap_processes_idle: None,
@@ -1454,6 +1473,9 @@ fn make_row(
             row.idle_setup_cpu_us_per_conn =
                 med(proxied.iter().filter_map(|s| s.setup_cpu_us_per_conn));
             row.idle_cpu_window_s = Some(opts.idle_cpu_window.as_secs_f64());
+            let keepalive = opts.idle_keepalive.as_secs_f64().max(1.0);
+            row.idle_keepalive_s = Some(keepalive);
+            row.idle_keepalives_per_s = Some(opts.idle_connections as f64 / keepalive);
             let checks = |samples: &[Sample]| {
                 NotifyCheck::merge(
                     &samples
@@ -1702,8 +1724,9 @@ pub fn table(report: &Report) -> String {
                 "idle [policies {}, upstream {}, client {}]: {} connections in IDLE: imapgate RSS \
                  {} -> {} KiB = {k:.1} KiB per connection; set up in {} s direct / {} s proxied \
                  (imapgate CPU {} µs per session); imapgate CPU with all idle: {} cores over {} s \
-                 = {} µs per connection per minute; notified direct {}, proxied {}; Dovecot \
-                 meanwhile: {} imap processes, {} MiB resident",
+                 = {} µs per connection per minute (relaying Dovecot's keepalive every {} s: {} \
+                 a second); notified direct {}, proxied {}; Dovecot meanwhile: {} imap \
+                 processes, {} MiB resident",
                 r.policies,
                 r.upstream,
                 r.client_leg,
@@ -1716,6 +1739,8 @@ pub fn table(report: &Report) -> String {
                 fmt_opt(r.imapgate_cpu_per_s, 4),
                 fmt_opt(r.idle_cpu_window_s, 0),
                 fmt_opt(r.imapgate_cpu_us_per_unit, 2),
+                fmt_opt(r.idle_keepalive_s, 0),
+                fmt_opt(r.idle_keepalives_per_s, 1),
                 notify(&r.idle_notify_direct),
                 notify(&r.idle_notify_proxied),
                 r.dovecot_imap_processes_idle
