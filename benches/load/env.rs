@@ -89,8 +89,6 @@ pub fn start_dovecot(
         .clamp(1000, clients);
     // A TLS session of the direct path stays in imap-login (which relays it to the imap or
     // imap-hibernate process): thousands of them outgrow the default 1 GiB address space.
-    // anvil hears from every login process: Dovecot wants room for all of them.
-    let anvil = clients + 1000;
     let keepalive = keepalive.as_secs().max(1);
     let extra_config = format!(
         "imap_idle_notify_interval = {keepalive} secs\n\
@@ -101,7 +99,7 @@ pub fn start_dovecot(
          service imap-login {{\n  client_limit = {per_process}\n  vsz_limit = 8G\n}}\n\
          service imap-hibernate {{\n  client_limit = {per_process}\n}}\n\
          service auth {{\n  client_limit = {clients}\n}}\n\
-         service anvil {{\n  client_limit = {anvil}\n}}\n\
+         service anvil {{\n  client_limit = {clients}\n}}\n\
          protocol imap {{\n  mail_max_userip_connections = {clients}\n}}\n"
     );
     // "/" as delimiter: the shipped namespace policy's default upstream layout.
