@@ -1,6 +1,7 @@
 //! What the runs stand on: the file descriptor limit, a private Dovecot sized for the load,
 //! imapgate as a child process with a config written here, and /proc readings.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -459,9 +460,9 @@ impl Gate {
         proc_status_kib(self.pid(), "VmRSS:")
     }
 
-    /// User plus system CPU time used so far.
-    pub fn cpu(&self) -> Duration {
-        cpu_time(self.pid())
+    /// The CPU time used so far (compare two with [`CpuStamp::since`]).
+    pub fn cpu(&self) -> CpuStamp {
+        CpuStamp::read(self.pid())
     }
 }
 
@@ -517,6 +518,56 @@ fn toml_path(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------
 // /proc
 // ---------------------------------------------------------------------------------------
+
+/// A process's CPU time at one moment, read two ways: utime + stime (10 ms ticks, every
+/// thread that ever ran included) and each live thread's run time to the nanosecond
+/// (`/proc/PID/task/TID/schedstat`). The ticks alone make a figure like "CPU per APPEND" over
+/// 20 APPENDs a multiple of 500 µs.
+#[derive(Clone, Debug, Default)]
+pub struct CpuStamp {
+    ticks: Duration,
+    threads: BTreeMap<u32, u64>,
+}
+
+impl CpuStamp {
+    pub fn read(pid: u32) -> CpuStamp {
+        let mut threads = BTreeMap::new();
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+                let ns = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+                if let Some(ns) = ns {
+                    threads.insert(tid, ns);
+                }
+            }
+        }
+        CpuStamp {
+            ticks: cpu_time(pid),
+            threads,
+        }
+    }
+
+    /// The CPU time used since `earlier`: to the nanosecond when every thread of `earlier`
+    /// is still there (a new thread counts from its start), else from the ticks, since a
+    /// thread that ended took its run time with it.
+    pub fn since(&self, earlier: &CpuStamp) -> Duration {
+        let all_alive = !earlier.threads.is_empty()
+            && earlier
+                .threads
+                .keys()
+                .all(|tid| self.threads.contains_key(tid));
+        if !all_alive {
+            return self.ticks.saturating_sub(earlier.ticks);
+        }
+        let ns: u64 = self
+            .threads
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.threads.get(tid).copied().unwrap_or(0)))
+            .sum();
+        Duration::from_nanos(ns)
+    }
+}
 
 /// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, in USER_HZ = 100 ticks).
 pub fn cpu_time(pid: u32) -> Duration {

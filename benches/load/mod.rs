@@ -1057,7 +1057,7 @@ async fn run_scenario(
                 (Some(r), Some(_)) if scenario == Scenario::RateLimit => Some(r.pid()),
                 _ => None,
             };
-            let redis_cpu0 = redis_pid.map(env::cpu_time);
+            let redis_cpu0 = redis_pid.map(env::CpuStamp::read);
             let t0 = Instant::now();
             let archive = match path {
                 Path_::Proxied(i, _) if variants[i].policies == Policies::Shipped => {
@@ -1072,12 +1072,12 @@ async fn run_scenario(
             if let (Some(g), Some(c0)) = (gate, cpu0)
                 && scenario != Scenario::Idle
             {
-                let cpu = (g.cpu() - c0).as_secs_f64();
+                let cpu = g.cpu().since(&c0).as_secs_f64();
                 s.cpu_per_s = Some(cpu / secs.max(1e-6));
                 s.cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
             if let (Some(pid), Some(c0)) = (redis_pid, redis_cpu0) {
-                let cpu = (env::cpu_time(pid) - c0).as_secs_f64();
+                let cpu = env::CpuStamp::read(pid).since(&c0).as_secs_f64();
                 s.redis_cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
             ctx.progress(&format!(
@@ -1676,6 +1676,8 @@ pub fn table(report: &Report) -> String {
             fmt_opt(r.added_p99_us, 0),
             fmt_opt(r.imapgate_cpu_per_s, 2),
             match (r.imapgate_cpu_us_per_unit, r.cpu_unit) {
+                // Idle figures are fractions of a µs.
+                (Some(v), Some(u)) if v < 10.0 => format!("{v:.2} {u}"),
                 (Some(v), Some(u)) => format!("{v:.0} {u}"),
                 _ => "-".into(),
             },

@@ -793,7 +793,7 @@ pub async fn idle(
         }
     }
     let setup = start.elapsed();
-    let setup_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().saturating_sub(c0));
+    let setup_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().since(&c0));
 
     // Dovecot moves each session to imap-hibernate a moment after its IDLE: wait until its
     // imap processes stop going away, so that every later reading sees the steady state.
@@ -812,7 +812,7 @@ pub async fn idle(
     let t0 = Instant::now();
     tokio::time::sleep(p.cpu_window).await;
     let idle_window = t0.elapsed();
-    let idle_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().saturating_sub(c0));
+    let idle_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().since(&c0));
     if gate.is_some() && !p.hold.is_zero() {
         eprintln!(
             "load: idle: {n} connections in IDLE now (RSS read: {rss_idle_kib} KiB); holding {:?}",
