@@ -5,7 +5,7 @@
 //!     [--client plain|tls|both] [--policies none|shipped|both] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
 //!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
-//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 120] [--json]
+//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0] [--json]
 //!     [--imapgate PATH]
 //! ```
 //!
@@ -14,14 +14,24 @@
 //! plain upstream, without the shipped policies since require_tls refuses such a LOGIN).
 //!
 //! What the machine needs for `--idle-connections N` (the harness checks and says what is
-//! missing, in a "this machine" note): open files: 2 N + 4096 per process (imapgate holds two
-//! sockets per connection; the harness raises its soft limit to the hard one, and as root the
-//! hard one too; its children inherit it; otherwise `ulimit -Hn`/`ulimit -n` first);
-//! `fs.inotify.max_user_instances` >= N + 256 when Dovecot hibernates the IDLE sessions (one
-//! inotify instance each, all of the mail user; the default 128 leaves the rest in an imap
-//! process each, polling every 30 s); `net.ipv4.ip_local_port_range` wider than N + 1000
-//! (each leg's connections go to one address and port). Memory: about 10,000 sessions take a
-//! few GiB in all (imapgate, Dovecot's imap-login for the direct TLS path, the harness).
+//! missing, in a "this machine" note):
+//!
+//! - open files: 2 N + 4096 per process (imapgate holds two sockets per connection, plus a
+//!   dozen of its own). The harness raises its soft limit to the hard one, and the hard one
+//!   too when it may (root with CAP_SYS_RESOURCE); Dovecot and imapgate inherit it. A hard
+//!   limit below 2 N + 64 stops the run at once, saying how many connections fit: raise it
+//!   before starting (`ulimit -Hn`, or the service manager's `LimitNOFILE`). On the project's
+//!   VM the hard limit is 20,000 and CAP_SYS_RESOURCE is not in the bounding set: at most
+//!   9,968 connections fit there;
+//! - `fs.inotify.max_user_instances` >= N + 256 when Dovecot hibernates the IDLE sessions
+//!   (one inotify instance each, all of the mail user; with the default 128 the others stay
+//!   one imap process each and see new mail only every 30 s): `sysctl -w
+//!   fs.inotify.max_user_instances=...`;
+//! - `net.ipv4.ip_local_port_range` wider than N + 1000 (each leg's connections go to one
+//!   address and port);
+//! - memory: 10,000 sessions take about 2 GiB in all (imapgate ~300 MiB, Dovecot ~1 GiB with
+//!   the direct path's TLS in imap-login, the harness's clients), and disk for 10,000
+//!   Maildirs (removing them at the end takes minutes on a busy disk).
 //!
 //! It starts a private Dovecot (tests/support), seeds the mailboxes, starts the imapgate binary
 //! cargo built for this bench (the release build) with a config of its own, and runs each
@@ -107,8 +117,10 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     idle_hibernate: u64,
     /// Dovecot's imap_idle_notify_interval in seconds: each session in IDLE gets
-    /// `* OK Still here` this often, which imapgate relays (a long one: no traffic at all).
-    #[arg(long, default_value_t = 120)]
+    /// `* OK Still here` this often (all sessions of one client address at the same moment),
+    /// which imapgate relays. 0 (the default here; Dovecot's is 120): none, so that the CPU
+    /// read while idle is imapgate's own.
+    #[arg(long, default_value_t = 0)]
     idle_keepalive: u64,
     /// Rounds of the idle scenario (it is slow to set up).
     #[arg(long, default_value_t = 1)]
@@ -194,7 +206,8 @@ fn options(cli: &Cli) -> Result<Options, String> {
         idle_notify_sample: cli.idle_notify_sample,
         idle_hibernation: (cli.idle_hibernate > 0)
             .then(|| Duration::from_secs(cli.idle_hibernate.min(3600))),
-        idle_keepalive: Duration::from_secs(cli.idle_keepalive.clamp(1, 86_400)),
+        idle_keepalive: (cli.idle_keepalive > 0)
+            .then(|| Duration::from_secs(cli.idle_keepalive.min(86_400))),
         client_legs: match cli.client {
             ClientArg::Plain => vec![ClientLeg::Plain],
             ClientArg::Tls => vec![ClientLeg::Tls],

@@ -66,8 +66,8 @@ pub fn raise_nofile(_want: u64) -> Result<u64, String> {
 
 /// A private Dovecot able to hold `connections` concurrent sessions, with `idle_users` users
 /// for the idle scenario besides the [`USERS`], IDLE hibernation after `hibernation`, and
-/// an IDLE keepalive (`* OK Still here`) every `keepalive`; `nofile` is the open-file limit
-/// its processes inherit.
+/// an IDLE keepalive (`* OK Still here`) every `keepalive` (`None`: none); `nofile` is the
+/// open-file limit its processes inherit.
 ///
 /// Without hibernation every session is an `imap` process (one per session, Dovecot's
 /// default, as the test suite runs it); with it, a session in IDLE moves to the
@@ -77,7 +77,7 @@ pub fn start_dovecot(
     connections: usize,
     idle_users: usize,
     hibernation: Option<Duration>,
-    keepalive: Duration,
+    keepalive: Option<Duration>,
     nofile: u64,
 ) -> Dovecot {
     let processes = (connections + 500).max(5000);
@@ -90,7 +90,8 @@ pub fn start_dovecot(
         .clamp(1000, clients);
     // A TLS session of the direct path stays in imap-login (which relays it to the imap or
     // imap-hibernate process): thousands of them outgrow the default 1 GiB address space.
-    let keepalive = keepalive.as_secs().max(1);
+    // 0: no keepalive (both the imap and the imap-hibernate process skip it).
+    let keepalive = keepalive.map_or(0, |k| k.as_secs().max(1));
     let extra_config = format!(
         "imap_idle_notify_interval = {keepalive} secs\n\
          default_process_limit = {processes}\n\
