@@ -819,7 +819,7 @@ impl Config {
             }
             Self::validate_named_certificates(i, l)?;
             for (j, other) in self.listeners[..i].iter().enumerate() {
-                if other.bind == l.bind {
+                if same_bind(other.bind, l.bind) {
                     return Err(Invalid::new(
                         at("bind"),
                         format!("{} is also bound by listener[{j}]", l.bind),
@@ -942,14 +942,18 @@ impl Config {
             (None, Some(_)) => {}
         }
         if let Some(m) = &self.metrics
-            && m.bind == admin.bind
+            && same_bind(m.bind, admin.bind)
         {
             return Err(Invalid::new(
                 at("bind"),
                 format!("{} is also the metrics endpoint's bind", admin.bind),
             ));
         }
-        if let Some(i) = self.listeners.iter().position(|l| l.bind == admin.bind) {
+        if let Some(i) = self
+            .listeners
+            .iter()
+            .position(|l| same_bind(l.bind, admin.bind))
+        {
             return Err(Invalid::new(
                 at("bind"),
                 format!("{} is also bound by listener[{i}]", admin.bind),
@@ -1430,6 +1434,12 @@ mod locate {
     }
 }
 
+/// Two binds that cannot both succeed. Port 0 asks the system for a free port, so any number
+/// of them coexist (`imapgate run --ready-file` tells which ports they got).
+fn same_bind(a: SocketAddr, b: SocketAddr) -> bool {
+    a == b && a.port() != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1652,6 +1662,16 @@ mod tests {
             err.to_string(),
             "`listener[1].bind`: 127.0.0.1:1993 is also bound by listener[0]"
         );
+        // Port 0 is a free port each: no clash, however many.
+        config.listeners[0].bind = bind(0);
+        config.listeners[1].bind = bind(0);
+        config.metrics = Some(MetricsConfig { bind: bind(0) });
+        config.admin = Some(AdminConfig {
+            bind: bind(0),
+            token: Some(Secret::new("s3cret-Token_1")),
+            token_file: None,
+        });
+        config.validate().unwrap();
     }
 
     #[test]

@@ -22,6 +22,9 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Once listening, write the bound addresses here as JSON (for port 0).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -61,7 +64,7 @@ enum DirectionArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, ready_file } => run(&config, ready_file.as_deref()),
         Command::Check { config } => check(&config),
         Command::Dissect { direction, file } => dissect(direction, file),
         Command::Replay {
@@ -109,9 +112,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn run(path: &std::path::Path, ready_file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     let config = imapgate::config::Config::load(path)?;
-    imapgate::server::run(config, path.to_path_buf())?;
+    imapgate::server::run(config, path.to_path_buf(), ready_file)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -66,6 +66,11 @@ pub enum ServerError {
     Admin(#[source] AdminError),
     #[error("{0}")]
     State(#[source] crate::state::StateError),
+    #[error("ready file {}: {source}", path.display())]
+    ReadyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A started proxy: its listeners accept until [`Server::shutdown`].
@@ -692,9 +697,25 @@ async fn start_state(cfg: &StateConfig, metrics: &Metrics) -> Result<State, Serv
 /// Signals are taken by a thread of their own, not by the runtime: a SIGTERM must end the
 /// process within the drain timeout (plus the BYE grace and a margin) whatever the sessions
 /// are doing, even if every worker is stuck in a long call into a policy.
-pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), ServerError> {
+pub fn run(
+    config: Config,
+    config_path: std::path::PathBuf,
+    ready_file: Option<&std::path::Path>,
+) -> Result<(), ServerError> {
     use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
     init_logging(&config);
+    if let Some(path) = ready_file {
+        // A file left by an earlier run must not pass for this one's.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ServerError::ReadyFile {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -731,6 +752,9 @@ pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), Server
         .map_err(ServerError::Runtime)?;
     let result = runtime.block_on(async {
         let server = Server::start(config).await?;
+        if let Some(path) = ready_file {
+            write_ready_file(&server, path)?;
+        }
         while let Some(signal) = signal_rx.recv().await {
             match signal {
                 SIGHUP => reload(&server, &config_path),
@@ -750,6 +774,50 @@ pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<(), Server
     // Workers stuck in a policy call are not waited for.
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
+}
+
+/// What `imapgate run --ready-file` writes once every listener and endpoint is bound: the
+/// addresses as bound, so that a supervisor (or a test) can configure port 0 and learn the
+/// ports the system chose.
+#[derive(serde::Serialize)]
+struct Ready<'a> {
+    pid: u32,
+    listeners: Vec<ReadyListener<'a>>,
+    metrics: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+#[derive(serde::Serialize)]
+struct ReadyListener<'a> {
+    name: &'a str,
+    addr: SocketAddr,
+}
+
+/// Writes the [`Ready`] JSON beside its final name and renames it into place, so that a reader
+/// that sees the file sees all of it.
+fn write_ready_file(server: &Server, path: &std::path::Path) -> Result<(), ServerError> {
+    let ready = Ready {
+        pid: std::process::id(),
+        listeners: server
+            .addrs()
+            .iter()
+            .map(|(name, addr)| ReadyListener { name, addr: *addr })
+            .collect(),
+        metrics: server.metrics_addr(),
+        admin: server.admin_addr(),
+    };
+    let error = |source| ServerError::ReadyFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut text = serde_json::to_string(&ready).map_err(|e| error(e.into()))?;
+    text.push('\n');
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text).map_err(error)?;
+    std::fs::rename(&partial, path).map_err(error)?;
+    tracing::info!(path = %path.display(), "ready file written");
+    Ok(())
 }
 
 /// SIGHUP: re-reads the config file and swaps in its policies and certificates; each kind

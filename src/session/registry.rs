@@ -408,6 +408,11 @@ impl SessionHandle {
 
     /// Completes when an operator kicks the session (at once if that already happened).
     /// Cancel-safe: a `select!` branch may drop it and call again.
+    /// The kick signal, for a driver that waits for it beside other things.
+    pub fn kick_signal(&self) -> watch::Receiver<bool> {
+        self.kicked.clone()
+    }
+
     pub async fn kicked(&mut self) {
         // An error means the registry dropped the slot's sender: the session is no longer
         // registered, and nobody can kick it.

@@ -9,6 +9,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +36,7 @@ use crate::metrics::{
 use crate::net::Stream;
 use crate::net::health::UpstreamHealth;
 use crate::net::proxy_protocol::HeaderError;
+use crate::net::stream::ClientLeg;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{ClientAddrs, Opened, Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
@@ -43,8 +45,10 @@ use std::borrow::Cow;
 /// Bytes read from a socket at a time while data streams (reads fill the buffer).
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read at a time otherwise: most IMAP traffic is short lines, and an idle connection
-/// should not hold 2 x 64 KiB.
-const READ_MIN: usize = 4 * 1024;
+/// holds one such buffer per leg for as long as it idles (4 KiB each was a quarter of an idle
+/// TLS connection's memory). Reads that fill it grow it x4 at once, so a stream reaches
+/// [`READ_CHUNK`] after four reads.
+const READ_MIN: usize = 512;
 
 /// How much the next read on one leg asks for: grows while reads fill the buffer, falls back
 /// when they do not.
@@ -151,7 +155,9 @@ pub async fn serve(
 ) -> Result<(), SessionError> {
     let _open = listener.metrics.connection_opened();
     let started = Instant::now();
-    let accepted = super::accept::accept(tcp, peer, &listener, &shared).await?;
+    // The setup phases are boxed: their state (a TLS handshake, an upstream connect) is freed
+    // when they end, instead of staying part of every session's task for its whole life.
+    let accepted = Box::pin(super::accept::accept(tcp, peer, &listener, &shared)).await?;
     let (mut client, peer) = (accepted.stream, accepted.peer);
     let session = match shared.sessions.register(id, peer, &listener.name) {
         Ok(session) => session,
@@ -183,7 +189,7 @@ pub async fn serve(
             let Some(target) = shared.upstreams.first() else {
                 return Err(SessionError::Internal("no upstream configured"));
             };
-            match target.open(Some(addrs), true).await {
+            match Box::pin(target.open(Some(addrs), true)).await {
                 Ok(Opened { up, .. }) => {
                     session.set_upstream(&target.config.name);
                     (Bytes::from(up.greeting), Leg::Socket(up.stream))
@@ -285,6 +291,7 @@ enum Io {
 
 impl Driver {
     async fn run(mut self, client: Stream, leg: Leg) -> Result<(), SessionError> {
+        let (client, mut mid_message) = ClientLeg::new(client);
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw, mut standin) = match leg {
             Leg::Socket(stream) => {
@@ -302,12 +309,22 @@ impl Driver {
         let mut shutdown_seen = *self.shutdown.borrow();
         let mut kicked = false;
         let mut hook: Option<PendingHook> = None;
+        // Registered once, not on every round of the loop: activity only moves the deadline
+        // later, so the timer is checked (and moved) when it fires.
+        let idle = tokio::time::sleep_until(self.deadline());
+        tokio::pin!(idle);
+        let mut interrupts = Box::pin(interrupt(
+            (!shutdown_seen).then(|| self.shutdown.clone()),
+            Some(self.session.kick_signal()),
+        ));
         if shutdown_seen {
             self.conv.bye("Server shutting down");
         }
         loop {
             if let Some(responder) = standin.as_mut()
-                && let Some(stream) = self.stand_in(responder).await
+                // Boxed: the login's state (an upstream connect, a TLS handshake) is freed once
+                // it is done instead of sizing every session's task for its whole life.
+                && let Some(stream) = Box::pin(self.stand_in(responder)).await
             {
                 let (r, w) = tokio::io::split(stream);
                 (ur, uw, standin) = (Some(r), Some(w), None);
@@ -326,10 +343,12 @@ impl Driver {
                         flush_all(&mut cw, &mut self.conv.to_client)
                             .await
                             .map_err(SessionError::Client)?;
-                        let stream = cr.unsplit(cw);
-                        let stream = self.start_tls(stream).await?;
+                        let stream = cr.unsplit(cw).into_inner();
+                        let stream = Box::pin(self.start_tls(stream)).await?;
                         self.conv.client_sni(stream.sni());
-                        (cr, cw) = tokio::io::split(stream);
+                        let client;
+                        (client, mid_message) = ClientLeg::new(stream);
+                        (cr, cw) = tokio::io::split(client);
                         self.conv.client_tls_established();
                     }
                     Control::ShutdownUpstreamWrite => {
@@ -363,7 +382,7 @@ impl Driver {
                 self.finish();
                 return Ok(());
             }
-            let deadline = self.deadline();
+            mid_message.store(self.conv.client_mid_message(), Ordering::Relaxed);
             let hold = self.conv.hold_deadline().map(Instant::from_std);
             if hook.is_none() {
                 hook = self.conv.take_hook();
@@ -386,10 +405,9 @@ impl Driver {
                         Written::Wrote(r) => Io::UpstreamWrote(r),
                         Written::Flushed(r) => Io::UpstreamFlushed(r),
                     },
-                    _ = sleep_until(deadline) => Io::Timeout,
-                    _ = sleep_until(hold.unwrap_or(deadline)), if hold.is_some() => Io::HoldDue,
-                    _ = self.shutdown.changed(), if !shutdown_seen => Io::Shutdown,
-                    _ = self.session.kicked(), if !kicked => Io::Kicked,
+                    () = &mut idle => Io::Timeout,
+                    () = hold_due(hold), if hold.is_some() => Io::HoldDue,
+                    io = &mut interrupts, if !(shutdown_seen && kicked) => io,
                     done = hook_outcome(&mut hook), if hook.is_some() => Io::HookDone(done),
                 }
             };
@@ -442,7 +460,13 @@ impl Driver {
                     upstream_open = false;
                     self.conv.upstream_eof();
                 }
+                Io::Timeout if Instant::now() < self.deadline() => {
+                    // Activity since the timer was set: it waits for the new deadline.
+                    idle.as_mut().reset(self.deadline());
+                }
                 Io::Timeout => {
+                    // Fired once: no other timeout follows the BYE.
+                    idle.as_mut().reset(far_future());
                     let text = if self.conv.state() == ImapState::NotAuthenticated {
                         "Login timeout"
                     } else {
@@ -457,9 +481,11 @@ impl Driver {
                 }
                 Io::Shutdown => {
                     shutdown_seen = true;
-                    if *self.shutdown.borrow() {
-                        self.conv.bye("Server shutting down");
-                    }
+                    self.conv.bye("Server shutting down");
+                    interrupts = Box::pin(interrupt(
+                        None,
+                        (!kicked).then(|| self.session.kick_signal()),
+                    ));
                 }
                 Io::HookDone(done) => {
                     hook = None;
@@ -467,6 +493,10 @@ impl Driver {
                 }
                 Io::Kicked => {
                     kicked = true;
+                    interrupts = Box::pin(interrupt(
+                        (!shutdown_seen).then(|| self.shutdown.clone()),
+                        None,
+                    ));
                     tracing::info!("disconnected by an administrator");
                     self.conv
                         .bye_unavailable("Disconnected by an administrator");
@@ -728,6 +758,49 @@ fn conv_parts(conv: &mut Conversation) -> Parts<'_> {
         to_client,
         to_upstream,
     }
+}
+
+/// The next of the session's interrupts still to come (`None`: already seen): the server
+/// shutting down, an operator's kick. Never ready without any.
+async fn interrupt(
+    shutdown: Option<watch::Receiver<bool>>,
+    kick: Option<watch::Receiver<bool>>,
+) -> Io {
+    // An error of either: its sender is gone (the server stopped without saying so, the
+    // registry dropped the slot), so it will never come.
+    let shutting_down = async {
+        if let Some(mut rx) = shutdown
+            && rx.wait_for(|stop| *stop).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    };
+    let kicked = async {
+        if let Some(mut rx) = kick
+            && rx.wait_for(|kicked| *kicked).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    };
+    tokio::select! {
+        () = shutting_down => Io::Shutdown,
+        () = kicked => Io::Kicked,
+    }
+}
+
+/// When a delayed command is due (only polled while one is held).
+async fn hold_due(hold: Option<Instant>) {
+    match hold {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A deadline that never comes, for a timer with nothing left to time.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// The outcome of the policy hook that waits (never ready without one).

@@ -367,6 +367,12 @@ impl Conversation {
         !self.closing() && !self.to_client.is_full() && self.awaiting.is_none()
     }
 
+    /// Whether the client is in the middle of a message (a line or a literal not yet whole):
+    /// the driver acknowledges its bytes at once then (see `net::stream::ClientLeg`).
+    pub fn client_mid_message(&self) -> bool {
+        self.client_in.is_mid_message() || self.client_in.buffered() > 0
+    }
+
     /// True when no message is half-relayed to the client: a BYE written now is read as a
     /// response by the client.
     pub fn client_at_boundary(&self) -> bool {

@@ -19,7 +19,7 @@ fn gate(dc: &Dovecot, redis: &Redis) -> ProxyProcess {
         r#"
 [[listener]]
 name = "imap"
-bind = "127.0.0.1:@PORT_imap@"
+bind = "127.0.0.1:0"
 tls = "none"
 proxy_protocol = true
 proxy_from = ["127.0.0.1/32"]
@@ -40,7 +40,7 @@ session_ttl_s = {ttl}
         redis = redis.url(),
         ttl = TTL.as_secs(),
     );
-    ProxyProcess::start(&toml, &["imap"], "info")
+    ProxyProcess::start(&toml, "info")
 }
 
 /// How a login through the load balancer ended.

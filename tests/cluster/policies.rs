@@ -42,13 +42,13 @@ fn gate(redis: &Redis, rest: &str) -> ProxyProcess {
         r#"
 [[listener]]
 name = "imap"
-bind = "127.0.0.1:@PORT_imap@"
+bind = "127.0.0.1:0"
 tls = "none"
 proxy_protocol = true
 proxy_from = ["127.0.0.1/32"]
 
 [metrics]
-bind = "127.0.0.1:@PORT_metrics@"
+bind = "127.0.0.1:0"
 
 [limits]
 drain_timeout_s = 1
@@ -66,7 +66,7 @@ timeout_ms = {timeout}
         redis = redis.url(),
         timeout = STATE_TIMEOUT.as_millis(),
     );
-    ProxyProcess::start(&toml, &["imap", "metrics"], "info")
+    ProxyProcess::start(&toml, "info")
 }
 
 /// Two imapgates with the same configuration, and HAProxy in front, round robin.
@@ -93,7 +93,7 @@ impl Cluster {
     async fn total(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let mut sum = 0.0;
         for g in &self.gates {
-            sum += sum_samples(&scrape(g.addr("metrics")).await, name, labels);
+            sum += sum_samples(&scrape(g.metrics_addr()).await, name, labels);
         }
         sum
     }
@@ -102,7 +102,7 @@ impl Cluster {
     async fn each(&self, name: &str, labels: &[(&str, &str)]) -> [f64; 2] {
         let mut out = [0.0; 2];
         for (o, g) in out.iter_mut().zip(&self.gates) {
-            *o = sum_samples(&scrape(g.addr("metrics")).await, name, labels);
+            *o = sum_samples(&scrape(g.metrics_addr()).await, name, labels);
         }
         out
     }
@@ -243,10 +243,13 @@ async fn failed_logins_from_one_address_count_on_every_instance() {
 
 /// Two Dovecots, each holding a folder naming it, with `user` on both.
 async fn two_backends(user: &str, pass: &str) -> (Dovecot, Dovecot) {
-    let mail1 = Dovecot::start(DovecotOptions::default());
-    let mail2 = Dovecot::start(DovecotOptions::default());
+    let with_user = || DovecotOptions {
+        users: vec![(user.to_string(), pass.to_string())],
+        ..DovecotOptions::default()
+    };
+    let mail1 = Dovecot::start(with_user());
+    let mail2 = Dovecot::start(with_user());
     for (dc, folder) in [(&mail1, "on-mail1"), (&mail2, "on-mail2")] {
-        dc.add_user(user, pass);
         let mut c = logged_in(dc.addr(), user, pass).await;
         c.ok(&format!("c CREATE {folder}")).await;
         c.logout().await;
@@ -282,7 +285,7 @@ name = "mail2"
 address = "{m2}"
 
 [admin]
-bind = "127.0.0.1:@PORT_admin@"
+bind = "127.0.0.1:0"
 token_file = {token}
 
 [[policy]]
@@ -312,7 +315,7 @@ redis_cache_s = 600
     let mut kicked = Vec::new();
     for g in &gates {
         let (status, body) = http_request(
-            g.addr("admin"),
+            g.admin_addr(),
             "POST",
             "/kick?user=carol",
             &["Authorization: Bearer t0ken-cluster-kick"],
@@ -346,7 +349,7 @@ fn admin_gate(redis: &Redis, rest: &str) -> ProxyProcess {
         r#"
 [[listener]]
 name = "imap"
-bind = "127.0.0.1:@PORT_imap@"
+bind = "127.0.0.1:0"
 tls = "none"
 proxy_protocol = true
 proxy_from = ["127.0.0.1/32"]
@@ -363,7 +366,7 @@ timeout_ms = {timeout}
         redis = redis.url(),
         timeout = STATE_TIMEOUT.as_millis(),
     );
-    ProxyProcess::start(&toml, &["imap", "admin"], "info")
+    ProxyProcess::start(&toml, "info")
 }
 
 /// How long a round trip of `cmd` takes.
@@ -432,7 +435,7 @@ async fn with_redis_paused_only_what_needs_it_waits_and_nothing_longer_than_the_
         "{answer:?}"
     );
     let timeouts = sum_samples(
-        &scrape(g.addr("metrics")).await,
+        &scrape(g.metrics_addr()).await,
         "imapgate_state_requests_total",
         &[("op", "rate_limit"), ("result", "timeout")],
     );
@@ -452,7 +455,7 @@ async fn with_redis_paused_only_what_needs_it_waits_and_nothing_longer_than_the_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "SEARCH works again once Redis is back");
-    let scraped = scrape(g.addr("metrics")).await;
+    let scraped = scrape(g.metrics_addr()).await;
     assert!(
         scraped.contains("imapgate_state_duration_seconds_bucket"),
         "the latency histogram is exported"

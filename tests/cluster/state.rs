@@ -166,7 +166,8 @@ async fn rate_limit_allows_the_burst_then_waits_then_refills() {
     assert!(state.rate_limit("bob", 4.0, 3).await.expect("d").allowed);
     assert!(state.rate_limit("alice", 4.0, 4).await.expect("d").allowed);
 
-    // Refused requests take nothing: after the announced wait, one more is allowed.
+    // Refused requests take nothing: after the announced wait, one more is allowed. (The
+    // bucket refills with time: waiting the announced time is the behaviour under test.)
     tokio::time::sleep(refused.wait).await;
     assert!(
         eventually(Duration::from_secs(2), async || state
@@ -278,7 +279,9 @@ async fn a_frozen_server_times_out_and_a_thawed_one_answers_again() {
 
 #[tokio::test]
 async fn a_server_that_is_not_there_makes_ops_fail_not_hang_until_it_comes() {
-    // State::new does not need the server.
+    // State::new does not need the server. The port must be known before redis-server exists,
+    // so it is probed free: should another process take it meanwhile (unlikely), the server
+    // does not start and the test fails with its log.
     let port = crate::support::proxy::free_port();
     let cfg = StateConfig::new(&format!("redis://127.0.0.1:{port}/0"));
     let state = State::new(&cfg, None).expect("state without a server");
@@ -389,8 +392,8 @@ async fn check_says_whether_redis_answers_without_failing_when_it_does_not() {
         "{stdout}"
     );
 
-    let port = crate::support::proxy::free_port();
-    let (ok, stdout, stderr) = check(&format!("redis://:hidden-pw@127.0.0.1:{port}/0"));
+    let dead = crate::support::proxy::DeadPort::new();
+    let (ok, stdout, stderr) = check(&format!("redis://:hidden-pw@{}/0", dead.addr()));
     assert!(
         ok,
         "a Redis that does not answer only warns: {stdout}{stderr}"

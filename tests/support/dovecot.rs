@@ -34,7 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
 
 use super::pki::Pki;
 
@@ -203,8 +205,9 @@ impl Dovecot {
     /// connections on its TLS port. Panics (with the Dovecot log) if it does not come up.
     pub fn start(opts: DovecotOptions) -> Dovecot {
         let mut last_error = String::new();
-        // Free ports are picked by binding port 0 and releasing it: another process may grab
-        // one in between, so a clash is retried with new ports.
+        // Dovecot cannot bind port 0 and tell which ports it got: free ports are picked by
+        // binding port 0 and releasing it, another process may grab one in between, so a
+        // clash is retried with new ports.
         for _attempt in 0..3 {
             let mut dc = Dovecot::spawn(&opts);
             match dc.wait_ready() {
@@ -492,10 +495,7 @@ impl Dovecot {
     pub fn kill_matching(&self, needle: &str) -> usize {
         let pids = self.processes_matching(needle);
         for &pid in &pids {
-            let pid = i32::try_from(pid).expect("pid");
-            assert!(pid > 1, "refusing to signal {pid}");
-            // SAFETY: kill(2) takes plain integers and has no memory effects.
-            unsafe { c_kill(pid, SIGKILL) };
+            super::signal_pid(pid, "KILL");
         }
         pids.len()
     }
@@ -503,12 +503,12 @@ impl Dovecot {
     /// Freezes every process of this instance (SIGSTOP to its process group): the kernel still
     /// accepts TCP connections on its ports, but nothing answers, as with a hung server.
     pub fn freeze(&self) {
-        signal_group(self.child.id() as i32, SIGSTOP);
+        signal_group(self.child.id(), Signal::STOP);
     }
 
     /// Undoes [`Dovecot::freeze`].
     pub fn thaw(&self) {
-        signal_group(self.child.id() as i32, SIGCONT);
+        signal_group(self.child.id(), Signal::CONT);
     }
 
     /// Dovecot's log so far (its log_path and its stdout/stderr share one file).
@@ -529,8 +529,8 @@ impl Dovecot {
     }
 
     /// Adds a user to the running instance. Dovecot re-reads its passwd file when the file
-    /// changes, but checks at most once a second: this waits (up to ~1.1 s) until the change
-    /// is visible.
+    /// changes, but checks at most once a second: this polls with logins (up to 5 s) until
+    /// the user can log in.
     pub fn add_user(&self, name: &str, password: &str) {
         assert!(
             !name.contains([':', '\n', '\r', '/']) && !password.contains([':', '\n', '\r']),
@@ -544,12 +544,19 @@ impl Dovecot {
         fs::write(&tmp, text).expect("write passwd.tmp");
         set_mode(&tmp, 0o644);
         fs::rename(&tmp, &path).expect("replace passwd");
-        // Dovecot compares mtime (whole seconds) and size, at most once per second.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let to_next_second = Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanos()));
-        std::thread::sleep(to_next_second + Duration::from_millis(100));
+        // Dovecot compares mtime (whole seconds) and size, at most once per second; a refused
+        // login answers on the auth process's next 0.5 s tick, which paces the polling.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = probe_login(self.addr, name, password);
+            if answer.as_deref().is_ok_and(|a| a.starts_with("a OK")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} cannot log in 5 s after being added: {answer:?}"
+            );
+        }
     }
 
     fn stop(&mut self) {
@@ -563,14 +570,14 @@ impl Dovecot {
         // SIGQUIT around and sleeps a second, and running IMAP sessions only notice its end
         // ~10 s later; signalling the whole group ends every process at once (sessions
         // say "* BYE Server shutting down.").
-        let pgid = self.child.id() as i32;
-        signal_group(pgid, SIGTERM);
+        let pgid = self.child.id();
+        signal_group(pgid, Signal::TERM);
         // A frozen instance (a test that failed before thawing it) must see the SIGTERM.
-        signal_group(pgid, SIGCONT);
+        signal_group(pgid, Signal::CONT);
         // Usually all is gone within ~0.1 s; under load the master may wait a second more
         // for a child: nothing worth keeping is left after the grace, so SIGKILL the rest.
         if !self.wait_group_gone(pgid, STOP_GRACE) {
-            signal_group(pgid, SIGKILL);
+            signal_group(pgid, Signal::KILL);
             if !self.wait_group_gone(pgid, STOP_TIMEOUT) {
                 eprintln!("dovecot process group {pgid} survived SIGKILL for {STOP_TIMEOUT:?}");
             }
@@ -578,7 +585,7 @@ impl Dovecot {
     }
 
     /// Reaps the master and waits until no process of group `pgid` is left.
-    fn wait_group_gone(&mut self, pgid: i32, timeout: Duration) -> bool {
+    fn wait_group_gone(&mut self, pgid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let reaped = matches!(self.child.try_wait(), Ok(Some(_)));
@@ -678,6 +685,33 @@ fn probe_greeting(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// `a LOGIN name password` on a fresh plain connection: the tagged answer line.
+fn probe_login(addr: SocketAddr, name: &str, password: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let login = format!(
+        "a LOGIN {} {}\r\nb LOGOUT\r\n",
+        super::quote(name),
+        super::quote(password)
+    );
+    s.write_all(login.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(line) = text.lines().find(|l| l.starts_with("a ")) {
+            return Ok(line.to_string());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("closed after {text:?}")),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("{e} after {text:?}")),
+        }
+    }
+}
+
 /// `sh` that waits for EOF on a pipe from this process (it comes when the process ends,
 /// however it ends), then stops Dovecot's process group `pgid` and removes the instance
 /// folder `dir` (a leaked instance's TempDir is never dropped). It ignores the signals a
@@ -772,31 +806,26 @@ fn mail_user_ids() -> (u32, u32) {
     })
 }
 
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
-const SIGCONT: i32 = 18;
-const SIGSTOP: i32 = 19;
-
-unsafe extern "C" {
-    /// kill(2) from the C library std already links (no `libc` crate needed).
-    #[link_name = "kill"]
-    fn c_kill(pid: i32, sig: i32) -> i32;
+/// The process group `pgid` (a Dovecot master's own, see [`Dovecot::spawn`]), never 0 or 1,
+/// which would mean this process's group or every process.
+fn group(pgid: u32) -> Pid {
+    i32::try_from(pgid)
+        .ok()
+        .filter(|&p| p > 1)
+        .and_then(Pid::from_raw)
+        .unwrap_or_else(|| panic!("refusing to signal process group {pgid}"))
 }
 
 /// Sends `sig` to every process of the process group `pgid`.
-fn signal_group(pgid: i32, sig: i32) {
-    assert!(pgid > 1, "refusing to signal process group {pgid}");
-    // SAFETY: kill(2) takes plain integers and has no memory effects.
-    unsafe { c_kill(-pgid, sig) };
+fn signal_group(pgid: u32, sig: Signal) {
+    let _ = rustix::process::kill_process_group(group(pgid), sig);
 }
 
 /// True while a live (non-zombie) process is left in the process group `pgid`. Zombies do
 /// not count: once Dovecot's master is gone its exited children belong to init, which may
 /// take its time to reap them.
-fn group_alive(pgid: i32) -> bool {
-    assert!(pgid > 1, "refusing to probe process group {pgid}");
-    // SAFETY: kill(2) takes plain integers and has no memory effects; signal 0 only checks.
-    if unsafe { c_kill(-pgid, 0) } != 0 {
+fn group_alive(pgid: u32) -> bool {
+    if rustix::process::test_kill_process_group(group(pgid)).is_err() {
         return false;
     }
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -813,7 +842,7 @@ fn group_alive(pgid: i32) -> bool {
             .unwrap_or("")
             .split_whitespace();
         let state = fields.next().unwrap_or("Z");
-        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
         pgrp == Some(pgid) && state != "Z" && state != "X"
     })
 }

@@ -39,8 +39,9 @@ impl Haproxy {
     /// sent to the next (`option redispatch`).
     pub fn start_balanced(backends: &[SocketAddr], server_options: &str) -> Haproxy {
         let mut last = String::new();
-        // A free port is found by binding port 0 and releasing it: another process may take
-        // it in between, so a clash is retried on another.
+        // HAProxy cannot bind port 0 and tell which port it got: a free port is found by
+        // binding port 0 and releasing it, another process may take it in between, so a
+        // clash is retried on another.
         for _ in 0..3 {
             let mut lb = Haproxy::spawn(backends, server_options);
             match lb.wait_ready() {

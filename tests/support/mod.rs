@@ -1,4 +1,5 @@
-//! Shared support for integration tests: `mod support;` in a test file, then
+//! Shared support for integration tests: `mod support;` in an area's root file
+//! (tests/proxy.rs, ...), then
 //!
 //! - [`pki`]: a test CA and leaf certificates (rcgen), as PEM strings and files;
 //! - [`dovecot`]: a private real Dovecot per test (or one shared per test binary);
@@ -25,7 +26,8 @@
 //! }
 //! ```
 //!
-//! Not every test binary uses every helper.
+//! Not every test binary uses every helper. One binary runs many modules' tests in parallel:
+//! a test that asserts a latency holds [`quiet`], and a test that loads the cores [`busy`].
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
@@ -57,6 +59,64 @@ pub fn find_binary(name: &str, dirs: &[&str], package: &str) -> std::path::PathB
                 "{name} not found: install it with `apt-get install {package}` (.ci/run does this)"
             )
         })
+}
+
+/// Sends `signal` (`TERM`, `HUP`, `KILL`, `STOP`, `CONT`) to the process `pid`, and only to
+/// it; panics if it cannot (the process is gone).
+pub fn signal_pid(pid: u32, signal: &str) {
+    let target = i32::try_from(pid)
+        .ok()
+        .filter(|&p| p > 1)
+        .and_then(rustix::process::Pid::from_raw)
+        .unwrap_or_else(|| panic!("refusing to signal pid {pid}"));
+    rustix::process::kill_process(target, signal_named(signal))
+        .unwrap_or_else(|e| panic!("kill -{signal} {pid}: {e}"));
+}
+
+/// The signal called `name` (without `SIG`).
+pub fn signal_named(name: &str) -> rustix::process::Signal {
+    use rustix::process::Signal;
+    match name {
+        "TERM" => Signal::TERM,
+        "HUP" => Signal::HUP,
+        "INT" => Signal::INT,
+        "KILL" => Signal::KILL,
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        "QUIT" => Signal::QUIT,
+        other => panic!("no signal {other} in the test support"),
+    }
+}
+
+/// Held exclusively by a test that bounds a latency ([`quiet`]), shared by each test that loads
+/// the cores ([`busy`]): one test binary holds many areas' tests, run two at a time, and a
+/// latency bound must not measure a neighbour's load.
+static LOAD: std::sync::LazyLock<std::sync::Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Keeps every [`busy`] test from running while held.
+pub type Quiet = tokio::sync::OwnedRwLockWriteGuard<()>;
+/// Keeps any [`quiet`] test from running while held.
+pub type Busy = tokio::sync::OwnedRwLockReadGuard<()>;
+
+/// For a test that asserts a latency: waits until no [`busy`] test runs, and keeps new ones
+/// from starting until dropped.
+pub async fn quiet() -> Quiet {
+    LOAD.clone().write_owned().await
+}
+
+/// For a test that loads the cores (many sessions, big literals, external clients, the
+/// differential or load harness): waits while a [`quiet`] test runs.
+pub async fn busy() -> Busy {
+    LOAD.clone().read_owned().await
+}
+
+/// [`busy`] for a test without an async runtime.
+pub fn busy_blocking() -> Busy {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime to wait on")
+        .block_on(busy())
 }
 
 /// Waits (up to 5 s) for the shell that runs a test server to end, once told to (its stdin

@@ -55,8 +55,9 @@ impl Redis {
 
     fn start_with(password: Option<&str>, tls: Option<&super::Pki>, port: Option<u16>) -> Redis {
         let mut last = String::new();
-        // A free port is found by binding port 0 and releasing it: another process may take
-        // it in between, so a clash is retried on another.
+        // redis-server cannot bind port 0 and tell which port it got: a free port is found by
+        // binding port 0 and releasing it, another process may take it in between, so a
+        // failed start is retried on another.
         for _ in 0..3 {
             let mut r = Redis::spawn(password, tls, port);
             match r.wait_ready() {
@@ -222,11 +223,7 @@ impl Redis {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {}", self.pid);
+        super::signal_pid(self.pid, signal);
     }
 
     /// The server's log so far.
