@@ -2,11 +2,36 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
-//!     [--idle-connections 1000] [--policies none|shipped|both] [--upstream plain|tls|both]
+//!     [--client plain|tls|both] [--policies none|shipped|both] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
-//!     [--routed-warm 4] [--json]
+//!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
+//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0] [--json]
 //!     [--imapgate PATH]
 //! ```
+//!
+//! `--client plain` (or `both`, the default) adds the plaintext client leg: the client talks
+//! plaintext to Dovecot's plain port (direct) and to imapgate's plain listener (proxied, over a
+//! plain upstream, without the shipped policies since require_tls refuses such a LOGIN).
+//!
+//! What the machine needs for `--idle-connections N` (the harness checks and says what is
+//! missing, in a "this machine" note):
+//!
+//! - open files: 2 N + 4096 per process (imapgate holds two sockets per connection, plus a
+//!   dozen of its own). The harness raises its soft limit to the hard one, and the hard one
+//!   too when it may (root with CAP_SYS_RESOURCE); Dovecot and imapgate inherit it. A hard
+//!   limit below 2 N + 64 stops the run at once, saying how many connections fit: raise it
+//!   before starting (`ulimit -Hn`, or the service manager's `LimitNOFILE`). On the project's
+//!   VM the hard limit is 20,000 and CAP_SYS_RESOURCE is not in the bounding set: at most
+//!   9,968 connections fit there;
+//! - `fs.inotify.max_user_instances` >= N + 256 when Dovecot hibernates the IDLE sessions
+//!   (one inotify instance each, all of the mail user; with the default 128 the others stay
+//!   one imap process each and see new mail only every 30 s): `sysctl -w
+//!   fs.inotify.max_user_instances=...`;
+//! - `net.ipv4.ip_local_port_range` wider than N + 1000 (each leg's connections go to one
+//!   address and port);
+//! - memory: 10,000 sessions take about 2 GiB in all (imapgate ~300 MiB, Dovecot ~1 GiB with
+//!   the direct path's TLS in imap-login, the harness's clients), and disk for 10,000
+//!   Maildirs (removing them at the end takes minutes on a busy disk).
 //!
 //! It starts a private Dovecot (tests/support), seeds the mailboxes, starts the imapgate binary
 //! cargo built for this bench (the release build) with a config of its own, and runs each
@@ -27,7 +52,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use load::env::Upstream;
-use load::{Options, Policies, Scenario};
+use load::{ClientLeg, Options, Policies, Scenario};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Which {
@@ -42,6 +67,13 @@ enum RoutedArg {
     OnLogin,
     Both,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ClientArg {
+    Plain,
+    Tls,
+    Both,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,9 +97,31 @@ struct Cli {
     /// ratelimit.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
-    /// Idle TLS connections held open in IDLE for the memory figure.
+    /// The client leg: TLS (Dovecot's TLS port against imapgate's TLS listener), plaintext
+    /// (Dovecot's plain port against imapgate's plain listener, plain upstream, no shipped
+    /// policies), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    client: ClientArg,
+    /// Connections held open in IDLE (memory, CPU while idle, setup time, notifications).
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
+    /// Seconds over which imapgate's CPU time is read with every connection idle.
+    #[arg(long, default_value_t = 10.0)]
+    idle_cpu_seconds: f64,
+    /// Idle sessions spot-checked for their IDLE notification (a message appended straight
+    /// on Dovecot must reach each as EXISTS); 0: none.
+    #[arg(long, default_value_t = 50)]
+    idle_notify_sample: usize,
+    /// Dovecot's imap_hibernate_timeout in seconds: IDLE sessions move to its imap-hibernate
+    /// process after this long; 0: no hibernation (one imap process per session).
+    #[arg(long, default_value_t = 1)]
+    idle_hibernate: u64,
+    /// Dovecot's imap_idle_notify_interval in seconds: each session in IDLE gets
+    /// `* OK Still here` this often (all sessions of one client address at the same moment),
+    /// which imapgate relays. 0 (the default here; Dovecot's is 120): none, so that the CPU
+    /// read while idle is imapgate's own.
+    #[arg(long, default_value_t = 0)]
+    idle_keepalive: u64,
     /// Rounds of the idle scenario (it is slow to set up).
     #[arg(long, default_value_t = 1)]
     idle_rounds: usize,
@@ -148,6 +202,17 @@ fn options(cli: &Cli) -> Result<Options, String> {
         idle_connections: cli.idle_connections.max(1),
         idle_rounds: cli.idle_rounds.max(1),
         idle_hold: Duration::from_secs_f64(cli.idle_hold.clamp(0.0, 3600.0)),
+        idle_cpu_window: Duration::from_secs_f64(cli.idle_cpu_seconds.clamp(0.1, 3600.0)),
+        idle_notify_sample: cli.idle_notify_sample,
+        idle_hibernation: (cli.idle_hibernate > 0)
+            .then(|| Duration::from_secs(cli.idle_hibernate.min(3600))),
+        idle_keepalive: (cli.idle_keepalive > 0)
+            .then(|| Duration::from_secs(cli.idle_keepalive.min(86_400))),
+        client_legs: match cli.client {
+            ClientArg::Plain => vec![ClientLeg::Plain],
+            ClientArg::Tls => vec![ClientLeg::Tls],
+            ClientArg::Both => vec![ClientLeg::Tls, ClientLeg::Plain],
+        },
         fetch_clients: cli.fetch_clients.max(1),
         fetch_size: cli.fetch_kib.max(1) * 1024,
         small_connections: cli.small_connections.max(1),
@@ -210,11 +275,23 @@ fn main() -> ExitCode {
         }
     };
     let limit = Duration::from_secs(cli.time_limit_min.max(1) * 60);
-    let result = runtime.block_on(async { tokio::time::timeout(limit, load::run(&opts)).await });
-    let report = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    let result = runtime
+        .block_on(async { tokio::time::timeout(limit, load::run_keeping_dovecot(&opts)).await });
+    // Stopped after the figures (or the error) are out: with thousands of idle users, removing
+    // their Maildirs takes a while.
+    let stop_dovecot = |dovecot: Option<support::Dovecot>| {
+        if let Some(dc) = dovecot {
+            if !cli.quiet {
+                eprintln!("load: stopping Dovecot and removing its files");
+            }
+            drop(dc);
+        }
+    };
+    let (report, dovecot) = match result {
+        Ok((Ok(r), dc)) => (r, dc),
+        Ok((Err(e), dc)) => {
             eprintln!("load: {e}");
+            stop_dovecot(dc);
             return ExitCode::FAILURE;
         }
         Err(_) => {
@@ -237,5 +314,6 @@ fn main() -> ExitCode {
         println!();
         print!("{json}");
     }
+    stop_dovecot(dovecot);
     ExitCode::SUCCESS
 }

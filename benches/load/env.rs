@@ -1,6 +1,7 @@
 //! What the runs stand on: the file descriptor limit, a private Dovecot sized for the load,
 //! imapgate as a child process with a config written here, and /proc readings.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -18,9 +19,10 @@ pub const IMAPLIB_USER: usize = 2;
 /// Append clients use `user{APPEND_FIRST_USER + i}`.
 pub const APPEND_FIRST_USER: usize = 8;
 pub const APPEND_MAX_CLIENTS: usize = 24;
-/// Idle connections are spread over `user{IDLE_FIRST_USER}` .. `+ IDLE_USERS`.
-pub const IDLE_FIRST_USER: usize = 40;
-pub const IDLE_USERS: usize = 16;
+/// Idle connection `i` logs in as `user{IDLE_FIRST_USER + i}`: one user (one INBOX) per
+/// session, so that a message appended for one session wakes that session only, and so that
+/// no user meets Dovecot's per-user-and-address connection limit.
+pub const IDLE_FIRST_USER: usize = USERS;
 /// The login scenario's users: `user{LOGIN_FIRST_USER}` .. `+ LOGIN_USERS` (it only reads).
 pub const LOGIN_FIRST_USER: usize = 32;
 pub const LOGIN_USERS: usize = 8;
@@ -62,15 +64,42 @@ pub fn raise_nofile(_want: u64) -> Result<u64, String> {
 // Dovecot
 // ---------------------------------------------------------------------------------------
 
-/// A private Dovecot able to hold `connections` concurrent sessions (one imap process each).
-pub fn start_dovecot(connections: usize) -> Dovecot {
+/// A private Dovecot able to hold `connections` concurrent sessions, with `idle_users` users
+/// for the idle scenario besides the [`USERS`], IDLE hibernation after `hibernation`, and
+/// an IDLE keepalive (`* OK Still here`) every `keepalive` (`None`: none); `nofile` is the
+/// open-file limit its processes inherit.
+///
+/// Without hibernation every session is an `imap` process (one per session, Dovecot's
+/// default, as the test suite runs it); with it, a session in IDLE moves to the
+/// `imap-hibernate` process after that long, so that 10,000 IDLE sessions are a few
+/// processes rather than 10,000 (see [`machine_needs`] for what the kernel must allow).
+pub fn start_dovecot(
+    connections: usize,
+    idle_users: usize,
+    hibernation: Option<Duration>,
+    keepalive: Option<Duration>,
+    nofile: u64,
+) -> Dovecot {
     let processes = (connections + 500).max(5000);
     let clients = (2 * connections + 1000).max(20_000);
+    // imap-login (a TLS session of the direct path: the client's socket and the one to its
+    // imap process) and imap-hibernate (a session's socket and its inotify instance) hold two
+    // descriptors per client: more clients than the limit allows go to further processes.
+    let per_process = usize::try_from(nofile.saturating_sub(512) / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(1000, clients);
+    // A TLS session of the direct path stays in imap-login (which relays it to the imap or
+    // imap-hibernate process): thousands of them outgrow the default 1 GiB address space.
+    // 0: no keepalive (both the imap and the imap-hibernate process skip it).
+    let keepalive = keepalive.map_or(0, |k| k.as_secs().max(1));
     let extra_config = format!(
-        "default_process_limit = {processes}\n\
+        "imap_idle_notify_interval = {keepalive} secs\n\
+         default_process_limit = {processes}\n\
          default_client_limit = {clients}\n\
+         default_vsz_limit = 2G\n\
          service imap {{\n  process_limit = {processes}\n}}\n\
-         service imap-login {{\n  client_limit = {clients}\n}}\n\
+         service imap-login {{\n  client_limit = {per_process}\n  vsz_limit = 8G\n}}\n\
+         service imap-hibernate {{\n  client_limit = {per_process}\n}}\n\
          service auth {{\n  client_limit = {clients}\n}}\n\
          service anvil {{\n  client_limit = {clients}\n}}\n\
          protocol imap {{\n  mail_max_userip_connections = {clients}\n}}\n"
@@ -78,10 +107,145 @@ pub fn start_dovecot(connections: usize) -> Dovecot {
     // "/" as delimiter: the shipped namespace policy's default upstream layout.
     Dovecot::start(DovecotOptions {
         separator: Some('/'),
-        generated_users: USERS,
+        generated_users: IDLE_FIRST_USER + idle_users,
         extra_config,
+        idle_hibernation: hibernation,
         ..DovecotOptions::default()
     })
+}
+
+/// What this machine lacks for `idle` connections in IDLE through imapgate (each one a
+/// client socket in the harness, two sockets in imapgate, and in Dovecot a socket plus, when
+/// hibernated, an inotify instance of the mail user): one line per shortfall, with the fix.
+/// `nofile` is the open-file limit the harness got (its children inherit it).
+pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if idle == 0 {
+        return out;
+    }
+    let read = |path: &str| -> Option<u64> {
+        fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let fds = nofile_wanted(idle);
+    if nofile < fds {
+        let nr_open = read("/proc/sys/fs/nr_open").unwrap_or(0);
+        out.push(format!(
+            "open files: the limit is {nofile}, {idle} idle connections want {fds} (imapgate \
+             holds two sockets per connection; the harness raised its soft limit to the hard \
+             one, and could not raise the hard one: that takes root with CAP_SYS_RESOURCE): \
+             start it with `ulimit -Hn {fds}; ulimit -n {fds}` (or the service manager's \
+             LimitNOFILE){}",
+            if nr_open > 0 && nr_open < fds {
+                format!(" and `sysctl -w fs.nr_open={fds}` (now {nr_open})")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if hibernation {
+        // One instance per hibernated session (`mailbox_watch_extract_notify_fd`), all of
+        // them the mail user's, plus those of sessions not yet hibernated.
+        let want = idle as u64 + 256;
+        if let Some(have) = read("/proc/sys/fs/inotify/max_user_instances")
+            && have < want
+        {
+            out.push(format!(
+                "inotify: fs.inotify.max_user_instances is {have}: Dovecot can hibernate at \
+                 most that many IDLE sessions (one inotify instance each, all of the mail \
+                 user); the others stay one imap process each and see new mail only every \
+                 30 s (mailbox_idle_check_interval). Raise it: `sysctl -w \
+                 fs.inotify.max_user_instances={want}`"
+            ));
+        }
+        // A Maildir INBOX is watched through a few paths (new/, cur/, the index log).
+        let want = 4 * idle as u64 + 8192;
+        if let Some(have) = read("/proc/sys/fs/inotify/max_user_watches")
+            && have < want
+        {
+            out.push(format!(
+                "inotify: fs.inotify.max_user_watches is {have}, {want} wanted: \
+                 `sysctl -w fs.inotify.max_user_watches={want}`"
+            ));
+        }
+    } else if idle > 2000 {
+        out.push(format!(
+            "Dovecot without hibernation: {idle} idle sessions are {idle} imap processes \
+             (several MiB each, and kernel.pid_max is {})",
+            read("/proc/sys/kernel/pid_max").unwrap_or(0)
+        ));
+    }
+    // Each leg's connections come from 127.0.0.1 to one address and port: one ephemeral
+    // port each, per destination.
+    if let Ok(range) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+        let ports: Vec<u64> = range
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if let [lo, hi] = ports[..]
+            && hi.saturating_sub(lo) < idle as u64 + 1000
+        {
+            out.push(format!(
+                "ephemeral ports: net.ipv4.ip_local_port_range is {lo}-{hi}, {} wanted per \
+                 destination: `sysctl -w net.ipv4.ip_local_port_range=\"1024 65000\"`",
+                idle + 1000
+            ));
+        }
+    }
+    out
+}
+
+/// File descriptors a run with `idle` idle connections needs in each process (imapgate: two
+/// sockets per connection; Dovecot's imap-login and imap-hibernate: two per connection too).
+pub fn nofile_wanted(idle: usize) -> u64 {
+    (2 * idle + 4096) as u64
+}
+
+/// Dovecot's processes and their memory, at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DovecotFootprint {
+    /// Every process of the instance, the master included.
+    pub processes: usize,
+    /// `imap` processes (one per session that is not hibernated).
+    pub imap_processes: usize,
+    /// Resident memory of them all.
+    pub rss_kib: u64,
+}
+
+/// The footprint of the Dovecot whose master is `master` (its children, by parent PID).
+pub fn dovecot_footprint(master: u32) -> DovecotFootprint {
+    let mut f = DovecotFootprint {
+        processes: 1,
+        imap_processes: 0,
+        rss_kib: proc_status_kib(master, "VmRSS:"),
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return f;
+    };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": comm may hold anything, so split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let parent = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent != Some(master) {
+            continue;
+        }
+        f.processes += 1;
+        f.rss_kib += proc_status_kib(pid, "VmRSS:");
+        if head.split_once('(').map(|(_, comm)| comm) == Some("imap") {
+            f.imap_processes += 1;
+        }
+    }
+    f
 }
 
 // ---------------------------------------------------------------------------------------
@@ -130,19 +294,22 @@ impl Mode {
 /// The names of the routed upstreams, in config order (the first is the default route).
 pub const ROUTED_UPSTREAMS: [&str; 2] = ["mail1", "mail2"];
 
-/// The imapgate binary as a child process, with one implicit-TLS listener.
+/// The imapgate binary as a child process, with an implicit-TLS listener and a plaintext one.
 pub struct Gate {
     child: Child,
     watchdog: Option<(Child, ChildStdin)>,
+    /// The implicit-TLS listener.
     pub addr: SocketAddr,
+    /// The plaintext listener (`tls = "none"`).
+    pub plain_addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Gate {
-    /// Writes a config (listener `imaps` with Dovecot's test certificate, upstream `dc` over
-    /// `upstream` as `mode` says, then `policies` verbatim) and starts `binary run --config`
-    /// on it.
+    /// Writes a config (listener `imaps` with Dovecot's test certificate, listener `imap`
+    /// without TLS, upstream `dc` over `upstream` as `mode` says, then `policies` verbatim)
+    /// and starts `binary run --config` on it.
     pub fn start(
         binary: &Path,
         dc: &Dovecot,
@@ -171,8 +338,9 @@ impl Gate {
         max_connections: usize,
     ) -> Result<Gate, String> {
         let dir = crate::support::temp_dir();
-        let port = free_port()?;
+        let (port, plain_port) = free_ports()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let plain_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, plain_port));
         let (up_addr, up_tls) = match upstream {
             Upstream::Plain => (dc.addr(), "none"),
             Upstream::Tls => (dc.tls_addr(), "implicit"),
@@ -203,6 +371,7 @@ impl Gate {
         let mut config = format!(
             "[[listener]]\nname = \"imaps\"\nbind = \"{addr}\"\ntls = \"implicit\"\n\
              cert = {cert}\nkey = {key}\n\n\
+             [[listener]]\nname = \"imap\"\nbind = \"{plain_addr}\"\ntls = \"none\"\n\n\
              {upstreams}\
              [limits]\nmax_connections = {max_connections}\n\n\
              [log]\nlevel = \"warn\"\n",
@@ -237,6 +406,7 @@ impl Gate {
             child,
             watchdog,
             addr,
+            plain_addr,
             log,
             _dir: dir,
         };
@@ -253,7 +423,8 @@ impl Gate {
                     self.log_text()
                 ));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let up = |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200));
+            if up(&self.addr).is_ok() && up(&self.plain_addr).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -290,9 +461,9 @@ impl Gate {
         proc_status_kib(self.pid(), "VmRSS:")
     }
 
-    /// User plus system CPU time used so far.
-    pub fn cpu(&self) -> Duration {
-        cpu_time(self.pid())
+    /// The CPU time used so far (compare two with [`CpuStamp::since`]).
+    pub fn cpu(&self) -> CpuStamp {
+        CpuStamp::read(self.pid())
     }
 }
 
@@ -327,11 +498,18 @@ fn spawn_watchdog(pid: u32) -> Result<(Child, ChildStdin), String> {
     Ok((child, stdin))
 }
 
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
+/// Two distinct free ports (both held until both are known). imapgate binds them a moment
+/// later: a clash with another process is retried by [`Gate::start`].
+fn free_ports() -> Result<(u16, u16), String> {
+    let bind =
+        || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| format!("free port: {e}"));
+    let (a, b) = (bind()?, bind()?);
+    let port = |l: &TcpListener| {
+        l.local_addr()
+            .map(|a| a.port())
+            .map_err(|e| format!("free port: {e}"))
+    };
+    Ok((port(&a)?, port(&b)?))
 }
 
 fn toml_path(path: &Path) -> String {
@@ -341,6 +519,56 @@ fn toml_path(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------
 // /proc
 // ---------------------------------------------------------------------------------------
+
+/// A process's CPU time at one moment, read two ways: utime + stime (10 ms ticks, every
+/// thread that ever ran included) and each live thread's run time to the nanosecond
+/// (`/proc/PID/task/TID/schedstat`). The ticks alone make a figure like "CPU per APPEND" over
+/// 20 APPENDs a multiple of 500 µs.
+#[derive(Clone, Debug, Default)]
+pub struct CpuStamp {
+    ticks: Duration,
+    threads: BTreeMap<u32, u64>,
+}
+
+impl CpuStamp {
+    pub fn read(pid: u32) -> CpuStamp {
+        let mut threads = BTreeMap::new();
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+                let ns = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+                if let Some(ns) = ns {
+                    threads.insert(tid, ns);
+                }
+            }
+        }
+        CpuStamp {
+            ticks: cpu_time(pid),
+            threads,
+        }
+    }
+
+    /// The CPU time used since `earlier`: to the nanosecond when every thread of `earlier`
+    /// is still there (a new thread counts from its start), else from the ticks, since a
+    /// thread that ended took its run time with it.
+    pub fn since(&self, earlier: &CpuStamp) -> Duration {
+        let all_alive = !earlier.threads.is_empty()
+            && earlier
+                .threads
+                .keys()
+                .all(|tid| self.threads.contains_key(tid));
+        if !all_alive {
+            return self.ticks.saturating_sub(earlier.ticks);
+        }
+        let ns: u64 = self
+            .threads
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.threads.get(tid).copied().unwrap_or(0)))
+            .sum();
+        Duration::from_nanos(ns)
+    }
+}
 
 /// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, in USER_HZ = 100 ticks).
 pub fn cpu_time(pid: u32) -> Duration {

@@ -1,10 +1,12 @@
 //! The load harness: imapgate against a direct connection to the same private Dovecot, in one
 //! run. `benches/load.rs` is the command line; `tests/bench_smoke.rs` runs it with tiny sizes.
 //!
-//! Both paths have TLS on the client leg: "direct" connects to Dovecot's implicit-TLS port,
-//! "proxied" to imapgate's implicit-TLS listener, which relays to Dovecot's plain port (or to
-//! its TLS port with `Upstream::Tls`). Each round runs every path once, in an order that
-//! rotates from round to round; figures are medians over the rounds.
+//! The client leg is TLS or plaintext ([`ClientLeg`]), the same on both paths: over TLS,
+//! "direct" connects to Dovecot's implicit-TLS port and "proxied" to imapgate's implicit-TLS
+//! listener; in plaintext, to Dovecot's plain port and imapgate's plain listener. imapgate
+//! relays to Dovecot's plain port (or to its TLS port with `Upstream::Tls`). Each round runs
+//! every path once, in an order that rotates from round to round; figures are medians over
+//! the rounds.
 //!
 //! imapgate runs in transparent mode (one `[upstream]`) for every scenario; the login scenario
 //! also measures it routing (`[routing]`, two named upstreams that are both the same Dovecot,
@@ -82,6 +84,27 @@ impl Scenario {
     }
 }
 
+/// What the load generator speaks to the server it connects to (Dovecot directly, or
+/// imapgate), the same on both paths of a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientLeg {
+    /// Implicit TLS: Dovecot's TLS port (Dovecot's imap-login terminates it and relays to the
+    /// imap process), imapgate's TLS listener.
+    Tls,
+    /// No TLS anywhere when imapgate's upstream is plain too: Dovecot's plain port, imapgate's
+    /// plain listener.
+    Plain,
+}
+
+impl ClientLeg {
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientLeg::Tls => "tls",
+            ClientLeg::Plain => "plain",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policies {
     None,
@@ -141,11 +164,28 @@ pub struct Options {
     pub scenarios: Vec<Scenario>,
     pub policies: Vec<Policies>,
     pub upstreams: Vec<Upstream>,
+    /// The client legs to measure. The plaintext one is measured through the imapgates with a
+    /// plain upstream and no shipped policies (require_tls refuses a LOGIN without TLS).
+    pub client_legs: Vec<ClientLeg>,
     pub idle_connections: usize,
     pub idle_rounds: usize,
     /// How long the idle connections stay open after the memory reading (for an external
     /// profiler to take its own snapshot).
     pub idle_hold: Duration,
+    /// How long imapgate's CPU time is read with every connection idle.
+    pub idle_cpu_window: Duration,
+    /// Idle sessions spot-checked for their IDLE notification: a message is appended to each
+    /// one's INBOX straight on Dovecot, and the session must see `* n EXISTS`. 0: none.
+    pub idle_notify_sample: usize,
+    /// Dovecot's IDLE hibernation (`imap_hibernate_timeout`) in the harness's Dovecot.
+    pub idle_hibernation: Option<Duration>,
+    /// How often Dovecot tells a client in IDLE `* OK Still here`
+    /// (`imap_idle_notify_interval`); `None`: never, so that the CPU read "while idle" is
+    /// imapgate's own, with no traffic at all. Dovecot's default is 2 minutes, and it sends
+    /// the keepalives of every session from one client address at the same moment (its phase
+    /// is a hash of the address): through imapgate, all N at once, so a window shorter than
+    /// the interval sees a burst of N or nothing.
+    pub idle_keepalive: Option<Duration>,
     pub fetch_clients: usize,
     pub fetch_size: usize,
     pub fetch_messages: usize,
@@ -184,9 +224,14 @@ impl Default for Options {
             scenarios: Scenario::ALL.to_vec(),
             policies: vec![Policies::None, Policies::Shipped],
             upstreams: vec![Upstream::Plain, Upstream::Tls],
+            client_legs: vec![ClientLeg::Tls, ClientLeg::Plain],
             idle_connections: 1000,
             idle_rounds: 1,
             idle_hold: Duration::ZERO,
+            idle_cpu_window: Duration::from_secs(10),
+            idle_notify_sample: 50,
+            idle_hibernation: Some(Duration::from_secs(1)),
+            idle_keepalive: None,
             fetch_clients: 4,
             fetch_size: 5 * 1024 * 1024,
             fetch_messages: 4,
@@ -297,6 +342,35 @@ pub struct Row {
     /// (RSS with N idle - RSS before) / N, median over rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kib_per_idle_conn: Option<f64>,
+    /// idle: seconds from the first connect until all N sessions were in IDLE (median).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_setup_s_direct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_setup_s_proxied: Option<f64>,
+    /// idle: imapgate's CPU time per session set up (handshake, greeting, LOGIN, SELECT and
+    /// IDLE relayed), in µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_setup_cpu_us_per_conn: Option<f64>,
+    /// idle: how long imapgate's CPU time was read with every session idle (the cpu columns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_cpu_window_s: Option<f64>,
+    /// idle: Dovecot's IDLE keepalive interval (none: off), and the keepalives imapgate
+    /// relays per second on average (N / interval; they come in bursts of N).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_keepalive_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_keepalives_per_s: Option<f64>,
+    /// idle: the IDLE notification spot-check, over all rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_notify_direct: Option<NotifyCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_notify_proxied: Option<NotifyCheck>,
+    /// idle: Dovecot's `imap` processes and resident memory (all its processes) while the
+    /// proxied path's sessions were idle: with hibernation, a handful of processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dovecot_imap_processes_idle: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dovecot_rss_idle_kib: Option<u64>,
     /// Completions other than OK over all rounds (a policy refusing shows here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_ok: Option<u64>,
@@ -307,6 +381,41 @@ pub struct Row {
     pub target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_met: Option<bool>,
+    /// The issue's target for imapgate's CPU per unit, where it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_target_met: Option<bool>,
+}
+
+/// Sessions in IDLE spot-checked for their notification: a message appended to each one's
+/// INBOX straight on Dovecot must reach it as `* n EXISTS`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NotifyCheck {
+    pub sampled: usize,
+    pub notified: usize,
+    /// From sending the APPEND to reading the EXISTS, in ms (notified sessions only).
+    pub p50_ms: f64,
+    pub max_ms: f64,
+}
+
+impl NotifyCheck {
+    /// Several runs' checks as one (latencies: the median of the medians, the worst max).
+    fn merge(checks: &[&NotifyCheck]) -> Option<NotifyCheck> {
+        if checks.is_empty() {
+            return None;
+        }
+        Some(NotifyCheck {
+            sampled: checks.iter().map(|c| c.sampled).sum(),
+            notified: checks.iter().map(|c| c.notified).sum(),
+            p50_ms: med(checks.iter().map(|c| c.p50_ms)).unwrap_or(0.0),
+            max_ms: checks.iter().map(|c| c.max_ms).fold(0.0, f64::max),
+        })
+    }
+
+    fn all_notified(&self) -> bool {
+        self.notified == self.sampled
+    }
 }
 
 /// The whole result.
@@ -332,6 +441,12 @@ struct Sample {
     verified: Option<u64>,
     rss: Option<(u64, u64)>,
     kib_per_conn: Option<f64>,
+    /// idle: seconds to set up every session, imapgate's CPU per session set up, the
+    /// notification check, Dovecot while idle.
+    setup_s: Option<f64>,
+    setup_cpu_us_per_conn: Option<f64>,
+    notify: Option<NotifyCheck>,
+    dovecot: Option<env::DovecotFootprint>,
     /// In the order of [`kinds`] for the scenario.
     p50_us_by_kind: Option<Vec<f64>>,
     p99_us_by_kind: Option<Vec<f64>>,
@@ -378,12 +493,33 @@ impl Variant {
         scenario != Scenario::RateLimit
             && (self.mode == Mode::Transparent || scenario == Scenario::Login)
     }
+
+    /// Whether this imapgate is measured with `leg` on the client side. The plaintext leg is
+    /// the "no TLS anywhere" comparison: plain upstream only, and not with the shipped
+    /// policies, whose require_tls refuses a LOGIN without TLS.
+    fn measures_leg(&self, scenario: Scenario, leg: ClientLeg) -> bool {
+        self.measures(scenario)
+            && match leg {
+                ClientLeg::Tls => true,
+                ClientLeg::Plain => {
+                    plain_client_capable(scenario)
+                        && self.upstream == Upstream::Plain
+                        && matches!(self.policies, Policies::None | Policies::OnLogin)
+                }
+            }
+    }
+}
+
+/// Scenarios that can run with a plaintext client leg (ratelimit compares imapgates of its
+/// own over TLS only).
+fn plain_client_capable(scenario: Scenario) -> bool {
+    scenario != Scenario::RateLimit
 }
 
 struct Ctx<'a> {
     opts: &'a Options,
     binary: PathBuf,
-    dc: crate::support::Dovecot,
+    dc: &'a crate::support::Dovecot,
     tls: Arc<ClientConfig>,
     /// The login scenario's: no TLS session resumption, so that every login pays a full
     /// handshake on both paths (a resumed one would depend on which server issued the last
@@ -474,9 +610,82 @@ fn redis_server_installed() -> bool {
 
 /// Runs everything `opts` asks for.
 pub async fn run(opts: &Options) -> Result<Report, String> {
+    run_keeping_dovecot(opts).await.0
+}
+
+/// [`run`], handing back its Dovecot (once started) instead of stopping it: with thousands
+/// of idle users, removing their Maildirs takes minutes on a busy disk, and the caller can
+/// print the figures (or the error) first.
+pub async fn run_keeping_dovecot(
+    opts: &Options,
+) -> (Result<Report, String>, Option<crate::support::Dovecot>) {
     let started = Instant::now();
-    let binary = env::imapgate_binary(opts.imapgate.as_deref())?;
+    let idle_n = if opts.scenarios.contains(&Scenario::Idle) {
+        opts.idle_connections
+    } else {
+        0
+    };
     let mut notes = Vec::new();
+    let want_fds = env::nofile_wanted(idle_n);
+    let nofile = match env::raise_nofile(want_fds) {
+        Ok(n) => n,
+        Err(e) => {
+            notes.push(e);
+            0
+        }
+    };
+    for need in env::machine_needs(idle_n, nofile, opts.idle_hibernation.is_some()) {
+        if opts.progress {
+            eprintln!("load: this machine: {need}");
+        }
+        notes.push(format!("this machine: {need}"));
+    }
+    // imapgate holds two sockets per session and a few of its own: rather than fail at the
+    // last few hundred connections (it answers "* BYE [UNAVAILABLE]" when it cannot open the
+    // upstream one), say at once what fits.
+    let gate_fds = 2 * idle_n as u64 + 64;
+    if nofile > 0 && nofile < gate_fds {
+        return (
+            Err(format!(
+                "{idle_n} idle connections need {gate_fds} open files in imapgate, and the \
+                 limit here is {nofile} (a hard limit this process cannot raise: it lacks \
+                 CAP_SYS_RESOURCE, or is not root). At most {} connections fit; for {idle_n}, \
+                 start the harness with a hard limit of at least {want_fds} (`ulimit -Hn \
+                 {want_fds}` as root, or the service manager's LimitNOFILE).",
+                (nofile - 64) / 2
+            )),
+            None,
+        );
+    }
+    let dc = env::start_dovecot(
+        2 * idle_n,
+        idle_n,
+        opts.idle_hibernation,
+        opts.idle_keepalive,
+        nofile,
+    );
+    let mut result = run_on(opts, &dc, idle_n, notes, started).await;
+    let complaints = dovecot_complaints(&dc.log());
+    match &mut result {
+        Ok(report) => report.notes.extend(complaints),
+        Err(e) => {
+            for c in complaints {
+                e.push_str("\n  ");
+                e.push_str(&c);
+            }
+        }
+    }
+    (result, Some(dc))
+}
+
+async fn run_on(
+    opts: &Options,
+    dc: &crate::support::Dovecot,
+    idle_n: usize,
+    mut notes: Vec<String>,
+    started: Instant,
+) -> Result<Report, String> {
+    let binary = env::imapgate_binary(opts.imapgate.as_deref())?;
     if !binary.is_file() {
         return Err(format!(
             "imapgate binary {} does not exist",
@@ -489,22 +698,6 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             binary.display()
         ));
     }
-    let idle_n = if opts.scenarios.contains(&Scenario::Idle) {
-        opts.idle_connections
-    } else {
-        0
-    };
-    let want_fds = (2 * idle_n + 4096) as u64;
-    match env::raise_nofile(want_fds) {
-        Ok(n) if n < want_fds => notes.push(format!(
-            "open-file limit is {n}, {want_fds} wanted for {idle_n} idle connections: \
-             raise it with `ulimit -n {want_fds}` (as root the harness raises it itself)"
-        )),
-        Ok(_) => {}
-        Err(e) => notes.push(e),
-    }
-
-    let dc = env::start_dovecot(2 * idle_n);
     let tls = crate::support::tls_config(dc.ca_pem());
     let login_tls = {
         let mut c = (*tls).clone();
@@ -544,6 +737,12 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
     }
     if opts.scenarios.contains(&Scenario::Login) {
         scenarios::seed_logins(ctx.dc.addr()).await?;
+    }
+    if idle_n > 0 {
+        ctx.progress(&format!("creating the {idle_n} idle users' mailboxes"));
+        let t = Instant::now();
+        scenarios::seed_idle(ctx.dc.addr(), idle_n).await?;
+        ctx.progress(&format!("  done in {:.1} s", t.elapsed().as_secs_f64()));
     }
 
     // The imapgate variants: each upstream mode, each policy set.
@@ -656,7 +855,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
     for mut v in variants {
         match Gate::start(
             &ctx.binary,
-            &ctx.dc,
+            ctx.dc,
             v.upstream,
             v.mode,
             v.policy_toml.as_deref(),
@@ -711,14 +910,39 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
     })
 }
 
+/// Dovecot's warnings and errors, each distinct message once with how often it came (the
+/// timestamp, process and session prefix left out): a limit it hit shows here.
+fn dovecot_complaints(log: &str) -> Vec<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines() {
+        let Some(at) = line.find("Warning: ").or_else(|| line.find("Error: ")) else {
+            continue;
+        };
+        let text = &line[at..];
+        // Per-session details (user, addresses, pids) would make every line distinct.
+        let key: String = text.chars().take(160).collect();
+        *seen.entry(key).or_default() += 1;
+    }
+    seen.into_iter()
+        .take(8)
+        .map(|(text, n)| format!("dovecot logged {n}x: {text}"))
+        .collect()
+}
+
 /// Which path a run takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path_ {
-    /// Dovecot's implicit-TLS port.
-    Direct,
-    /// Dovecot's plaintext port.
-    DirectPlain,
-    Proxied(usize),
+    /// Dovecot: its implicit-TLS port, or its plain port.
+    Direct(ClientLeg),
+    /// imapgate variant `i`: its TLS listener, or its plain one.
+    Proxied(usize, ClientLeg),
+}
+
+fn leg_index(leg: ClientLeg) -> usize {
+    match leg {
+        ClientLeg::Tls => 0,
+        ClientLeg::Plain => 1,
+    }
 }
 
 async fn run_scenario(
@@ -743,26 +967,41 @@ async fn run_scenario(
         Scenario::Idle => opts.idle_rounds.max(1),
         _ => opts.rounds.max(1),
     };
-    let mut paths = vec![Path_::Direct];
-    let plain_ok = matches!(
-        scenario,
-        Scenario::FetchLarge
-            | Scenario::Small
-            | Scenario::SmallSerial
-            | Scenario::Append
-            | Scenario::Login
-    );
-    if opts.plain_baseline && plain_ok {
-        paths.push(Path_::DirectPlain);
+    let mut legs: Vec<ClientLeg> = opts
+        .client_legs
+        .iter()
+        .copied()
+        .filter(|&l| l == ClientLeg::Tls || plain_client_capable(scenario))
+        .collect();
+    if legs.is_empty() {
+        // ratelimit asked for with a plaintext client leg only: it runs over TLS.
+        legs.push(ClientLeg::Tls);
     }
-    paths.extend(
-        (0..variants.len())
-            .filter(|&i| variants[i].measures(scenario))
-            .map(Path_::Proxied),
-    );
-    let mut direct: Vec<Sample> = Vec::new();
-    let mut direct_plain: Vec<Sample> = Vec::new();
-    let mut proxied: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
+    let mut paths = Vec::new();
+    if legs.contains(&ClientLeg::Tls) {
+        paths.push(Path_::Direct(ClientLeg::Tls));
+    }
+    let plain_baseline = opts.plain_baseline
+        && matches!(
+            scenario,
+            Scenario::FetchLarge
+                | Scenario::Small
+                | Scenario::SmallSerial
+                | Scenario::Append
+                | Scenario::Login
+        );
+    if legs.contains(&ClientLeg::Plain) || plain_baseline {
+        paths.push(Path_::Direct(ClientLeg::Plain));
+    }
+    for &leg in &legs {
+        paths.extend(
+            (0..variants.len())
+                .filter(|&i| variants[i].measures_leg(scenario, leg))
+                .map(|i| Path_::Proxied(i, leg)),
+        );
+    }
+    let mut direct: [Vec<Sample>; 2] = Default::default();
+    let mut proxied: Vec<[Vec<Sample>; 2]> = vec![Default::default(); variants.len()];
     for round in 0..rounds {
         let mut order = paths.clone();
         order.rotate_left(round % paths.len());
@@ -771,10 +1010,17 @@ async fn run_scenario(
         }
         for path in order {
             ctx.runs += 1;
+            let leg = match path {
+                Path_::Direct(leg) | Path_::Proxied(_, leg) => leg,
+            };
             let (addr, label) = match path {
-                Path_::Direct => (ctx.dc.tls_addr(), "dovecot TLS (direct)".to_string()),
-                Path_::DirectPlain => (ctx.dc.addr(), "dovecot plain (direct)".to_string()),
-                Path_::Proxied(i) => {
+                Path_::Direct(ClientLeg::Tls) => {
+                    (ctx.dc.tls_addr(), "dovecot TLS (direct)".to_string())
+                }
+                Path_::Direct(ClientLeg::Plain) => {
+                    (ctx.dc.addr(), "dovecot plain (direct)".to_string())
+                }
+                Path_::Proxied(i, leg) => {
                     if scenario == Scenario::Idle {
                         // A fresh process, so that the baseline is not inflated by the heap
                         // left over from earlier scenarios.
@@ -782,7 +1028,7 @@ async fn run_scenario(
                         v.gate = None;
                         v.gate = Some(Gate::start(
                             &ctx.binary,
-                            &ctx.dc,
+                            ctx.dc,
                             v.upstream,
                             v.mode,
                             v.policy_toml.as_deref(),
@@ -790,43 +1036,51 @@ async fn run_scenario(
                         )?);
                     }
                     let g = variants[i].gate.as_ref().ok_or("imapgate not running")?;
-                    (g.addr, variants[i].label())
+                    match leg {
+                        ClientLeg::Tls => (g.addr, variants[i].label()),
+                        ClientLeg::Plain => (
+                            g.plain_addr,
+                            format!("{}, client leg plain", variants[i].label()),
+                        ),
+                    }
                 }
             };
             let gate = match path {
-                Path_::Direct | Path_::DirectPlain => None,
-                Path_::Proxied(i) => variants[i].gate.as_ref(),
+                Path_::Direct(_) => None,
+                Path_::Proxied(i, _) => variants[i].gate.as_ref(),
             };
             let tls = if scenario == Scenario::Login {
                 ctx.login_tls.clone()
             } else {
                 ctx.tls.clone()
             };
-            let tls = (path != Path_::DirectPlain).then_some(&tls);
+            let tls = (leg == ClientLeg::Tls).then_some(&tls);
             let cpu0 = gate.map(Gate::cpu);
             let redis_pid = match (&ctx.redis, gate) {
                 (Some(r), Some(_)) if scenario == Scenario::RateLimit => Some(r.pid()),
                 _ => None,
             };
-            let redis_cpu0 = redis_pid.map(env::cpu_time);
+            let redis_cpu0 = redis_pid.map(env::CpuStamp::read);
             let t0 = Instant::now();
             let archive = match path {
-                Path_::Proxied(i) if variants[i].policies == Policies::Shipped => {
+                Path_::Proxied(i, _) if variants[i].policies == Policies::Shipped => {
                     opts.policy_archive.as_str()
                 }
                 _ => "Archive",
             };
             let mut s = measure(ctx, scenario, addr, tls, gate, python.as_deref(), archive).await?;
             let secs = t0.elapsed().as_secs_f64();
+            // The idle scenario reads imapgate's CPU itself, over the window where every
+            // session is idle.
             if let (Some(g), Some(c0)) = (gate, cpu0)
                 && scenario != Scenario::Idle
             {
-                let cpu = (g.cpu() - c0).as_secs_f64();
+                let cpu = g.cpu().since(&c0).as_secs_f64();
                 s.cpu_per_s = Some(cpu / secs.max(1e-6));
                 s.cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
             if let (Some(pid), Some(c0)) = (redis_pid, redis_cpu0) {
-                let cpu = (env::cpu_time(pid) - c0).as_secs_f64();
+                let cpu = env::CpuStamp::read(pid).since(&c0).as_secs_f64();
                 s.redis_cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
             ctx.progress(&format!(
@@ -839,27 +1093,38 @@ async fn run_scenario(
                     .unwrap_or_default()
             ));
             match path {
-                Path_::Direct => direct.push(s),
-                Path_::DirectPlain => direct_plain.push(s),
-                Path_::Proxied(i) => proxied[i].push(s),
+                Path_::Direct(leg) => direct[leg_index(leg)].push(s),
+                Path_::Proxied(i, leg) => proxied[i][leg_index(leg)].push(s),
             }
         }
     }
     let mut rows = Vec::new();
-    for (i, v) in variants.iter().enumerate() {
-        if !v.measures(scenario) {
-            continue;
-        }
-        let mut row = make_row(scenario, v, &direct, &direct_plain, &proxied[i], opts);
-        if scenario == Scenario::RateLimit && v.policies != Policies::RateLimitLocal {
-            let local = variants
-                .iter()
-                .position(|w| w.policies == Policies::RateLimitLocal && w.upstream == v.upstream);
-            if let Some(j) = local {
-                compare_with_local(&mut row, &proxied[i], &proxied[j]);
+    let [direct_tls, direct_plain] = &direct;
+    for &leg in &legs {
+        for (i, v) in variants.iter().enumerate() {
+            if !v.measures_leg(scenario, leg) {
+                continue;
             }
+            // Over TLS, Dovecot's plain port is a second baseline; in plaintext it is the one.
+            let (d, dp): (&[Sample], &[Sample]) = match leg {
+                ClientLeg::Tls => (direct_tls, direct_plain),
+                ClientLeg::Plain => (direct_plain, &[]),
+            };
+            let mut row = make_row(scenario, v, leg, d, dp, &proxied[i][leg_index(leg)], opts);
+            if scenario == Scenario::RateLimit && v.policies != Policies::RateLimitLocal {
+                let local = variants.iter().position(|w| {
+                    w.policies == Policies::RateLimitLocal && w.upstream == v.upstream
+                });
+                if let Some(j) = local {
+                    compare_with_local(
+                        &mut row,
+                        &proxied[i][leg_index(leg)],
+                        &proxied[j][leg_index(leg)],
+                    );
+                }
+            }
+            rows.push(row);
         }
-        rows.push(row);
     }
     Ok(rows)
 }
@@ -994,22 +1259,47 @@ async fn measure(
                     gate.map_or(0, Gate::pid)
                 ));
             }
-            let r = scenarios::idle(addr, &ctx.tls, opts.idle_connections, gate, opts.idle_hold)
-                .await?;
+            let params = scenarios::IdleParams {
+                n: opts.idle_connections,
+                hold: opts.idle_hold,
+                cpu_window: opts.idle_cpu_window,
+                notify_sample: opts.idle_notify_sample,
+                dc_plain: ctx.dc.addr(),
+                dc_pid: ctx.dc.pid(),
+                hibernation: opts.idle_hibernation.is_some(),
+                run: ctx.runs,
+            };
+            let r = scenarios::idle(addr, tls, gate, &params).await?;
+            let n = opts.idle_connections.max(1) as f64;
+            let window_min = r.idle_window.as_secs_f64().max(1e-6) / 60.0;
             Sample {
                 value: r.setup_per_s,
                 rss: gate.map(|_| (r.rss_before_kib, r.rss_idle_kib)),
                 kib_per_conn: gate.map(|_| r.kib_per_conn),
+                setup_s: Some(r.setup.as_secs_f64()),
+                setup_cpu_us_per_conn: r.setup_cpu.map(|c| c.as_secs_f64() * 1e6 / n),
+                cpu_per_s: r
+                    .idle_cpu
+                    .map(|c| c.as_secs_f64() / r.idle_window.as_secs_f64().max(1e-6)),
+                cpu_us_per_unit: r.idle_cpu.map(|c| c.as_secs_f64() * 1e6 / n / window_min),
+                notify: r.notify,
+                dovecot: Some(r.dovecot),
                 ..Sample::default()
             }
         }
         Scenario::Imaplib => {
             let python = python.ok_or("python3 not found")?;
-            let r =
-                scenarios::imaplib_append(python, addr, ctx.dc.ca_pem_path(), opts.imaplib_appends)
-                    .await?;
+            let r = scenarios::imaplib_append(
+                python,
+                addr,
+                tls.map(|_| ctx.dc.ca_pem_path()),
+                opts.imaplib_appends,
+            )
+            .await?;
             Sample {
                 value: r.median_ms,
+                // The whole python run: its login and the final expunge included.
+                units: Some(opts.imaplib_appends as f64),
                 ..Sample::default()
             }
         }
@@ -1028,6 +1318,7 @@ fn med(xs: impl Iterator<Item = f64>) -> Option<f64> {
 fn make_row(
     scenario: Scenario,
     v: &Variant,
+    leg: ClientLeg,
     direct: &[Sample],
     direct_plain: &[Sample],
     proxied: &[Sample],
@@ -1064,7 +1355,7 @@ fn make_row(
         mode: v.mode.label(),
         policies: v.policies.label(),
         upstream: v.upstream.label(),
-        client_leg: "tls",
+        client_leg: leg.label(),
         unit: "",
         higher_is_better: true,
         rounds: proxied.len(),
@@ -1096,23 +1387,44 @@ fn make_row(
             Scenario::FetchLarge | Scenario::Append => Some("µs/MiB"),
             Scenario::Small | Scenario::SmallSerial | Scenario::RateLimit => Some("µs/cmd"),
             Scenario::Login => Some("µs/login"),
-            _ => None,
+            Scenario::Idle => Some("µs/conn/min"),
+            Scenario::Imaplib => Some("µs/APPEND"),
         },
         idle_connections: None,
         login_clients: None,
         rss_before_kib: None,
         rss_idle_kib: None,
         kib_per_idle_conn: None,
+        idle_setup_s_direct: None,
+        idle_setup_s_proxied: None,
+        idle_setup_cpu_us_per_conn: None,
+        idle_cpu_window_s: None,
+        idle_keepalive_s: None,
+        idle_keepalives_per_s: None,
+        idle_notify_direct: None,
+        idle_notify_proxied: None,
+        dovecot_imap_processes_idle: None,
+        dovecot_rss_idle_kib: None,
         not_ok: None,
         verified_messages: None,
         target: None,
         target_met: None,
+        cpu_target: None,
+        cpu_target_met: None,
     };
+    let plain_upstream = v.upstream == Upstream::Plain;
     match scenario {
         Scenario::FetchLarge => {
             row.unit = "MiB/s";
-            row.target = Some("ratio >= 0.95".into());
-            row.target_met = ratio.map(|r| r >= 0.95);
+            // The issue's targets: plaintext on both legs >= 0.90, TLS on both >= 1.00; with
+            // a TLS client leg and a plain upstream, the README's >= 0.95.
+            let min = match (leg, plain_upstream) {
+                (ClientLeg::Plain, _) => 0.90,
+                (ClientLeg::Tls, false) => 1.00,
+                (ClientLeg::Tls, true) => 0.95,
+            };
+            row.target = Some(format!("ratio >= {min:.2}"));
+            row.target_met = ratio.map(|r| r >= min);
         }
         Scenario::Small | Scenario::SmallSerial => {
             row.unit = "cmd/s";
@@ -1125,9 +1437,16 @@ fn make_row(
             row.not_ok = Some(direct.iter().chain(proxied).filter_map(|s| s.not_ok).sum());
             if scenario == Scenario::Small {
                 // Latency under saturation is mostly queueing behind the CPU the three
-                // processes share: the added-latency target is judged on small-serial.
-                row.target = Some("ratio >= 0.90".into());
-                row.target_met = ratio.map(|r| r >= 0.90);
+                // processes share: the added-latency target is judged on small-serial. The
+                // issue's targets: >= 0.95 with a plain upstream (either client leg, with or
+                // without the shipped policies), and at most 5 µs of imapgate CPU per command.
+                let min = if plain_upstream { 0.95 } else { 0.90 };
+                row.target = Some(format!("ratio >= {min:.2}"));
+                row.target_met = ratio.map(|r| r >= min);
+                if plain_upstream && v.policies == Policies::None {
+                    row.cpu_target = Some("<= 5 µs per command".into());
+                    row.cpu_target_met = row.imapgate_cpu_us_per_unit.map(|c| c <= 5.0);
+                }
             } else {
                 row.target = Some("added p50 <= 30 µs".into());
                 row.target_met = row.added_p50_us.map(|a| a <= 30.0);
@@ -1151,12 +1470,67 @@ fn make_row(
             let kib = med(proxied.iter().filter_map(|s| s.kib_per_conn));
             row.rss_before_kib = proxied.iter().filter_map(|s| s.rss).map(|r| r.0).min();
             row.rss_idle_kib = proxied.iter().filter_map(|s| s.rss).map(|r| r.1).max();
-            row.target = Some(format!(
-                "<= 30 KiB per idle TLS connection (measured {} KiB)",
-                kib.map_or("?".into(), |k| format!("{k:.1}"))
-            ));
-            row.target_met = kib.map(|k| k <= 30.0);
             row.kib_per_idle_conn = kib;
+            row.idle_setup_s_direct = med(direct.iter().filter_map(|s| s.setup_s));
+            row.idle_setup_s_proxied = med(proxied.iter().filter_map(|s| s.setup_s));
+            row.idle_setup_cpu_us_per_conn =
+                med(proxied.iter().filter_map(|s| s.setup_cpu_us_per_conn));
+            row.idle_cpu_window_s = Some(opts.idle_cpu_window.as_secs_f64());
+            if let Some(k) = opts.idle_keepalive {
+                let k = k.as_secs_f64().max(1.0);
+                row.idle_keepalive_s = Some(k);
+                row.idle_keepalives_per_s = Some(opts.idle_connections as f64 / k);
+            }
+            let checks = |samples: &[Sample]| {
+                NotifyCheck::merge(
+                    &samples
+                        .iter()
+                        .filter_map(|s| s.notify.as_ref())
+                        .collect::<Vec<_>>(),
+                )
+            };
+            row.idle_notify_direct = checks(direct);
+            row.idle_notify_proxied = checks(proxied);
+            let idle_dovecot = proxied.iter().filter_map(|s| s.dovecot).next_back();
+            row.dovecot_imap_processes_idle = idle_dovecot.map(|d| d.imap_processes);
+            row.dovecot_rss_idle_kib = idle_dovecot.map(|d| d.rss_kib);
+            // The issue's targets, per idle TLS connection: 16 KiB with a plain upstream, 24
+            // with a TLS one; and every sampled session still gets its notification.
+            let max_kib = match (leg, plain_upstream) {
+                (ClientLeg::Tls, true) => Some(16.0),
+                (ClientLeg::Tls, false) => Some(24.0),
+                (ClientLeg::Plain, _) => None,
+            };
+            let notified = row
+                .idle_notify_proxied
+                .as_ref()
+                .map(NotifyCheck::all_notified);
+            let measured = kib.map_or("?".into(), |k| format!("{k:.1}"));
+            match (max_kib, notified) {
+                (Some(max), Some(all)) => {
+                    row.target = Some(format!(
+                        "<= {max:.0} KiB per idle TLS connection (measured {measured} KiB), \
+                         every sampled session notified"
+                    ));
+                    row.target_met = kib.map(|k| k <= max && all);
+                }
+                (Some(max), None) => {
+                    row.target = Some(format!(
+                        "<= {max:.0} KiB per idle TLS connection (measured {measured} KiB)"
+                    ));
+                    row.target_met = kib.map(|k| k <= max);
+                }
+                (None, Some(all)) => {
+                    row.target = Some(format!(
+                        "every sampled session notified ({measured} KiB per connection)"
+                    ));
+                    row.target_met = Some(all);
+                }
+                (None, None) => {}
+            }
+            // "CPU while idle: ≈ 0", read as: under 1 % of one core for all N together.
+            row.cpu_target = Some("idle: <= 0.01 core".into());
+            row.cpu_target_met = row.imapgate_cpu_per_s.map(|c| c <= 0.01);
         }
         Scenario::Login => {
             // Latency = from the TCP connect to LOGIN's tagged OK (TLS and greeting included:
@@ -1209,15 +1583,20 @@ fn fmt_opt(x: Option<f64>, prec: usize) -> String {
 /// One line per row, for progress output.
 pub fn summary(r: &Row) -> String {
     format!(
-        "{} [{}, policies {}, upstream {}]: direct {} / proxied {} {} (ratio {})",
+        "{} [{}, policies {}, upstream {}, client {}]: direct {} / proxied {} {} (ratio {}){}",
         r.scenario,
         r.mode,
         r.policies,
         r.upstream,
+        r.client_leg,
         fmt_opt(r.direct, 1),
         fmt_opt(r.proxied, 1),
         r.unit,
-        fmt_opt(r.ratio, 3)
+        fmt_opt(r.ratio, 3),
+        match (r.imapgate_cpu_us_per_unit, r.cpu_unit) {
+            (Some(c), Some(u)) => format!(", imapgate CPU {c:.1} {u}"),
+            _ => String::new(),
+        }
     )
 }
 
@@ -1231,14 +1610,17 @@ pub fn table(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "Client leg over TLS on both paths: direct = Dovecot's implicit-TLS port, proxied = \
-         imapgate's implicit-TLS listener; 'plain' = Dovecot's plaintext port (no TLS at all)."
+        "client = the client leg, the same on both paths: tls = direct to Dovecot's \
+         implicit-TLS port, proxied through imapgate's implicit-TLS listener; plain = Dovecot's \
+         plaintext port against imapgate's plaintext listener. 'plain' column (tls rows) = \
+         Dovecot's plaintext port, no TLS at all."
     );
     let header = [
         "scenario",
         "mode",
         "policies",
         "upstream",
+        "client",
         "unit",
         "direct",
         "proxied",
@@ -1253,8 +1635,8 @@ pub fn table(report: &Report) -> String {
         "cpu/unit",
         "target",
     ];
-    // Columns 5..=15 hold numbers: right-aligned.
-    let numeric = 5..16;
+    // Columns 6..=16 hold numbers: right-aligned.
+    let numeric = 6..17;
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in &report.rows {
         let pair = |a: Option<f64>, b: Option<f64>| {
@@ -1264,12 +1646,16 @@ pub fn table(report: &Report) -> String {
                 format!("{}/{}", fmt_opt(a, 0), fmt_opt(b, 0))
             }
         };
-        let target = match (r.target_met, &r.target) {
+        let judged = |met: Option<bool>, t: &Option<String>| match (met, t) {
             (Some(true), Some(t)) => format!("ok ({t})"),
             (Some(false), Some(t)) => format!("MISSED ({t})"),
             (None, Some(t)) => format!("? ({t})"),
             _ => String::new(),
         };
+        let mut target = judged(r.target_met, &r.target);
+        if r.cpu_target.is_some() {
+            let _ = write!(target, "; cpu {}", judged(r.cpu_target_met, &r.cpu_target));
+        }
         let mut extra = String::new();
         if let Some(n) = r.not_ok.filter(|&n| n > 0) {
             let _ = write!(extra, " [{n} not OK]");
@@ -1282,6 +1668,7 @@ pub fn table(report: &Report) -> String {
             r.mode.to_string(),
             r.policies.to_string(),
             r.upstream.to_string(),
+            r.client_leg.to_string(),
             r.unit.to_string(),
             fmt_opt(r.direct, 1),
             fmt_opt(r.proxied, 1),
@@ -1294,6 +1681,8 @@ pub fn table(report: &Report) -> String {
             fmt_opt(r.added_p99_us, 0),
             fmt_opt(r.imapgate_cpu_per_s, 2),
             match (r.imapgate_cpu_us_per_unit, r.cpu_unit) {
+                // Idle figures are fractions of a µs.
+                (Some(v), Some(u)) if v < 10.0 => format!("{v:.2} {u}"),
                 (Some(v), Some(u)) => format!("{v:.0} {u}"),
                 _ => "-".into(),
             },
@@ -1329,14 +1718,46 @@ pub fn table(report: &Report) -> String {
     }
     for r in &report.rows {
         if let Some(k) = r.kib_per_idle_conn {
+            let notify = |c: &Option<NotifyCheck>| {
+                c.as_ref().map_or("-".into(), |c| {
+                    format!(
+                        "{}/{} (p50 {:.0} ms, max {:.0} ms)",
+                        c.notified, c.sampled, c.p50_ms, c.max_ms
+                    )
+                })
+            };
             let _ = writeln!(
                 out,
-                "idle [policies {}, upstream {}]: {} TLS connections in IDLE: imapgate RSS {} -> {} KiB = {k:.1} KiB per connection",
+                "idle [policies {}, upstream {}, client {}]: {} connections in IDLE: imapgate RSS \
+                 {} -> {} KiB = {k:.1} KiB per connection; set up in {} s direct / {} s proxied \
+                 (imapgate CPU {} µs per session); imapgate CPU with all idle: {} cores over {} s \
+                 = {} µs per connection per minute ({}); notified direct {}, proxied {}; \
+                 Dovecot meanwhile: {} imap processes, {} MiB resident",
                 r.policies,
                 r.upstream,
+                r.client_leg,
                 r.idle_connections.unwrap_or(0),
                 r.rss_before_kib.unwrap_or(0),
                 r.rss_idle_kib.unwrap_or(0),
+                fmt_opt(r.idle_setup_s_direct, 1),
+                fmt_opt(r.idle_setup_s_proxied, 1),
+                fmt_opt(r.idle_setup_cpu_us_per_conn, 0),
+                fmt_opt(r.imapgate_cpu_per_s, 4),
+                fmt_opt(r.idle_cpu_window_s, 0),
+                fmt_opt(r.imapgate_cpu_us_per_unit, 2),
+                match (r.idle_keepalive_s, r.idle_keepalives_per_s) {
+                    (Some(k), Some(rate)) => format!(
+                        "Dovecot's IDLE keepalive every {k:.0} s, all sessions at once: \
+                         {rate:.1} a second on average"
+                    ),
+                    _ => "no traffic: Dovecot's IDLE keepalive off".into(),
+                },
+                notify(&r.idle_notify_direct),
+                notify(&r.idle_notify_proxied),
+                r.dovecot_imap_processes_idle
+                    .map_or("?".into(), |n| n.to_string()),
+                r.dovecot_rss_idle_kib
+                    .map_or("?".into(), |k| format!("{:.0}", k as f64 / 1024.0)),
             );
         }
         if let (Some(d), Some(p)) = (&r.p50_us_by_kind_direct, &r.p50_us_by_kind_proxied) {
@@ -1346,11 +1767,12 @@ pub fn table(report: &Report) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{} [{}, policies {}, upstream {}]: p50 µs direct/proxied by {}: {}",
+                "{} [{}, policies {}, upstream {}, client {}]: p50 µs direct/proxied by {}: {}",
                 r.scenario,
                 r.mode,
                 r.policies,
                 r.upstream,
+                r.client_leg,
                 if r.scenario == Scenario::Login.name() {
                     "phase"
                 } else {
@@ -1366,11 +1788,12 @@ pub fn table(report: &Report) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{} [{}, policies {}, upstream {}]: p99 µs direct/proxied by command: {}",
+                "{} [{}, policies {}, upstream {}, client {}]: p99 µs direct/proxied by command: {}",
                 r.scenario,
                 r.mode,
                 r.policies,
                 r.upstream,
+                r.client_leg,
                 kinds.join(", ")
             );
         }
@@ -1395,7 +1818,9 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         out,
         "gate cpu = imapgate CPU seconds per wall second during the proxied runs (2 = both cores); \
-         cpu/unit = imapgate CPU time per MiB, per command or per login."
+         cpu/unit = imapgate CPU time (utime + stime from /proc) per MiB, per command, per \
+         login, per APPEND (imaplib: its login included) or, for idle, per connection per minute \
+         with every connection idle (gate cpu there: over that window only)."
     );
     if report.rows.iter().any(|r| r.scenario == "ratelimit") {
         let _ = writeln!(

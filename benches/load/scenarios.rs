@@ -117,13 +117,16 @@ async fn clear_mailbox(dc_plain: SocketAddr, user_index: usize) -> Result<(), St
 
 fn exists(rs: &[client::Response]) -> usize {
     rs.iter()
-        .filter_map(|r| {
-            let t = std::str::from_utf8(&r.text).ok()?;
-            let n = t.strip_prefix("* ")?.strip_suffix(" EXISTS")?;
-            n.parse().ok()
-        })
+        .filter_map(|r| exists_in(&r.text))
         .next_back()
         .unwrap_or(0)
+}
+
+/// `n` of an untagged `* n EXISTS`.
+fn exists_in(text: &[u8]) -> Option<usize> {
+    let t = std::str::from_utf8(text).ok()?;
+    let n = t.strip_prefix("* ")?.strip_suffix(" EXISTS")?;
+    n.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -631,28 +634,108 @@ async fn verify_and_clear(
 // idle
 // ---------------------------------------------------------------------------------------
 
+/// Logs every idle user in once (straight on Dovecot, plain) and selects its INBOX, so that
+/// no measured path pays for creating the Maildirs and their indexes.
+pub async fn seed_idle(dc_plain: SocketAddr, n: usize) -> Result<(), String> {
+    let mut set: JoinSet<Result<(), String>> = JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < n && set.len() < IDLE_SETUP_CONCURRENCY {
+            let user = env::IDLE_FIRST_USER + next;
+            set.spawn(async move {
+                let mut c = login_plain(dc_plain, user).await?;
+                c.ok("s", "SELECT INBOX").await?;
+                c.logout().await;
+                Ok(())
+            });
+            next += 1;
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
+                set.abort_all();
+                return Err(format!("creating the idle users' mailboxes: {e}"));
+            }
+            Some(Err(e)) => return Err(format!("idle seed task: {e}")),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// What the idle scenario is told.
+#[derive(Clone, Debug)]
+pub struct IdleParams {
+    /// Sessions held in IDLE.
+    pub n: usize,
+    /// How long to keep them after the readings (for an external profiler).
+    pub hold: Duration,
+    /// How long imapgate's CPU time is read with every session idle.
+    pub cpu_window: Duration,
+    /// Sessions spot-checked for their IDLE notification (at most `n`).
+    pub notify_sample: usize,
+    /// Dovecot's plain port: where the spot-check appends.
+    pub dc_plain: SocketAddr,
+    /// Dovecot's master process, for its footprint while the sessions are idle.
+    pub dc_pid: u32,
+    /// Whether Dovecot hibernates IDLE sessions (then the readings wait until it has).
+    pub hibernation: bool,
+    /// Varies the sample from run to run.
+    pub run: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct IdleResult {
     /// Connections per second to get from TCP connect to IDLE (TLS, LOGIN, SELECT, IDLE).
     pub setup_per_s: f64,
+    /// From the first connect until all `n` sessions were in IDLE.
+    pub setup: Duration,
+    /// imapgate's CPU time during the setup.
+    pub setup_cpu: Option<Duration>,
     pub rss_before_kib: u64,
     pub rss_idle_kib: u64,
     pub rss_after_kib: u64,
     pub kib_per_conn: f64,
+    /// imapgate's CPU time over `idle_window`, every session idle.
+    pub idle_cpu: Option<Duration>,
+    pub idle_window: Duration,
+    pub notify: Option<crate::load::NotifyCheck>,
+    /// Dovecot with every session idle (and hibernated, when it hibernates them).
+    pub dovecot: env::DovecotFootprint,
 }
 
 /// Concurrent connection setups during the idle scenario.
 const IDLE_SETUP_CONCURRENCY: usize = 32;
 
-async fn idle_one(addr: SocketAddr, tls: Arc<ClientConfig>, i: usize) -> Result<AnyConn, String> {
-    let user = env::IDLE_FIRST_USER + i % env::IDLE_USERS;
-    let mut c = login(addr, Some(&tls), user, 2048).await?;
-    c.ok("s", "SELECT INBOX").await?;
+/// How long a sampled session may take to show the message appended for it: past
+/// Dovecot's `mailbox_idle_check_interval` (30 s), the polling a session falls back to when
+/// it cannot watch its mailbox (no inotify instance left).
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// One session in IDLE: its connection, its user, and the message count SELECT reported.
+struct IdleConn {
+    conn: AnyConn,
+    user: usize,
+    exists: usize,
+}
+
+async fn idle_one(
+    addr: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
+    i: usize,
+) -> Result<IdleConn, String> {
+    let user = env::IDLE_FIRST_USER + i;
+    let mut c = login(addr, tls.as_ref(), user, 2048).await?;
+    let rs = c.ok("s", "SELECT INBOX").await?;
+    let exists = exists(&rs);
     c.send(b"i IDLE\r\n").await?;
     for _ in 0..100 {
         let r = c.read_response(false).await?;
         if r.is_continuation() {
-            return Ok(c);
+            return Ok(IdleConn {
+                conn: c,
+                user,
+                exists,
+            });
         }
         if r.tagged(b"i").is_some() {
             return Err(format!("IDLE refused: {}", r.lossy()));
@@ -670,26 +753,31 @@ async fn idle_done(mut c: AnyConn) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `n` TLS connections that log in, select INBOX and sit in IDLE; with `gate`, reads
-/// imapgate's RSS before (after one warm-up connection) and with all of them idle.
+/// Opens `p.n` connections (TLS when `tls` is given) that log in, select their INBOX and sit
+/// in IDLE. With `gate`, reads imapgate's RSS before (after one warm-up connection) and with
+/// all of them idle, its CPU time during the setup and over `p.cpu_window` of idleness.
+/// Then appends a message for a sample of the sessions, straight on Dovecot, and waits for
+/// each of them to show it; then ends every IDLE and logs out.
 pub async fn idle(
     addr: SocketAddr,
-    tls: &Arc<ClientConfig>,
-    n: usize,
+    tls: Option<&Arc<ClientConfig>>,
     gate: Option<&Gate>,
-    hold: Duration,
+    p: &IdleParams,
 ) -> Result<IdleResult, String> {
-    idle_done(idle_one(addr, tls.clone(), 0).await?).await?;
+    let n = p.n.max(1);
+    let warm = idle_one(addr, tls.cloned(), 0).await?;
+    idle_done(warm.conn).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before_kib = gate.map_or(0, Gate::rss_kib);
 
+    let cpu0 = gate.map(Gate::cpu);
     let start = Instant::now();
-    let mut conns: Vec<AnyConn> = Vec::with_capacity(n);
-    let mut set: JoinSet<Result<AnyConn, String>> = JoinSet::new();
+    let mut conns: Vec<IdleConn> = Vec::with_capacity(n);
+    let mut set: JoinSet<Result<IdleConn, String>> = JoinSet::new();
     let mut launched = 0;
     while conns.len() < n {
         while launched < n && set.len() < IDLE_SETUP_CONCURRENCY {
-            let tls = tls.clone();
+            let tls = tls.cloned();
             let i = launched;
             set.spawn(async move { idle_one(addr, tls, i).await });
             launched += 1;
@@ -705,18 +793,41 @@ pub async fn idle(
         }
     }
     let setup = start.elapsed();
+    let setup_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().since(&c0));
+
+    // Dovecot moves each session to imap-hibernate a moment after its IDLE: wait until its
+    // imap processes stop going away, so that every later reading sees the steady state.
+    let dovecot = if p.hibernation {
+        settle_dovecot(p.dc_pid).await
+    } else {
+        env::dovecot_footprint(p.dc_pid)
+    };
     // Let imapgate's buffers settle; take the highest of a few readings.
     let mut rss_idle_kib = 0;
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         rss_idle_kib = rss_idle_kib.max(gate.map_or(0, Gate::rss_kib));
     }
-    if gate.is_some() && !hold.is_zero() {
+    let cpu0 = gate.map(Gate::cpu);
+    let t0 = Instant::now();
+    tokio::time::sleep(p.cpu_window).await;
+    let idle_window = t0.elapsed();
+    let idle_cpu = gate.zip(cpu0).map(|(g, c0)| g.cpu().since(&c0));
+    if gate.is_some() && !p.hold.is_zero() {
         eprintln!(
-            "load: idle: {n} connections in IDLE now (RSS read: {rss_idle_kib} KiB); holding {hold:?}"
+            "load: idle: {n} connections in IDLE now (RSS read: {rss_idle_kib} KiB); holding {:?}",
+            p.hold
         );
-        tokio::time::sleep(hold.min(Duration::from_secs(3600))).await;
+        tokio::time::sleep(p.hold.min(Duration::from_secs(3600))).await;
     }
+
+    let notify = if p.notify_sample > 0 {
+        let (back, check) = notify_check(conns, p).await?;
+        conns = back;
+        Some(check)
+    } else {
+        None
+    };
 
     let mut set: JoinSet<Result<(), String>> = JoinSet::new();
     let mut done = 0;
@@ -724,7 +835,7 @@ pub async fn idle(
     loop {
         while set.len() < IDLE_SETUP_CONCURRENCY * 4 {
             let Some(c) = pending.next() else { break };
-            set.spawn(idle_done(c));
+            set.spawn(idle_done(c.conn));
         }
         match set.join_next().await {
             Some(Ok(Ok(()))) => done += 1,
@@ -740,11 +851,149 @@ pub async fn idle(
     let rss_after_kib = gate.map_or(0, Gate::rss_kib);
     Ok(IdleResult {
         setup_per_s: n as f64 / setup.as_secs_f64().max(1e-6),
+        setup,
+        setup_cpu,
         rss_before_kib,
         rss_idle_kib,
         rss_after_kib,
-        kib_per_conn: rss_idle_kib.saturating_sub(rss_before_kib) as f64 / n.max(1) as f64,
+        kib_per_conn: rss_idle_kib.saturating_sub(rss_before_kib) as f64 / n as f64,
+        idle_cpu,
+        idle_window,
+        notify,
+        dovecot,
     })
+}
+
+/// Dovecot's footprint once its `imap` processes have stopped going away (every session
+/// hibernated, or as many as it could: three equal readings in a row), within 60 s.
+async fn settle_dovecot(dc_pid: u32) -> env::DovecotFootprint {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = env::dovecot_footprint(dc_pid);
+    let mut same = 0;
+    while last.imap_processes > 0 && same < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = env::dovecot_footprint(dc_pid);
+        same = if now.imap_processes == last.imap_processes {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    last
+}
+
+/// Picks `p.notify_sample` sessions (a different spread each run), appends a message to each
+/// one's INBOX straight on Dovecot's plain port, and reads each session until it shows
+/// `* n EXISTS` beyond what its SELECT reported, within [`NOTIFY_TIMEOUT`]. Every session
+/// comes back, still in IDLE.
+async fn notify_check(
+    conns: Vec<IdleConn>,
+    p: &IdleParams,
+) -> Result<(Vec<IdleConn>, crate::load::NotifyCheck), String> {
+    let n = conns.len();
+    let sample = sample_indices(n, p.notify_sample.min(n), u64::from(p.run));
+    let mut slots: Vec<Option<IdleConn>> = conns.into_iter().map(Some).collect();
+    let mut queue: VecDeque<(usize, IdleConn)> = sample
+        .iter()
+        .filter_map(|&i| Some((i, slots[i].take()?)))
+        .collect();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut set: JoinSet<Result<Checked, String>> = JoinSet::new();
+    loop {
+        while set.len() < NOTIFY_CONCURRENCY {
+            let Some((i, s)) = queue.pop_front() else {
+                break;
+            };
+            let (dc_plain, run) = (p.dc_plain, p.run);
+            set.spawn(async move {
+                let (s, took) = notify_one(s, dc_plain, run).await?;
+                Ok((i, s, took))
+            });
+        }
+        match set.join_next().await {
+            Some(Ok(Ok((i, s, took)))) => {
+                if let Some(t) = took {
+                    latencies.push(t.as_secs_f64() * 1000.0);
+                }
+                slots[i] = Some(s);
+            }
+            Some(Ok(Err(e))) => {
+                set.abort_all();
+                return Err(format!("IDLE notification check: {e}"));
+            }
+            Some(Err(e)) => return Err(format!("IDLE notification task: {e}")),
+            None => break,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let check = crate::load::NotifyCheck {
+        sampled: sample.len(),
+        notified: latencies.len(),
+        p50_ms: median(&latencies),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+    };
+    Ok((slots.into_iter().flatten().collect(), check))
+}
+
+/// A sampled session's index, the session, and how long its notification took (`None`: it
+/// did not come).
+type Checked = (usize, IdleConn, Option<Duration>);
+
+/// Sessions checked at once by [`notify_check`].
+const NOTIFY_CONCURRENCY: usize = 16;
+
+/// Appends one message for session `s`'s user, straight on Dovecot, then reads the session
+/// until it shows more messages than its SELECT did. The time from sending the APPEND to
+/// reading that EXISTS, or `None` when it did not come within [`NOTIFY_TIMEOUT`].
+async fn notify_one(
+    mut s: IdleConn,
+    dc_plain: SocketAddr,
+    run: u32,
+) -> Result<(IdleConn, Option<Duration>), String> {
+    let mut c = login_plain(dc_plain, s.user).await?;
+    let sent = Instant::now();
+    c.append("n", "INBOX", &message(600, 3000 + run)).await?;
+    c.logout().await;
+    let seen = tokio::time::timeout_at((sent + NOTIFY_TIMEOUT).into(), async {
+        loop {
+            let r = s.conn.read_response(false).await?;
+            if exists_in(&r.text).is_some_and(|k| k > s.exists) {
+                return Ok::<_, String>(());
+            }
+        }
+    })
+    .await;
+    match seen {
+        Ok(Ok(())) => {
+            let took = sent.elapsed();
+            s.exists += 1;
+            Ok((s, Some(took)))
+        }
+        Ok(Err(e)) => Err(format!("the session of user{}: {e}", s.user)),
+        Err(_) => Ok((s, None)),
+    }
+}
+
+/// `k` distinct indices below `n`, spread by `seed` (a partial Fisher-Yates shuffle driven
+/// by splitmix64: no dependency, and the same sample for the same seed).
+fn sample_indices(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut all: Vec<usize> = (0..n).collect();
+    let k = k.min(n);
+    for i in 0..k {
+        let j = i + (next() % (n - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    all.truncate(k);
+    all
 }
 
 // ---------------------------------------------------------------------------------------
@@ -756,8 +1005,11 @@ pub async fn idle(
 const IMAPLIB_SCRIPT: &str = r#"
 import imaplib, json, ssl, sys, time
 host, port, ca, user, pw, count, size = sys.argv[1:8]
-ctx = ssl.create_default_context(cafile=ca)
-m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx, timeout=30)
+if ca == "-":
+    m = imaplib.IMAP4(host, int(port), timeout=30)
+else:
+    ctx = ssl.create_default_context(cafile=ca)
+    m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx, timeout=30)
 m.login(user, pw)
 body = b"x" * int(size)
 msg = b"From: imaplib@example.org\r\nSubject: imaplib\r\n\r\n" + body + b"\r\n"
@@ -788,11 +1040,12 @@ pub fn python3() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `count` APPENDs of a small message by python3's imaplib over TLS to `addr`.
+/// `count` APPENDs of a small message by python3's imaplib to `addr`: over TLS checked with
+/// the CA at `ca`, or in plaintext when `ca` is `None`.
 pub async fn imaplib_append(
     python: &std::path::Path,
     addr: SocketAddr,
-    ca: &std::path::Path,
+    ca: Option<&std::path::Path>,
     count: usize,
 ) -> Result<ImaplibResult, String> {
     let (u, p) = user(env::IMAPLIB_USER);
@@ -803,7 +1056,7 @@ pub async fn imaplib_append(
             .arg(IMAPLIB_SCRIPT)
             .arg(addr.ip().to_string())
             .arg(addr.port().to_string())
-            .arg(ca)
+            .arg(ca.map_or(std::ffi::OsStr::new("-"), |p| p.as_os_str()))
             .arg(&u)
             .arg(&p)
             .arg(count.to_string())

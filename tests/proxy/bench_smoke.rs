@@ -7,14 +7,19 @@ use std::time::Duration;
 
 use crate::load;
 use load::env::Upstream;
-use load::{Options, Policies, Scenario};
+use load::{ClientLeg, Options, Policies, Scenario};
 
 fn tiny() -> Options {
     Options {
         rounds: 1,
         duration: Duration::from_millis(300),
-        idle_connections: 8,
+        // With Dovecot's hibernation (the harness's default): every session moves to
+        // imap-hibernate, and a sample must still see the message appended for it.
+        idle_connections: 20,
         idle_rounds: 1,
+        idle_cpu_window: Duration::from_millis(300),
+        idle_notify_sample: 5,
+        idle_hibernation: Some(Duration::from_secs(1)),
         fetch_clients: 2,
         fetch_size: 64 * 1024,
         fetch_messages: 2,
@@ -39,6 +44,7 @@ fn load_harness_produces_figures_for_every_scenario() {
     let opts = Options {
         upstreams: vec![Upstream::Plain, Upstream::Tls],
         policies: vec![Policies::None, Policies::Shipped],
+        client_legs: vec![ClientLeg::Tls, ClientLeg::Plain],
         // The ratelimit scenario has imapgates of its own: its own test below.
         scenarios: Scenario::ALL
             .into_iter()
@@ -52,8 +58,8 @@ fn load_harness_produces_figures_for_every_scenario() {
         .build()
         .expect("runtime");
     let report = runtime
-        .block_on(async { tokio::time::timeout(Duration::from_secs(240), load::run(&opts)).await })
-        .expect("the harness finishes within 4 minutes")
+        .block_on(async { tokio::time::timeout(Duration::from_secs(300), load::run(&opts)).await })
+        .expect("the harness finishes within 5 minutes")
         .unwrap_or_else(|e| panic!("the harness failed: {e}"));
     runtime.shutdown_timeout(Duration::from_secs(2));
 
@@ -71,16 +77,31 @@ fn load_harness_produces_figures_for_every_scenario() {
             .filter(|r| r.scenario == scenario.name())
             .collect();
         // The login scenario also measures imapgate routing: per upstream and routed policy,
-        // without and with warm upstream connections.
+        // without and with warm upstream connections. The plaintext client leg: through the
+        // imapgates with a plain upstream and without the shipped policies.
         let routed_modes = 1 + usize::from(opts.routed_warm > 0);
-        let expected = match scenario {
-            Scenario::Login => {
-                variants + opts.upstreams.len() * opts.routed_policies.len() * routed_modes
-            }
+        let routed = opts.routed_policies.len() * routed_modes;
+        let expected_tls = match scenario {
+            Scenario::Login => variants + opts.upstreams.len() * routed,
             _ => variants,
         };
-        assert_eq!(rows.len(), expected, "{scenario:?}\n{table}");
+        let expected_plain = match scenario {
+            Scenario::Login => 1 + routed,
+            _ => 1,
+        };
+        let count = |leg: &str| rows.iter().filter(|r| r.client_leg == leg).count();
+        assert_eq!(count("tls"), expected_tls, "{scenario:?}\n{table}");
+        assert_eq!(count("plain"), expected_plain, "{scenario:?}\n{table}");
+        for r in rows.iter().filter(|r| r.client_leg == "plain") {
+            assert_eq!((r.upstream, r.direct_plain), ("plain", None), "{r:?}");
+            assert_ne!(r.policies, "shipped", "{r:?}");
+        }
         for r in rows {
+            // imapgate's CPU per unit of work, for every scenario.
+            assert!(
+                r.imapgate_cpu_us_per_unit.is_some() && r.cpu_unit.is_some(),
+                "{r:?}"
+            );
             let (d, p) = (r.direct.unwrap_or(0.0), r.proxied.unwrap_or(0.0));
             assert!(
                 d > 0.0 && p > 0.0,
@@ -93,7 +114,7 @@ fn load_harness_produces_figures_for_every_scenario() {
                         r.p50_us_proxied.is_some() && r.p99_us_direct.is_some(),
                         "{r:?}"
                     );
-                    assert!(r.direct_plain.is_some(), "{r:?}");
+                    assert!(r.client_leg == "plain" || r.direct_plain.is_some(), "{r:?}");
                     assert_eq!(r.not_ok, Some(0), "a command was refused: {r:?}");
                 }
                 Scenario::Append => {
@@ -102,6 +123,17 @@ fn load_harness_produces_figures_for_every_scenario() {
                 Scenario::Idle => {
                     assert!(r.kib_per_idle_conn.is_some(), "{r:?}");
                     assert!(r.rss_idle_kib.unwrap_or(0) > 0, "{r:?}");
+                    assert!(
+                        r.idle_setup_s_direct.is_some() && r.idle_setup_s_proxied.is_some(),
+                        "{r:?}"
+                    );
+                    assert!(r.dovecot_imap_processes_idle.is_some(), "{r:?}");
+                    // Every sampled session saw its message, on both paths.
+                    for check in [&r.idle_notify_direct, &r.idle_notify_proxied] {
+                        let check = check.as_ref().expect("a notification check");
+                        assert_eq!(check.sampled, opts.idle_notify_sample, "{r:?}");
+                        assert_eq!(check.notified, check.sampled, "{r:?}\n{table}");
+                    }
                 }
                 Scenario::Login => {
                     assert!(

@@ -82,6 +82,14 @@ pub struct DovecotOptions {
     /// Also accept `AUTHENTICATE XOAUTH2` and `OAUTHBEARER`, checking tokens with an
     /// `oauth2` passdb (see [`Oauth2Options`]); passwords keep working for PLAIN and LOGIN.
     pub oauth2: Option<Oauth2Options>,
+    /// IDLE hibernation (`imap_hibernate_timeout`): a session that has been in IDLE this long
+    /// leaves its `imap` process for the one `imap-hibernate` process, which holds every such
+    /// session and wakes it (in a new `imap` process) when the client sends something or the
+    /// mailbox changes. Thousands of idle sessions then cost Dovecot a few KiB each instead of
+    /// a process each. Each hibernated session keeps one inotify instance, counted against the
+    /// mail user: beyond `fs.inotify.max_user_instances` (128 by default) sessions stay in
+    /// their processes. For load tests; `None` (the default) keeps one process per session.
+    pub idle_hibernation: Option<Duration>,
 }
 
 /// Dovecot 2.3's `oauth2` passdb, asking a token introspection endpoint (RFC 7662, e.g.
@@ -131,6 +139,22 @@ pub const SHARED_IMAP_PROCESSES: &str = "service imap {
   process_min_avail = 2
 }
 ";
+
+/// What [`DovecotOptions::idle_hibernation`] adds: the timeout, and the two sockets the
+/// sessions travel through. `imap-hibernate` runs as the internal user and hands a session
+/// back through `imap-master`, which must therefore be that user's; the `imap` processes
+/// (the mail user, with the internal group as an extra group, Dovecot's default since 2.3.1)
+/// reach `imap-hibernate` through its group.
+fn hibernation_config(after: Duration) -> String {
+    format!(
+        "imap_hibernate_timeout = {} secs\n\
+         service imap {{\n  unix_listener imap-master {{\n    \
+         user = $default_internal_user\n  }}\n}}\n\
+         service imap-hibernate {{\n  unix_listener imap-hibernate {{\n    \
+         mode = 0660\n    group = $default_internal_group\n  }}\n}}\n",
+        after.as_secs().max(1)
+    )
+}
 
 /// The name and password of generated user `i` (see [`DovecotOptions::generated_users`]).
 pub fn generated_user(i: usize) -> (String, String) {
@@ -311,6 +335,10 @@ impl Dovecot {
             set_mode(&settings, 0o644);
             config.push_str("\n# --- oauth2 ---\n");
             config.push_str(&Oauth2Options::config(&settings));
+        }
+        if let Some(after) = opts.idle_hibernation {
+            config.push_str("\n# --- idle_hibernation ---\n");
+            config.push_str(&hibernation_config(after));
         }
         if !opts.extra_config.is_empty() {
             config.push_str("\n# --- extra_config ---\n");
