@@ -360,7 +360,9 @@ impl SessionHandle {
             }
         };
         let limit = self.registry.inner.limits.per_user;
-        match cluster.register(self.id, &user_key, limit).await {
+        // Boxed: the Redis call's state is 1.7 KiB, which every session's task would carry
+        // for its whole life although it is awaited once per login.
+        match Box::pin(cluster.register(self.id, &user_key, limit)).await {
             Ok(Registration::Registered { .. }) => Ok(()),
             Ok(Registration::OverLimit { count }) => {
                 tracing::debug!(

@@ -161,7 +161,9 @@ pub struct Conversation {
     /// The rest of the current client message is dropped (its command was refused).
     pub(super) discard_client_message: bool,
     starttls: StartTls,
-    upstream_caps: Option<CapabilitySet>,
+    /// The upstream advertised BINARY (RFC 3516): decides whether `~{n}` literals are valid.
+    /// A flag rather than the list: the list was a kilobyte per idle connection.
+    upstream_binary: bool,
     user: Option<String>,
     selected: Option<String>,
     utf8: bool,
@@ -220,7 +222,7 @@ impl Conversation {
             next_seq: 0,
             discard_client_message: false,
             starttls: StartTls::No,
-            upstream_caps: None,
+            upstream_binary: false,
             user: None,
             selected: None,
             utf8: false,
@@ -615,7 +617,7 @@ impl Conversation {
     /// What the upstream offers that decides whether a command is valid.
     fn offers(&self) -> ServerOffers {
         ServerOffers {
-            binary: self.upstream_caps.as_ref().is_some_and(|c| c.has("BINARY")),
+            binary: self.upstream_binary,
         }
     }
 
@@ -1202,7 +1204,9 @@ impl Conversation {
     /// The response with its capability list filtered, if it has one.
     fn rewrite_capabilities(&mut self, response: &Response) -> Option<Bytes> {
         let mut caps = CapabilitySet::from_response(response)?;
-        let upstream = caps.clone();
+        // What the upstream itself offers, read before the list is filtered for the client.
+        let literal_minus_only = caps.has("LITERAL-") && !caps.has("LITERAL+");
+        let binary = caps.has("BINARY");
         caps.strip_unrelayable();
         if self.settings.listener_tls == ListenerTls::Starttls && !self.tls {
             caps.add("STARTTLS");
@@ -1218,11 +1222,10 @@ impl Conversation {
                 return Some(Bytes::new());
             }
         }
-        let literal_minus_only = upstream.has("LITERAL-") && !upstream.has("LITERAL+");
         let mut limits = self.client_in.limits();
         limits.nonsync_max = literal_minus_only.then_some(4096);
         self.client_in.set_limits(limits);
-        self.upstream_caps = Some(upstream);
+        self.upstream_binary = binary;
         capability::rewrite(response, &caps)?.ok().map(Bytes::from)
     }
 
