@@ -231,6 +231,32 @@ impl Framer {
         }
     }
 
+    /// How many octets of the streamed literal may bypass this framer (passed on by the caller
+    /// from socket to socket): the rest of the literal, when one is being streamed and none of
+    /// its octets are buffered here. `None` otherwise.
+    pub fn passable(&self) -> Option<u32> {
+        match self.state {
+            State::Stream { remaining } if self.buf.is_empty() => Some(remaining),
+            _ => None,
+        }
+    }
+
+    /// Accounts for `n` octets of the streamed literal that the caller passed on without
+    /// buffering them here (at most [`Framer::passable`]); the literal ends with its last octet.
+    pub fn passed(&mut self, n: u32) {
+        if let State::Stream { remaining } = self.state {
+            let n = n.min(remaining);
+            self.offset += u64::from(n);
+            self.state = if remaining == n {
+                LINE_START
+            } else {
+                State::Stream {
+                    remaining: remaining - n,
+                }
+            };
+        }
+    }
+
     /// Forgets the literal whose head was just yielded: its command was refused before the
     /// client got a `+`, so the client will not send the octets (RFC 9051 section 7.5).
     /// Call it right after the [`Frame::Text`] that announced the literal.
@@ -588,6 +614,56 @@ mod tests {
             start,
             literal,
         }
+    }
+
+    #[test]
+    fn a_streamed_literal_can_pass_around_the_framer_and_the_message_goes_on() {
+        let mut f = server();
+        let head = b"* 1 FETCH (BODY[] {100000}\r\n";
+        let (frames, err) = frame_all(&mut f, &[&head[..], &[b'x'; 10][..]].concat());
+        assert_eq!(err, None);
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(&frames[1], Frame::Chunk { bytes, last: false } if bytes.len() == 10));
+        // Nothing buffered: the rest may go from socket to socket.
+        assert_eq!(f.passable(), Some(99_990));
+        f.passed(99_985);
+        assert_eq!(f.passable(), Some(5));
+        assert_eq!(f.offset(), (head.len() + 99_995) as u64);
+        let (frames, err) = frame_all(&mut f, b"yyyyy)\r\n* 2 EXISTS\r\n");
+        assert_eq!(err, None);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Chunk {
+                    bytes: Bytes::from_static(b"yyyyy"),
+                    last: true
+                },
+                text(b")\r\n", false, None),
+                text(b"* 2 EXISTS\r\n", true, None),
+            ]
+        );
+        assert_eq!(f.passable(), None);
+    }
+
+    #[test]
+    fn only_an_unbuffered_streamed_literal_is_passable() {
+        let mut f = server();
+        let (_, err) = frame_all(&mut f, b"* 1 FETCH (BODY[] {10}\r\n01234");
+        assert_eq!(err, None);
+        // An inline literal is held whole: nothing may bypass it.
+        assert_eq!(f.passable(), None);
+        let mut f = server();
+        f.push(b"* 1 FETCH (BODY[] {100000}\r\nab");
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Text { .. }))));
+        // Two octets are buffered and must be yielded first.
+        assert_eq!(f.passable(), None);
+        assert!(
+            matches!(f.next_frame(), Ok(Some(Frame::Chunk { bytes, .. })) if &bytes[..] == b"ab")
+        );
+        assert_eq!(f.passable(), Some(99_998));
+        // Passing more than the literal holds ends it, no further.
+        f.passed(200_000);
+        assert_eq!(f.passable(), None);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub const POLICY_DECISIONS_TOTAL: &str = "imapgate_policy_decisions_total";
 pub const POLICY_ERRORS_TOTAL: &str = "imapgate_policy_errors_total";
 pub const POLICY_DURATION_SECONDS: &str = "imapgate_policy_duration_seconds";
 pub const BYTES_TOTAL: &str = "imapgate_bytes_total";
+pub const SPLICED_BYTES_TOTAL: &str = "imapgate_spliced_bytes_total";
 pub const PARSE_ERRORS_TOTAL: &str = "imapgate_parse_errors_total";
 pub const AUDIT_DROPPED_TOTAL: &str = "imapgate_audit_dropped_total";
 pub const SERIES_OVERFLOW_TOTAL: &str = "imapgate_policy_metric_overflow_total";
@@ -52,6 +53,7 @@ pub const BUILTIN_NAMES: &[(&str, bool)] = &[
     (POLICY_ERRORS_TOTAL, false),
     (POLICY_DURATION_SECONDS, true),
     (BYTES_TOTAL, false),
+    (SPLICED_BYTES_TOTAL, false),
     (PARSE_ERRORS_TOTAL, false),
     (AUDIT_DROPPED_TOTAL, false),
     (SERIES_OVERFLOW_TOTAL, false),
@@ -113,6 +115,7 @@ pub(crate) struct Builtin {
     pub policy_errors: IntCounterVec,
     pub policy_duration: HistogramVec,
     pub bytes: [IntCounter; 2],
+    pub spliced_bytes: IntCounter,
     pub parse_errors: [IntCounter; 2],
     pub audit_dropped: IntCounter,
     pub series_overflow: IntCounterVec,
@@ -220,6 +223,13 @@ impl Builtin {
             &["metric"],
         )?;
 
+        let spliced_bytes = IntCounter::new(
+            SPLICED_BYTES_TOTAL,
+            "Bytes of response literals passed from the upstream's socket to the client's with \
+             splice(2), never copied through imapgate (both legs plain TCP, Linux); part of \
+             imapgate_bytes_total{direction=\"upstream_to_client\"}.",
+        )?;
+        registry.register(Box::new(spliced_bytes.clone()))?;
         let desync = IntCounter::new(
             DESYNC_TOTAL,
             "Sessions closed because the upstream answered a command imapgate never forwarded \
@@ -318,6 +328,7 @@ impl Builtin {
             audit_dropped,
             series_overflow,
             desync,
+            spliced_bytes,
             responses_hidden,
             upstream_up,
             upstream_probe_failures,

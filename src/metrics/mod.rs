@@ -229,6 +229,11 @@ impl Metrics {
         self.inner.builtin.sessions_kicked.inc_by(n as u64);
     }
 
+    /// Bytes passed socket to socket with splice(2) (also counted by [`Metrics::bytes`]).
+    pub fn spliced(&self, n: u64) {
+        self.inner.builtin.spliced_bytes.inc_by(n);
+    }
+
     pub fn desync(&self) {
         self.inner.builtin.desync.inc();
     }

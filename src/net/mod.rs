@@ -1,7 +1,8 @@
 //! Networking: listeners, TLS and the upstream connection.
 //!
 //! [`stream::Stream`] hides whether a socket is plain or TLS so that the session code is
-//! written once; [`tls`] builds the rustls configurations from the config file, and
+//! written once, and [`legs`] splits one into the halves a session polls together; `splice`
+//! moves a streamed literal from one plain socket to the other without copying it (Linux); [`tls`] builds the rustls configurations from the config file, and
 //! [`certs`] chooses the client leg's certificate by SNI and swaps certificates on reload;
 //! [`upstream`] opens the connection to the IMAP server, TLS and STARTTLS included;
 //! [`health`] probes every upstream and keeps the state routing, policies and `/healthz` read;
@@ -13,7 +14,10 @@
 pub mod certs;
 pub mod health;
 pub mod http;
+pub mod legs;
 pub mod proxy_protocol;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

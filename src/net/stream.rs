@@ -3,8 +3,6 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -112,85 +110,6 @@ impl AsyncRead for Stream {
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
-    }
-}
-
-/// The client leg of a session: a [`Stream`] that acknowledges at once (see [`quickack`])
-/// what a Nagle-bound client sent when the client may be holding more back: when the bytes
-/// read stop inside a line, or when the conversation was inside a message (a literal whose
-/// closing CRLF the client writes separately). Between whole pipelined commands it spares the
-/// system call (it was a third of all of imapgate's system calls in the small-command
-/// benchmark, one per read of either leg).
-#[derive(Debug)]
-pub struct ClientLeg {
-    stream: Stream,
-    mid_message: Arc<AtomicBool>,
-}
-
-impl ClientLeg {
-    /// The leg, and the switch its owner sets from what the conversation says after framing
-    /// each read: whether the client is in the middle of a message. (The read half of a split
-    /// stream cannot be reached, so the switch is shared.)
-    pub fn new(stream: Stream) -> (ClientLeg, Arc<AtomicBool>) {
-        let mid_message = Arc::new(AtomicBool::new(true));
-        let leg = ClientLeg {
-            stream,
-            mid_message: mid_message.clone(),
-        };
-        (leg, mid_message)
-    }
-
-    pub fn into_inner(self) -> Stream {
-        self.stream
-    }
-}
-
-impl AsyncRead for ClientLeg {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(())))
-            && buf.filled().len() > before
-            && (this.mid_message.load(Ordering::Relaxed) || buf.filled().last() != Some(&b'\n'))
-        {
-            quickack(this.stream.tcp());
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for ClientLeg {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod accept;
 mod judge;
 mod modes;
 pub mod outbox;
+mod passthrough;
 pub mod pending;
 pub mod prelogin;
 pub mod registry;

@@ -9,17 +9,18 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 
 use super::outbox::Outbox;
+use super::passthrough::{Passthrough, UpstreamInput};
 use super::prelogin::Responder;
 use super::registry::{Registry, SessionHandle};
 use super::route;
@@ -35,8 +36,8 @@ use crate::metrics::{
 };
 use crate::net::Stream;
 use crate::net::health::UpstreamHealth;
+use crate::net::legs::{self, LegReader, LegWriter};
 use crate::net::proxy_protocol::HeaderError;
-use crate::net::stream::ClientLeg;
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{ClientAddrs, Opened, Target, UpstreamError};
 use crate::policy::{ConnInfo, Decision, Hook, Policies};
@@ -283,6 +284,10 @@ enum Io {
     UpstreamWrote(io::Result<usize>),
     ClientFlushed(io::Result<()>),
     UpstreamFlushed(io::Result<()>),
+    /// Octets of a response literal moved from the upstream's socket into the pipe.
+    UpstreamSpliced(io::Result<usize>),
+    /// Octets moved from the pipe into the client's socket.
+    ClientSpliced(io::Result<usize>),
     Timeout,
     Shutdown,
     HoldDue,
@@ -293,11 +298,11 @@ enum Io {
 
 impl Driver {
     async fn run(mut self: Box<Self>, client: Stream, leg: Leg) -> Result<(), SessionError> {
-        let (client, mut mid_message) = ClientLeg::new(client);
-        let (mut cr, mut cw) = tokio::io::split(client);
+        let mut mid_message = Arc::new(AtomicBool::new(true));
+        let (mut cr, mut cw) = legs::split(client, Some(mid_message.clone()));
         let (mut ur, mut uw, mut standin) = match leg {
             Leg::Socket(stream) => {
-                let (r, w) = tokio::io::split(stream);
+                let (r, w) = legs::split(stream, None);
                 (Some(r), Some(w), None)
             }
             Leg::Standin(responder) => (None, None, Some(responder)),
@@ -311,6 +316,7 @@ impl Driver {
         let mut shutdown_seen = *self.shutdown.borrow();
         let mut kicked = false;
         let mut hook: Option<PendingHook> = None;
+        let mut passthrough = Passthrough::default();
         // Registered once, not on every round of the loop: activity only moves the deadline
         // later, so the timer is checked (and moved) when it fires.
         let idle = tokio::time::sleep_until(self.deadline());
@@ -328,7 +334,7 @@ impl Driver {
                 // it is done instead of sizing every session's task for its whole life.
                 && let Some(stream) = Box::pin(self.stand_in(responder)).await
             {
-                let (r, w) = tokio::io::split(stream);
+                let (r, w) = legs::split(stream, None);
                 (ur, uw, standin) = (Some(r), Some(w), None);
             }
             self.report_events();
@@ -342,15 +348,14 @@ impl Driver {
             while let Some(control) = self.conv.take_control() {
                 match control {
                     Control::StartTls => {
-                        flush_all(&mut cw, &mut self.conv.to_client)
+                        flush_all(&mut cw, &mut self.conv.to_client, &mut passthrough)
                             .await
                             .map_err(SessionError::Client)?;
-                        let stream = cr.unsplit(cw).into_inner();
+                        let stream = legs::unsplit(cr, cw).map_err(SessionError::Client)?;
                         let stream = Box::pin(self.start_tls(stream)).await?;
                         self.conv.client_sni(stream.sni());
-                        let client;
-                        (client, mid_message) = ClientLeg::new(stream);
-                        (cr, cw) = tokio::io::split(client);
+                        mid_message = Arc::new(AtomicBool::new(true));
+                        (cr, cw) = legs::split(stream, Some(mid_message.clone()));
                         self.conv.client_tls_established();
                     }
                     Control::ShutdownUpstreamWrite => {
@@ -360,16 +365,18 @@ impl Driver {
                             self.finish();
                             return Ok(());
                         };
-                        flush_all(uw, &mut self.conv.to_upstream)
+                        flush_all(uw, &mut self.conv.to_upstream, &mut Passthrough::default())
                             .await
                             .map_err(SessionError::UpstreamIo)?;
                         let _ = uw.shutdown().await;
                     }
                     Control::Close { flush } => {
                         if flush {
-                            let _ =
-                                timeout(CLOSE_FLUSH, flush_all(&mut cw, &mut self.conv.to_client))
-                                    .await;
+                            let _ = timeout(
+                                CLOSE_FLUSH,
+                                flush_all(&mut cw, &mut self.conv.to_client, &mut passthrough),
+                            )
+                            .await;
                         }
                         let _ = timeout(CLOSE_FLUSH, cw.shutdown()).await;
                         if let Some(uw) = uw.as_mut() {
@@ -391,6 +398,10 @@ impl Driver {
             }
             let want_client = client_open && self.conv.wants_client_input();
             let want_upstream = upstream_open && ur.is_some() && self.conv.wants_upstream_input();
+            let both_plain = cw.tcp().is_some() && ur.as_ref().is_some_and(|r| r.tcp().is_some());
+            let upstream_input =
+                passthrough.next_input(self.conv.upstream_passthrough(), both_plain);
+            let held = passthrough.held();
             let io = {
                 let conv = &mut self.conv;
                 let parts = conv_parts(conv);
@@ -398,13 +409,15 @@ impl Driver {
                 let upstream_pending = uw.is_some() && !parts.to_upstream.is_empty();
                 tokio::select! {
                     r = read_into(&mut cr, parts.client_buf, client_read.0), if want_client => Io::ClientRead(r),
-                    r = read_leg(&mut ur, parts.upstream_buf, upstream_read.0), if want_upstream => Io::UpstreamRead(r),
-                    r = write_or_flush(&mut cw, parts.to_client), if client_pending || client_needs_flush => match r {
+                    r = upstream_in(&mut ur, parts.upstream_buf, upstream_read.0, &passthrough, upstream_input),
+                        if want_upstream && upstream_input != UpstreamInput::Wait => r,
+                    r = client_out(&mut cw, parts.to_client, &passthrough), if held > 0 || client_pending || client_needs_flush => match r {
                         Written::Wrote(r) => Io::ClientWrote(r),
                         Written::Flushed(r) => Io::ClientFlushed(r),
+                        Written::Spliced(r) => Io::ClientSpliced(r),
                     },
                     r = write_leg(&mut uw, parts.to_upstream), if upstream_pending || upstream_needs_flush => match r {
-                        Written::Wrote(r) => Io::UpstreamWrote(r),
+                        Written::Wrote(r) | Written::Spliced(r) => Io::UpstreamWrote(r),
                         Written::Flushed(r) => Io::UpstreamFlushed(r),
                     },
                     () = &mut idle => Io::Timeout,
@@ -427,7 +440,22 @@ impl Driver {
                     self.last_client_activity = Instant::now();
                     self.conv.client_input();
                 }
-                Io::UpstreamRead(Ok(0)) | Io::UpstreamRead(Err(_)) => {
+                Io::UpstreamSpliced(Ok(n)) if n > 0 => {
+                    passthrough.filled(n);
+                    // n <= the literal's remaining length, a u32.
+                    self.conv
+                        .upstream_passed(u32::try_from(n).unwrap_or(u32::MAX));
+                    self.session.count_out(n);
+                    self.shared
+                        .metrics
+                        .bytes(MetricsDirection::UpstreamToClient, n as u64);
+                    self.shared.metrics.spliced(n as u64);
+                }
+                Io::ClientSpliced(Ok(n)) => passthrough.drained(n),
+                Io::UpstreamRead(Ok(0))
+                | Io::UpstreamRead(Err(_))
+                | Io::UpstreamSpliced(Ok(_))
+                | Io::UpstreamSpliced(Err(_)) => {
                     upstream_open = false;
                     self.conv.upstream_eof();
                 }
@@ -452,7 +480,7 @@ impl Driver {
                 }
                 Io::ClientFlushed(Ok(())) => client_needs_flush = false,
                 Io::UpstreamFlushed(Ok(())) => upstream_needs_flush = false,
-                Io::ClientWrote(Err(e)) | Io::ClientFlushed(Err(e)) => {
+                Io::ClientWrote(Err(e)) | Io::ClientFlushed(Err(e)) | Io::ClientSpliced(Err(e)) => {
                     tracing::debug!(error = %e, "client write failed");
                     self.finish();
                     return Ok(());
@@ -814,44 +842,63 @@ async fn hook_outcome(hook: &mut Option<PendingHook>) -> HookDone {
     }
 }
 
-async fn read_into<R: AsyncRead + Unpin>(
-    r: &mut ReadHalf<R>,
-    buf: &mut bytes::BytesMut,
-    size: usize,
-) -> io::Result<usize> {
-    // Everything read so far was framed and handed on: drop a big allocation rather than keep
-    // it (frames still queued keep their part of it alive until written).
-    if buf.is_empty() && buf.capacity() > size {
-        *buf = bytes::BytesMut::new();
+async fn read_into(r: &mut LegReader, buf: &mut bytes::BytesMut, size: usize) -> io::Result<usize> {
+    if buf.is_empty() {
+        // Everything read so far was framed and handed on: drop a big allocation rather than
+        // keep it (frames still queued keep their part of it alive until written).
+        if buf.capacity() > size {
+            *buf = bytes::BytesMut::new();
+        }
+        // A plain socket is waited for before the buffer is reserved: an idle session then
+        // holds no read buffer at all on that leg.
+        if let Some(tcp) = r.tcp() {
+            tcp.readable().await?;
+        }
     }
     buf.reserve(size);
     r.read_buf(buf).await
 }
 
-/// Reads the upstream leg; never ready while there is none (before a routed login).
-async fn read_leg(
-    r: &mut Option<ReadHalf<Stream>>,
+/// Reads the upstream leg, or passes its streamed literal into the pipe; never ready while
+/// there is no upstream (before a routed login).
+async fn upstream_in(
+    r: &mut Option<LegReader>,
     buf: &mut bytes::BytesMut,
     size: usize,
-) -> io::Result<usize> {
-    match r {
-        Some(r) => read_into(r, buf, size).await,
-        None => std::future::pending().await,
+    passthrough: &Passthrough,
+    input: UpstreamInput,
+) -> Io {
+    let Some(r) = r else {
+        return std::future::pending().await;
+    };
+    match (input, r.tcp()) {
+        (UpstreamInput::Splice(max), Some(tcp)) => {
+            Io::UpstreamSpliced(passthrough.fill(tcp, max).await)
+        }
+        _ => Io::UpstreamRead(read_into(r, buf, size).await),
     }
 }
 
+/// Writes to the client leg: first what the pipe holds, then the queue.
+async fn client_out(w: &mut LegWriter, outbox: &Outbox, passthrough: &Passthrough) -> Written {
+    if passthrough.held() > 0 {
+        return Written::Spliced(match w.tcp() {
+            Some(tcp) => passthrough.drain(tcp).await,
+            None => Err(io::Error::other("a pipe to a TLS leg")),
+        });
+    }
+    write_or_flush(w, outbox).await
+}
+
 /// Writes to the upstream leg; never ready while there is none.
-async fn write_leg(w: &mut Option<WriteHalf<Stream>>, outbox: &Outbox) -> Written {
+async fn write_leg(w: &mut Option<LegWriter>, outbox: &Outbox) -> Written {
     match w {
         Some(w) => write_or_flush(w, outbox).await,
         None => std::future::pending().await,
     }
 }
 
-async fn write_some<W: AsyncWrite + Unpin>(
-    w: &mut WriteHalf<W>,
-    outbox: &Outbox,
-) -> io::Result<usize> {
+async fn write_some(w: &mut LegWriter, outbox: &Outbox) -> io::Result<usize> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(WRITE_SLICES);
     outbox.chunks(&mut slices, WRITE_SLICES);
     let n = w.write_vectored(&slices).await?;
@@ -864,10 +911,11 @@ async fn write_some<W: AsyncWrite + Unpin>(
 enum Written {
     Wrote(io::Result<usize>),
     Flushed(io::Result<()>),
+    Spliced(io::Result<usize>),
 }
 
 /// Writes queued bytes, or flushes (TLS keeps a partial record buffered) once the queue is empty.
-async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut WriteHalf<W>, outbox: &Outbox) -> Written {
+async fn write_or_flush(w: &mut LegWriter, outbox: &Outbox) -> Written {
     if outbox.is_empty() {
         Written::Flushed(w.flush().await)
     } else {
@@ -875,10 +923,19 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut WriteHalf<W>, outbox: &Ou
     }
 }
 
-async fn flush_all<W: AsyncWrite + Unpin>(
-    w: &mut WriteHalf<W>,
+/// Writes everything: what the pipe holds first, then the queue.
+async fn flush_all(
+    w: &mut LegWriter,
     outbox: &mut Outbox,
+    passthrough: &mut Passthrough,
 ) -> io::Result<()> {
+    while passthrough.held() > 0 {
+        let Some(tcp) = w.tcp() else {
+            return Err(io::Error::other("a pipe to a TLS leg"));
+        };
+        let n = passthrough.drain(tcp).await?;
+        passthrough.drained(n);
+    }
     while !outbox.is_empty() {
         let n = write_some(w, outbox).await?;
         outbox.consume(n);

@@ -369,8 +369,26 @@ impl Conversation {
         !self.closing() && !self.to_client.is_full() && self.awaiting.is_none()
     }
 
+    /// Octets of a response literal that may go from the upstream's socket straight to the
+    /// client's (splice(2)) instead of through this conversation: the upstream is streaming a
+    /// literal (imapgate never looks inside streamed literal octets; see
+    /// [`Conversation::upstream_input`]), none of it is buffered here, everything before it has
+    /// been written to the client, and the upstream may be read now.
+    pub fn upstream_passthrough(&self) -> Option<u32> {
+        if !self.wants_upstream_input() || !self.to_client.is_empty() {
+            return None;
+        }
+        self.upstream_in.passable()
+    }
+
+    /// `n` octets of the streamed response literal went from socket to socket (at most
+    /// [`Conversation::upstream_passthrough`]).
+    pub fn upstream_passed(&mut self, n: u32) {
+        self.upstream_in.passed(n);
+    }
+
     /// Whether the client is in the middle of a message (a line or a literal not yet whole):
-    /// the driver acknowledges its bytes at once then (see `net::stream::ClientLeg`).
+    /// the driver acknowledges its bytes at once then (see `net::legs::Ack`).
     pub fn client_mid_message(&self) -> bool {
         self.client_in.is_mid_message() || self.client_in.buffered() > 0
     }

@@ -267,15 +267,98 @@ async fn compress_is_refused_by_the_proxy() {
     proxy.shutdown().await;
 }
 
+/// Plain TCP on both legs: a streamed literal goes from socket to socket through a pipe
+/// (splice(2) on Linux) instead of through imapgate's memory. The client reads nothing until
+/// part of the first literal is in flight, so the pipe fills and waits on the client; commands
+/// pipelined behind the FETCH, and the responses after each literal, keep their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_legs_pass_large_literals_byte_identical_and_in_order() {
+    let _busy = crate::support::busy().await;
+    let dc = Dovecot::shared();
+    let proxy = Proxy::for_dovecot(dc, UpstreamTls::None).await;
+    let (user, pass) = dc.fresh_user();
+    let mut c = Client::connect(proxy.addr(PLAIN)).await;
+    c.read_greeting().await;
+    c.login(&user, &pass).await;
+    let big = message(3 * 1024 * 1024, 11);
+    let medium = message(300 * 1024, 12);
+    c.append("a1", "INBOX", &big).await;
+    c.append("a2", "INBOX", &medium).await;
+    c.ok("a3 SELECT INBOX").await;
+    let spliced = || {
+        sample(
+            &proxy.server().metrics().render(),
+            "imapgate_spliced_bytes_total",
+        )
+    };
+    let before = spliced();
+    c.send(b"a4 FETCH 1:2 BODY.PEEK[]\r\na5 NOOP\r\na6 FETCH 2 BODY.PEEK[]\r\n")
+        .await;
+    if cfg!(target_os = "linux") {
+        poll(
+            "part of the literal to pass",
+            Duration::from_secs(30),
+            || (spliced() > before).then_some(()),
+        )
+        .await;
+    }
+    // Dovecot runs pipelined commands concurrently and may complete them in any order
+    // (RFC 3501 section 5.5); the untagged data of each FETCH comes in order.
+    let mut literals = Vec::new();
+    let mut tagged = Vec::new();
+    while tagged.len() < 3 {
+        let response = c.read_response_bytes().await;
+        if response.starts_with(b"* ") && response.windows(5).any(|w| w == b"FETCH") {
+            literals.push(literal_of(&response).to_vec());
+        } else if let Some(tag) = [&b"a4 OK"[..], b"a5 OK", b"a6 OK"]
+            .into_iter()
+            .find(|t| response.starts_with(t))
+        {
+            tagged.push(tag);
+        } else {
+            panic!("unexpected: {:?}", String::from_utf8_lossy(&response));
+        }
+    }
+    assert_eq!(literals.len(), 3);
+    assert!(literals[0] == big, "the 3 MiB literal differs");
+    assert!(
+        literals[1] == medium && literals[2] == medium,
+        "a 300 KiB literal differs"
+    );
+    if cfg!(target_os = "linux") {
+        // Nearly all of the three literals went around imapgate's memory (what arrived in
+        // the same read as a literal's announcement went through it).
+        let passed = spliced() - before;
+        let total = (big.len() + 2 * medium.len()) as f64;
+        assert!(passed > total / 2.0, "{passed} of {total} bytes spliced");
+    }
+    c.logout().await;
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_fetch_closes_only_that_session() {
+    upstream_killed_mid_fetch(false).await;
+}
+
+/// The same with plain legs: the upstream dies while its literal passes through the pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_mid_splice_closes_only_that_session() {
+    upstream_killed_mid_fetch(true).await;
+}
+
+async fn upstream_killed_mid_fetch(plain: bool) {
     let _busy = crate::support::busy().await;
     let dc = Dovecot::start(DovecotOptions {
         extra_config: "verbose_proctitle = yes\n".into(),
         ..DovecotOptions::default()
     });
     let proxy = Proxy::for_dovecot(&dc, UpstreamTls::None).await;
-    let mut victim = Client::connect_tls(proxy.addr(IMAPS), dc.ca_pem()).await;
+    let mut victim = if plain {
+        Client::connect(proxy.addr(PLAIN)).await
+    } else {
+        Client::connect_tls(proxy.addr(IMAPS), dc.ca_pem()).await
+    };
     victim.read_greeting().await;
     victim.login("alice", "alicepw").await;
     victim
