@@ -8,6 +8,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::read_ahead::ReadAhead;
+
 /// A connection on either leg. The TLS variants are boxed because a rustls connection is
 /// about a kilobyte and would otherwise make every plain stream as large.
 #[derive(Debug)]
@@ -16,7 +18,7 @@ pub enum Stream {
     /// We are the TLS server: the client leg.
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// We are the TLS client: the upstream leg.
-    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
 }
 
 /// Disables Nagle's algorithm. IMAP clients write a literal and its closing CRLF in separate
@@ -71,7 +73,7 @@ impl Stream {
         match self {
             Stream::Plain(tcp) => tcp,
             Stream::ServerTls(tls) => tls.get_ref().0,
-            Stream::ClientTls(tls) => tls.get_ref().0,
+            Stream::ClientTls(tls) => tls.get_ref().0.get_ref(),
         }
     }
 

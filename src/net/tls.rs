@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::certs::{CertSet, CertStore};
+use super::read_ahead::ReadAhead;
 use super::stream::Stream;
 
 /// The ALPN protocol id for IMAP (RFC 9051 and the IANA registry). Offering it on both legs
@@ -247,7 +248,7 @@ pub async fn connect(
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
     let peer = peer_name(&tcp);
-    match connector.connect(name, tcp).await {
+    match connector.connect(name, ReadAhead::new(tcp)).await {
         Ok(tls) => Ok(Stream::ClientTls(Box::new(tls))),
         Err(source) => Err(TlsError::Handshake { peer, source }),
     }

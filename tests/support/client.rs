@@ -68,6 +68,7 @@ pub fn insecure_tls_config() -> Arc<ClientConfig> {
 
 /// Plain TCP or TLS over TCP: imapgate's own stream type.
 pub use imapgate::net::Stream;
+use imapgate::net::read_ahead::ReadAhead;
 
 /// A test IMAP client (see the module docs).
 pub struct Client {
@@ -156,10 +157,13 @@ impl Client {
             None => panic!("connection gone"),
         };
         let name = ServerName::try_from(server_name.to_string()).expect("server name");
-        let tls = tokio::time::timeout(self.timeout, TlsConnector::from(config).connect(name, tcp))
-            .await
-            .unwrap_or_else(|_| panic!("TLS handshake with {}: timed out", self.peer))
-            .unwrap_or_else(|e| panic!("TLS handshake with {}: {e}", self.peer));
+        let tls = tokio::time::timeout(
+            self.timeout,
+            TlsConnector::from(config).connect(name, ReadAhead::new(tcp)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("TLS handshake with {}: timed out", self.peer))
+        .unwrap_or_else(|e| panic!("TLS handshake with {}: {e}", self.peer));
         self.stream = Some(Stream::ClientTls(Box::new(tls)));
     }
 

@@ -163,7 +163,7 @@ fn tagged_index(r: &Received, tag: &str, from: usize) -> Option<usize> {
 async fn tls_handshake(tcp: TcpStream, ca_pem: &str) -> Result<Stream, String> {
     let name = ServerName::try_from("localhost".to_string()).map_err(|e| e.to_string())?;
     TlsConnector::from(tls_config(ca_pem))
-        .connect(name, tcp)
+        .connect(name, imapgate::net::read_ahead::ReadAhead::new(tcp))
         .await
         .map(|tls| Stream::ClientTls(Box::new(tls)))
         .map_err(|e| e.to_string())
