@@ -6,8 +6,10 @@
 //! octets has been written and the pipe is empty, and empties it before writing anything else
 //! to that peer.
 
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::task::{Poll, ready};
 
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::Interest;
@@ -38,29 +40,37 @@ impl Pipe {
     /// `Ok(0)`: the peer closed its side.
     pub async fn fill(&self, from: &TcpStream, max: usize) -> io::Result<usize> {
         let len = max.min(PIPE_SIZE);
-        loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from, None, &self.write, None, len, flags()).map_err(io::Error::from)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                moved => return moved,
+        // Polled readiness rather than `readable()`: that future is larger than everything
+        // else a session keeps while it waits.
+        poll_fn(|cx| {
+            loop {
+                ready!(from.poll_read_ready(cx))?;
+                match from.try_io(Interest::READABLE, || {
+                    splice(from, None, &self.write, None, len, flags()).map_err(io::Error::from)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    moved => return Poll::Ready(moved),
+                }
             }
-        }
+        })
+        .await
     }
 
     /// Moves up to `held` octets (what the pipe holds) into `to`.
     pub async fn drain(&self, to: &TcpStream, held: usize) -> io::Result<usize> {
-        loop {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(&self.read, None, to, None, held, flags()).map_err(io::Error::from)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                moved => return moved,
+        poll_fn(|cx| {
+            loop {
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(&self.read, None, to, None, held, flags()).map_err(io::Error::from)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    moved => return Poll::Ready(moved),
+                }
             }
-        }
+        })
+        .await
     }
 }
 

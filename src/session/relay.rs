@@ -32,7 +32,8 @@ use crate::imap::command::CommandKind;
 use crate::imap::encode::{self, ResponseValue};
 use crate::imap::response::Status;
 use crate::metrics::{
-    CommandResult, Direction as MetricsDirection, ListenerMetrics, LoginResult, Metrics,
+    CommandResult, ConnectionGuard, Direction as MetricsDirection, ListenerMetrics, LoginResult,
+    Metrics,
 };
 use crate::net::Stream;
 use crate::net::health::UpstreamHealth;
@@ -154,7 +155,28 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    let _open = listener.metrics.connection_opened();
+    // The setup is boxed, and its locals with it: an async fn keeps room for every local
+    // alive across an await, moved-from ones included, for as long as the session lives.
+    let Some((driver, client, leg)) =
+        Box::pin(set_up(id, tcp, peer, listener, shared, shutdown)).await?
+    else {
+        return Ok(());
+    };
+    driver.run(client, leg).await
+}
+
+/// Everything before the relay: the accept pipeline, the session's registration, and the
+/// upstream connection (or the stand-in, when imapgate routes logins). `None`: refused, and
+/// already told so.
+async fn set_up(
+    id: u64,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<(Box<Driver>, Stream, Leg)>, SessionError> {
+    let open = listener.metrics.connection_opened();
     let started = Instant::now();
     // The setup phases are boxed: their state (a TLS handshake, an upstream connect) is freed
     // when they end, instead of staying part of every session's task for its whole life.
@@ -166,7 +188,7 @@ pub async fn serve(
             tracing::info!(%peer, "{refused}: refusing");
             shared.metrics.session_refused(refused.limit());
             close_with_bye(&mut client, refused.bye_text()).await;
-            return Ok(());
+            return Ok(None);
         }
     };
     let addrs = ClientAddrs {
@@ -218,6 +240,7 @@ pub async fn serve(
         info,
     );
     let driver = Driver {
+        _open: open,
         id,
         peer: peer.to_string(),
         addrs,
@@ -233,7 +256,7 @@ pub async fn serve(
     };
     // Boxed: an async fn's state holds its `self` argument twice (as passed and as moved into
     // the body), 1.5 KiB each for every session for its whole life.
-    Box::new(driver).run(client, leg).await
+    Ok(Some((Box::new(driver), client, leg)))
 }
 
 /// Says `* BYE [UNAVAILABLE] text` to a client before any conversation, and closes.
@@ -260,6 +283,8 @@ fn bye_line(text: &str) -> Vec<u8> {
 }
 
 struct Driver {
+    /// Counts the connection as active while the session lives.
+    _open: ConnectionGuard,
     id: u64,
     peer: String,
     addrs: ClientAddrs,
@@ -852,7 +877,8 @@ async fn read_into(r: &mut LegReader, buf: &mut bytes::BytesMut, size: usize) ->
         // A plain socket is waited for before the buffer is reserved: an idle session then
         // holds no read buffer at all on that leg.
         if let Some(tcp) = r.tcp() {
-            tcp.readable().await?;
+            // Polled, not `readable()`, whose future would be the largest part of the session.
+            std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
         }
     }
     buf.reserve(size);
