@@ -10,6 +10,8 @@
 //!
 //! Layers call downward only: `session` uses `imap`, `net` and `config`; `imap` uses nothing of ours.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod audit;
 pub mod config;

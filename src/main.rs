@@ -1,5 +1,7 @@
 //! The imapgate command line: `run`, `check`, `dissect`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
