@@ -344,6 +344,9 @@ pub struct Row {
     pub imapgate_cpu_us_per_unit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_unit: Option<&'static str>,
+    /// The kernel's share of imapgate's CPU time (stime / (utime + stime), median over rounds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imapgate_system_share: Option<f64>,
     /// The blind relay (plaintext client leg): the same work through a process that only
     /// copies bytes, in the same rounds; median, in `unit`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -366,6 +369,9 @@ pub struct Row {
     /// The relay's CPU per unit of work, in µs (`cpu_unit`), as `imapgate_cpu_us_per_unit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blind_cpu_us_per_unit: Option<f64>,
+    /// The kernel's share of the relay's CPU time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_system_share: Option<f64>,
     /// imapgate's CPU per unit minus the relay's, paired round by round, median: what
     /// imapgate spends beyond copying.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -477,6 +483,8 @@ struct Sample {
     p99_us: Option<f64>,
     cpu_per_s: Option<f64>,
     cpu_us_per_unit: Option<f64>,
+    /// The kernel's share of that CPU time (stime / (utime + stime)).
+    system_share: Option<f64>,
     /// Work done in the run (MiB or commands), for the CPU cost per unit.
     units: Option<f64>,
     not_ok: Option<u64>,
@@ -1158,7 +1166,9 @@ async fn run_scenario(
             if let (Some(pid), Some(c0)) = (cpu_pid, &cpu0)
                 && scenario != Scenario::Idle
             {
-                let cpu = env::CpuStamp::read(pid).since(c0).as_secs_f64();
+                let now = env::CpuStamp::read(pid);
+                s.system_share = now.system_share_since(c0);
+                let cpu = now.since(c0).as_secs_f64();
                 s.cpu_per_s = Some(cpu / secs.max(1e-6));
                 s.cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
@@ -1237,6 +1247,7 @@ fn add_blind(row: &mut Row, blind: &[Sample], proxied: &[Sample], buffer: usize)
     row.blind_p99_us = med(blind.iter().filter_map(|s| s.p99_us));
     row.blind_cpu_per_s = med(blind.iter().filter_map(|s| s.cpu_per_s));
     row.blind_cpu_us_per_unit = med(blind.iter().filter_map(|s| s.cpu_us_per_unit));
+    row.blind_system_share = med(blind.iter().filter_map(|s| s.system_share));
     row.gate_minus_blind_cpu_us_per_unit = med(proxied
         .iter()
         .zip(blind)
@@ -1511,6 +1522,7 @@ fn make_row(
             Scenario::Idle => Some("µs/conn/min"),
             Scenario::Imaplib => Some("µs/APPEND"),
         },
+        imapgate_system_share: med(proxied.iter().filter_map(|s| s.system_share)),
         blind: None,
         blind_ratio: None,
         proxied_vs_blind: None,
@@ -1519,6 +1531,7 @@ fn make_row(
         blind_p99_us: None,
         blind_cpu_per_s: None,
         blind_cpu_us_per_unit: None,
+        blind_system_share: None,
         gate_minus_blind_cpu_us_per_unit: None,
         blind_buffer_kib: None,
         idle_connections: None,
@@ -1738,6 +1751,10 @@ pub fn summary(r: &Row) -> String {
     }
 }
 
+fn fmt_share(x: Option<f64>) -> String {
+    x.map_or("?".into(), |v| format!("{:.0} %", v * 100.0))
+}
+
 /// A CPU-per-unit figure with its unit (idle figures are fractions of a µs).
 fn fmt_cpu(v: Option<f64>, unit: Option<&str>) -> String {
     match (v, unit) {
@@ -1874,7 +1891,7 @@ pub fn table(report: &Report) -> String {
                 out,
                 "{} [{}, policies {}, upstream {}, client {}]: blind relay {b:.1} {} = {} of \
                  direct (imapgate {} of the relay); CPU: relay {}, imapgate {}, imapgate beyond \
-                 the relay {} µs{} (paired by round){}",
+                 the relay {} µs{} (paired by round); kernel's share: relay {}, imapgate {}{}",
                 r.scenario,
                 r.mode,
                 r.policies,
@@ -1888,6 +1905,8 @@ pub fn table(report: &Report) -> String {
                 r.gate_minus_blind_cpu_us_per_unit
                     .map_or("?".into(), |c| format!("{c:+.1}")),
                 unit.strip_prefix("µs").unwrap_or(unit),
+                fmt_share(r.blind_system_share),
+                fmt_share(r.imapgate_system_share),
                 match (r.blind_p50_us, r.p50_us_proxied, r.p50_us_direct) {
                     (Some(b), Some(p), Some(d)) =>
                         format!("; p50 direct/imapgate/relay {d:.0}/{p:.0}/{b:.0} µs"),
