@@ -6,12 +6,17 @@
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
 //!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
 //!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0] [--json]
-//!     [--imapgate PATH]
+//!     [--imapgate PATH] [--no-blind] [--blind-buffer-kib 64]
 //! ```
 //!
 //! `--client plain` (or `both`, the default) adds the plaintext client leg: the client talks
 //! plaintext to Dovecot's plain port (direct) and to imapgate's plain listener (proxied, over a
 //! plain upstream, without the shipped policies since require_tls refuses such a LOGIN).
+//! On that leg a third path runs in the same rounds for fetch-large, small, small-serial and
+//! append: a *blind* relay that only copies bytes (this binary started again as
+//! `load --blind-relay LISTEN UPSTREAM --ready-file F`, its CPU read by PID as imapgate's);
+//! `--no-blind` leaves it out. Started by hand, the relay serves until its stdin closes (to
+//! profile it alone).
 //!
 //! What the machine needs for `--idle-connections N` (the harness checks and says what is
 //! missing, in a "this machine" note):
@@ -45,6 +50,7 @@ mod support;
 #[path = "load/mod.rs"]
 mod load;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -181,6 +187,20 @@ struct Cli {
     /// Skip the extra baseline on Dovecot's plaintext port.
     #[arg(long)]
     no_plain_baseline: bool,
+    /// Leave out the blind relay (a process that only copies bytes) measured beside imapgate
+    /// on the plaintext client leg.
+    #[arg(long)]
+    no_blind: bool,
+    /// The blind relay's buffer per direction, in KiB (tokio's default would be 8).
+    #[arg(long, default_value_t = 64)]
+    blind_buffer_kib: usize,
+    /// Run as the blind relay instead: listen on LISTEN (port 0: any), relay each connection
+    /// to UPSTREAM, write the bound address to --ready-file, end when stdin closes.
+    #[arg(long, hide = true, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    blind_relay: Option<Vec<SocketAddr>>,
+    /// With --blind-relay: where to write the bound address.
+    #[arg(long, hide = true, requires = "blind_relay")]
+    ready_file: Option<PathBuf>,
     /// Only JSON lines on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -232,6 +252,14 @@ fn options(cli: &Cli) -> Result<Options, String> {
         policy_config: cli.policy_config.clone(),
         policy_archive: cli.policy_archive.clone(),
         plain_baseline: !cli.no_plain_baseline,
+        blind: if cli.no_blind {
+            None
+        } else {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("this binary's path (for the blind relay): {e}"))?;
+            Some(load::blind::Launcher::Flag(exe))
+        },
+        blind_buffer: cli.blind_buffer_kib.clamp(1, 16 * 1024) * 1024,
         progress: !cli.quiet,
         ..Options::default()
     };
@@ -255,8 +283,34 @@ fn options(cli: &Cli) -> Result<Options, String> {
     Ok(o)
 }
 
+/// `--blind-relay`: this process is the relay, not the harness.
+fn blind_relay(cli: &Cli, addrs: &[SocketAddr]) -> ExitCode {
+    let (Some(&listen), Some(&upstream), Some(ready_file)) =
+        (addrs.first(), addrs.get(1), cli.ready_file.clone())
+    else {
+        eprintln!("load: --blind-relay takes LISTEN UPSTREAM and --ready-file F");
+        return ExitCode::FAILURE;
+    };
+    let spec = load::blind::Spec {
+        listen,
+        upstream,
+        buffer: cli.blind_buffer_kib.clamp(1, 16 * 1024) * 1024,
+        ready_file,
+    };
+    match load::blind::serve(&spec) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(addrs) = &cli.blind_relay {
+        return blind_relay(&cli, addrs);
+    }
     let opts = match options(&cli) {
         Ok(o) => o,
         Err(e) => {

@@ -527,6 +527,8 @@ fn toml_path(path: &Path) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct CpuStamp {
     ticks: Duration,
+    /// stime alone, for the kernel's share.
+    system_ticks: Duration,
     threads: BTreeMap<u32, u64>,
 }
 
@@ -543,10 +545,20 @@ impl CpuStamp {
                 }
             }
         }
+        let (user, system) = user_system_time(pid);
         CpuStamp {
-            ticks: cpu_time(pid),
+            ticks: user + system,
+            system_ticks: system,
             threads,
         }
+    }
+
+    /// The kernel's share (stime over utime + stime) of the CPU time used since `earlier`,
+    /// from the ticks; `None` under 10 ticks, where one tick more or less is 10 %.
+    pub fn system_share_since(&self, earlier: &CpuStamp) -> Option<f64> {
+        let all = self.ticks.saturating_sub(earlier.ticks);
+        let system = self.system_ticks.saturating_sub(earlier.system_ticks);
+        (all >= Duration::from_millis(100)).then(|| system.as_secs_f64() / all.as_secs_f64())
     }
 
     /// The CPU time used since `earlier`: to the nanosecond when every thread of `earlier`
@@ -572,10 +584,16 @@ impl CpuStamp {
 
 /// utime + stime of a process (fields 14 and 15 of /proc/PID/stat, in USER_HZ = 100 ticks).
 pub fn cpu_time(pid: u32) -> Duration {
+    let (user, system) = user_system_time(pid);
+    user + system
+}
+
+/// utime and stime of a process.
+pub fn user_system_time(pid: u32) -> (Duration, Duration) {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name (field 2) may contain spaces: count from the closing parenthesis.
     let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     };
     let fields: Vec<&str> = after.split_whitespace().collect();
     // After ")": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
@@ -585,7 +603,10 @@ pub fn cpu_time(pid: u32) -> Duration {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    (
+        Duration::from_millis(ticks(11) * 10),
+        Duration::from_millis(ticks(12) * 10),
+    )
 }
 
 /// The imapgate binary to measure: `explicit`, else `$IMAPGATE_BIN`, else the one cargo built

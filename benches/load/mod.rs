@@ -13,8 +13,14 @@
 //! so that the backend's work is the direct path's). The ratelimit scenario has imapgates of
 //! its own: the shipped search_rate_limit alone, without `[state]`, with `[state]` on a private
 //! redis-server but its bucket in process, and with its bucket shared in that Redis.
+//!
+//! On the plaintext client leg a third path runs in the same rounds: a blind relay
+//! ([`blind`]) that only copies bytes between the client and Dovecot's plain port, in a
+//! process of its own whose CPU is read as imapgate's is: what any proxy costs on this machine
+//! before it parses anything.
 #![allow(dead_code)]
 
+pub mod blind;
 pub mod client;
 pub mod env;
 pub mod scenarios;
@@ -212,6 +218,11 @@ pub struct Options {
     pub policy_archive: String,
     /// Also measure Dovecot's plaintext port (no TLS anywhere) as a second baseline.
     pub plain_baseline: bool,
+    /// How to start the blind relay measured beside imapgate on the plaintext client leg
+    /// (fetch-large, small, small-serial, append); `None`: not measured.
+    pub blind: Option<blind::Launcher>,
+    /// The blind relay's buffer per direction, in bytes.
+    pub blind_buffer: usize,
     /// Progress lines on stderr.
     pub progress: bool,
 }
@@ -248,6 +259,8 @@ impl Default for Options {
             policy_config: None,
             policy_archive: "INBOX.Archive".into(),
             plain_baseline: true,
+            blind: None,
+            blind_buffer: blind::DEFAULT_BUFFER,
             progress: true,
         }
     }
@@ -331,6 +344,41 @@ pub struct Row {
     pub imapgate_cpu_us_per_unit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_unit: Option<&'static str>,
+    /// The kernel's share of imapgate's CPU time (stime / (utime + stime), median over rounds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imapgate_system_share: Option<f64>,
+    /// The blind relay (plaintext client leg): the same work through a process that only
+    /// copies bytes, in the same rounds; median, in `unit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind: Option<f64>,
+    /// blind / direct (medians).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_ratio: Option<f64>,
+    /// proxied / blind (medians): imapgate against the floor of any proxy here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied_vs_blind: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blind_rounds: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_p99_us: Option<f64>,
+    /// The relay's CPU seconds per measured second, as `imapgate_cpu_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_cpu_per_s: Option<f64>,
+    /// The relay's CPU per unit of work, in µs (`cpu_unit`), as `imapgate_cpu_us_per_unit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_cpu_us_per_unit: Option<f64>,
+    /// The kernel's share of the relay's CPU time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_system_share: Option<f64>,
+    /// imapgate's CPU per unit minus the relay's, paired round by round, median: what
+    /// imapgate spends beyond copying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_minus_blind_cpu_us_per_unit: Option<f64>,
+    /// The relay's buffer per direction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blind_buffer_kib: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -435,6 +483,8 @@ struct Sample {
     p99_us: Option<f64>,
     cpu_per_s: Option<f64>,
     cpu_us_per_unit: Option<f64>,
+    /// The kernel's share of that CPU time (stime / (utime + stime)).
+    system_share: Option<f64>,
     /// Work done in the run (MiB or commands), for the CPU cost per unit.
     units: Option<f64>,
     not_ok: Option<u64>,
@@ -528,6 +578,8 @@ struct Ctx<'a> {
     seed: Seed,
     /// The ratelimit scenario's private redis-server.
     redis: Option<crate::support::redis::Redis>,
+    /// The blind relay to Dovecot's plain port, when measured.
+    blind: Option<blind::Blind>,
     notes: Vec<String>,
     runs: u32,
 }
@@ -718,6 +770,7 @@ async fn run_on(
         login_tls,
         seed,
         redis: None,
+        blind: None,
         notes,
         runs: 0,
     };
@@ -877,6 +930,19 @@ async fn run_on(
         }
     }
     let mut variants = usable;
+    if let Some(launcher) = &opts.blind
+        && opts.client_legs.contains(&ClientLeg::Plain)
+        && opts.scenarios.iter().any(|&s| blind_measures(s))
+    {
+        let relay = blind::Blind::start(launcher, ctx.dc.addr(), opts.blind_buffer)?;
+        ctx.progress(&format!(
+            "blind relay on {} (pid {}, {} KiB buffers)",
+            relay.addr,
+            relay.pid(),
+            relay.buffer / 1024
+        ));
+        ctx.blind = Some(relay);
+    }
 
     let mut rows = Vec::new();
     for &scenario in &opts.scenarios {
@@ -936,6 +1002,16 @@ enum Path_ {
     Direct(ClientLeg),
     /// imapgate variant `i`: its TLS listener, or its plain one.
     Proxied(usize, ClientLeg),
+    /// The blind relay (plaintext client leg, Dovecot's plain port behind it).
+    Blind,
+}
+
+/// Scenarios the blind relay runs: those whose figure is a rate of relayed work.
+fn blind_measures(scenario: Scenario) -> bool {
+    matches!(
+        scenario,
+        Scenario::FetchLarge | Scenario::Small | Scenario::SmallSerial | Scenario::Append
+    )
 }
 
 fn leg_index(leg: ClientLeg) -> usize {
@@ -1000,7 +1076,11 @@ async fn run_scenario(
                 .map(|i| Path_::Proxied(i, leg)),
         );
     }
+    if ctx.blind.is_some() && legs.contains(&ClientLeg::Plain) && blind_measures(scenario) {
+        paths.push(Path_::Blind);
+    }
     let mut direct: [Vec<Sample>; 2] = Default::default();
+    let mut blind_samples: Vec<Sample> = Vec::new();
     let mut proxied: Vec<[Vec<Sample>; 2]> = vec![Default::default(); variants.len()];
     for round in 0..rounds {
         let mut order = paths.clone();
@@ -1012,6 +1092,7 @@ async fn run_scenario(
             ctx.runs += 1;
             let leg = match path {
                 Path_::Direct(leg) | Path_::Proxied(_, leg) => leg,
+                Path_::Blind => ClientLeg::Plain,
             };
             let (addr, label) = match path {
                 Path_::Direct(ClientLeg::Tls) => {
@@ -1044,10 +1125,20 @@ async fn run_scenario(
                         ),
                     }
                 }
+                Path_::Blind => {
+                    let b = ctx.blind.as_ref().ok_or("blind relay not running")?;
+                    (b.addr, "blind relay, client leg plain".to_string())
+                }
             };
             let gate = match path {
-                Path_::Direct(_) => None,
+                Path_::Direct(_) | Path_::Blind => None,
                 Path_::Proxied(i, _) => variants[i].gate.as_ref(),
+            };
+            // Whose CPU the run is charged to: imapgate's, or the relay's.
+            let cpu_pid = match path {
+                Path_::Direct(_) => None,
+                Path_::Proxied(..) => gate.map(Gate::pid),
+                Path_::Blind => ctx.blind.as_ref().map(blind::Blind::pid),
             };
             let tls = if scenario == Scenario::Login {
                 ctx.login_tls.clone()
@@ -1055,7 +1146,7 @@ async fn run_scenario(
                 ctx.tls.clone()
             };
             let tls = (leg == ClientLeg::Tls).then_some(&tls);
-            let cpu0 = gate.map(Gate::cpu);
+            let cpu0 = cpu_pid.map(env::CpuStamp::read);
             let redis_pid = match (&ctx.redis, gate) {
                 (Some(r), Some(_)) if scenario == Scenario::RateLimit => Some(r.pid()),
                 _ => None,
@@ -1072,10 +1163,12 @@ async fn run_scenario(
             let secs = t0.elapsed().as_secs_f64();
             // The idle scenario reads imapgate's CPU itself, over the window where every
             // session is idle.
-            if let (Some(g), Some(c0)) = (gate, cpu0)
+            if let (Some(pid), Some(c0)) = (cpu_pid, &cpu0)
                 && scenario != Scenario::Idle
             {
-                let cpu = g.cpu().since(&c0).as_secs_f64();
+                let now = env::CpuStamp::read(pid);
+                s.system_share = now.system_share_since(c0);
+                let cpu = now.since(c0).as_secs_f64();
                 s.cpu_per_s = Some(cpu / secs.max(1e-6));
                 s.cpu_us_per_unit = s.units.filter(|&u| u > 0.0).map(|u| cpu * 1e6 / u);
             }
@@ -1095,6 +1188,7 @@ async fn run_scenario(
             match path {
                 Path_::Direct(leg) => direct[leg_index(leg)].push(s),
                 Path_::Proxied(i, leg) => proxied[i][leg_index(leg)].push(s),
+                Path_::Blind => blind_samples.push(s),
             }
         }
     }
@@ -1111,6 +1205,14 @@ async fn run_scenario(
                 ClientLeg::Plain => (direct_plain, &[]),
             };
             let mut row = make_row(scenario, v, leg, d, dp, &proxied[i][leg_index(leg)], opts);
+            if leg == ClientLeg::Plain && !blind_samples.is_empty() {
+                add_blind(
+                    &mut row,
+                    &blind_samples,
+                    &proxied[i][leg_index(leg)],
+                    opts.blind_buffer,
+                );
+            }
             if scenario == Scenario::RateLimit && v.policies != Policies::RateLimitLocal {
                 let local = variants.iter().position(|w| {
                     w.policies == Policies::RateLimitLocal && w.upstream == v.upstream
@@ -1127,6 +1229,36 @@ async fn run_scenario(
         }
     }
     Ok(rows)
+}
+
+/// The blind relay's figures beside imapgate's on a plaintext-client row. Each round ran both,
+/// so imapgate's CPU beyond the relay's is taken round by round (the machine's drift cancels).
+fn add_blind(row: &mut Row, blind: &[Sample], proxied: &[Sample], buffer: usize) {
+    let b = med(blind.iter().map(|s| s.value));
+    let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
+        (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+        _ => None,
+    };
+    row.blind = b;
+    row.blind_ratio = ratio(b, row.direct);
+    row.proxied_vs_blind = ratio(row.proxied, b);
+    row.blind_rounds = blind.iter().map(|s| round2(s.value)).collect();
+    row.blind_p50_us = med(blind.iter().filter_map(|s| s.p50_us));
+    row.blind_p99_us = med(blind.iter().filter_map(|s| s.p99_us));
+    row.blind_cpu_per_s = med(blind.iter().filter_map(|s| s.cpu_per_s));
+    row.blind_cpu_us_per_unit = med(blind.iter().filter_map(|s| s.cpu_us_per_unit));
+    row.blind_system_share = med(blind.iter().filter_map(|s| s.system_share));
+    row.gate_minus_blind_cpu_us_per_unit = med(proxied
+        .iter()
+        .zip(blind)
+        .filter_map(|(p, b)| Some(p.cpu_us_per_unit? - b.cpu_us_per_unit?)));
+    row.blind_buffer_kib = Some(buffer / 1024);
+    if let Some(n) = blind.iter().filter_map(|s| s.not_ok).reduce(|a, b| a + b) {
+        row.not_ok = Some(row.not_ok.unwrap_or(0) + n);
+    }
+    if let Some(n) = blind.iter().filter_map(|s| s.verified).reduce(|a, b| a + b) {
+        row.verified_messages = Some(row.verified_messages.unwrap_or(0) + n);
+    }
 }
 
 /// The ratelimit figures that matter: what `[state]` (and sharing the bucket) adds over the
@@ -1390,6 +1522,18 @@ fn make_row(
             Scenario::Idle => Some("µs/conn/min"),
             Scenario::Imaplib => Some("µs/APPEND"),
         },
+        imapgate_system_share: med(proxied.iter().filter_map(|s| s.system_share)),
+        blind: None,
+        blind_ratio: None,
+        proxied_vs_blind: None,
+        blind_rounds: Vec::new(),
+        blind_p50_us: None,
+        blind_p99_us: None,
+        blind_cpu_per_s: None,
+        blind_cpu_us_per_unit: None,
+        blind_system_share: None,
+        gate_minus_blind_cpu_us_per_unit: None,
+        blind_buffer_kib: None,
         idle_connections: None,
         login_clients: None,
         rss_before_kib: None,
@@ -1597,7 +1741,27 @@ pub fn summary(r: &Row) -> String {
             (Some(c), Some(u)) => format!(", imapgate CPU {c:.1} {u}"),
             _ => String::new(),
         }
-    )
+    ) + &match r.blind {
+        Some(b) => format!(
+            "; blind relay {b:.1} (ratio {}), CPU {}",
+            fmt_opt(r.blind_ratio, 3),
+            fmt_cpu(r.blind_cpu_us_per_unit, r.cpu_unit)
+        ),
+        None => String::new(),
+    }
+}
+
+fn fmt_share(x: Option<f64>) -> String {
+    x.map_or("?".into(), |v| format!("{:.0} %", v * 100.0))
+}
+
+/// A CPU-per-unit figure with its unit (idle figures are fractions of a µs).
+fn fmt_cpu(v: Option<f64>, unit: Option<&str>) -> String {
+    match (v, unit) {
+        (Some(v), Some(u)) if v < 10.0 => format!("{v:.2} {u}"),
+        (Some(v), Some(u)) => format!("{v:.0} {u}"),
+        _ => "-".into(),
+    }
 }
 
 /// The human-readable table.
@@ -1633,10 +1797,13 @@ pub fn table(report: &Report) -> String {
         "+p99 µs",
         "gate cpu",
         "cpu/unit",
+        "blind",
+        "b/direct",
+        "blind cpu/unit",
         "target",
     ];
-    // Columns 6..=16 hold numbers: right-aligned.
-    let numeric = 6..17;
+    // Columns 6..=19 hold numbers: right-aligned.
+    let numeric = 6..20;
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in &report.rows {
         let pair = |a: Option<f64>, b: Option<f64>| {
@@ -1680,11 +1847,12 @@ pub fn table(report: &Report) -> String {
             fmt_opt(r.added_p50_us, 0),
             fmt_opt(r.added_p99_us, 0),
             fmt_opt(r.imapgate_cpu_per_s, 2),
-            match (r.imapgate_cpu_us_per_unit, r.cpu_unit) {
-                // Idle figures are fractions of a µs.
-                (Some(v), Some(u)) if v < 10.0 => format!("{v:.2} {u}"),
-                (Some(v), Some(u)) => format!("{v:.0} {u}"),
-                _ => "-".into(),
+            fmt_cpu(r.imapgate_cpu_us_per_unit, r.cpu_unit),
+            fmt_opt(r.blind, 1),
+            fmt_opt(r.blind_ratio, 3),
+            match r.blind {
+                Some(_) => fmt_cpu(r.blind_cpu_us_per_unit, r.cpu_unit),
+                None => "-".into(),
             },
             format!("{target}{extra}").trim().to_string(),
         ]);
@@ -1717,6 +1885,35 @@ pub fn table(report: &Report) -> String {
         }
     }
     for r in &report.rows {
+        if let Some(b) = r.blind {
+            let unit = r.cpu_unit.unwrap_or("");
+            let _ = writeln!(
+                out,
+                "{} [{}, policies {}, upstream {}, client {}]: blind relay {b:.1} {} = {} of \
+                 direct (imapgate {} of the relay); CPU: relay {}, imapgate {}, imapgate beyond \
+                 the relay {} µs{} (paired by round); kernel's share: relay {}, imapgate {}{}",
+                r.scenario,
+                r.mode,
+                r.policies,
+                r.upstream,
+                r.client_leg,
+                r.unit,
+                fmt_opt(r.blind_ratio, 3),
+                fmt_opt(r.proxied_vs_blind, 3),
+                fmt_cpu(r.blind_cpu_us_per_unit, r.cpu_unit),
+                fmt_cpu(r.imapgate_cpu_us_per_unit, r.cpu_unit),
+                r.gate_minus_blind_cpu_us_per_unit
+                    .map_or("?".into(), |c| format!("{c:+.1}")),
+                unit.strip_prefix("µs").unwrap_or(unit),
+                fmt_share(r.blind_system_share),
+                fmt_share(r.imapgate_system_share),
+                match (r.blind_p50_us, r.p50_us_proxied, r.p50_us_direct) {
+                    (Some(b), Some(p), Some(d)) =>
+                        format!("; p50 direct/imapgate/relay {d:.0}/{p:.0}/{b:.0} µs"),
+                    _ => String::new(),
+                }
+            );
+        }
         if let Some(k) = r.kib_per_idle_conn {
             let notify = |c: &Option<NotifyCheck>| {
                 c.as_ref().map_or("-".into(), |c| {
@@ -1822,6 +2019,16 @@ pub fn table(report: &Report) -> String {
          login, per APPEND (imaplib: its login included) or, for idle, per connection per minute \
          with every connection idle (gate cpu there: over that window only)."
     );
+    if let Some(kib) = report.rows.iter().find_map(|r| r.blind_buffer_kib) {
+        let _ = writeln!(
+            out,
+            "blind = a relay that only copies bytes (client leg plain, to Dovecot's plain port), \
+             in a process of its own measured as imapgate is: tokio multi-thread runtime with \
+             the default workers, copy_bidirectional with {kib} KiB buffers per direction, \
+             TCP_NODELAY on both legs; b/direct = blind / direct; run in the same rounds as \
+             direct and imapgate."
+        );
+    }
     if report.rows.iter().any(|r| r.scenario == "ratelimit") {
         let _ = writeln!(
             out,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::load;
+use load::blind::{Launcher, Spec};
 use load::env::Upstream;
 use load::{ClientLeg, Options, Policies, Scenario};
 
@@ -33,6 +34,11 @@ fn tiny() -> Options {
         routed_policies: vec![Policies::OnLogin],
         routed_warm: 2,
         imapgate: Some(PathBuf::from(env!("CARGO_BIN_EXE_imapgate"))),
+        // This test binary, running `blind_relay_child` below, is the blind relay.
+        blind: Some(Launcher::Test {
+            exe: std::env::current_exe().expect("the test binary's path"),
+            test: "bench_smoke::blind_relay_child".into(),
+        }),
         progress: false,
         ..Options::default()
     }
@@ -95,6 +101,30 @@ fn load_harness_produces_figures_for_every_scenario() {
         for r in rows.iter().filter(|r| r.client_leg == "plain") {
             assert_eq!((r.upstream, r.direct_plain), ("plain", None), "{r:?}");
             assert_ne!(r.policies, "shipped", "{r:?}");
+        }
+        // The blind relay ran beside imapgate on the plaintext leg of the relaying scenarios
+        // (the routed login rows aside), and only there.
+        let blind_scenario = matches!(
+            scenario,
+            Scenario::FetchLarge | Scenario::Small | Scenario::SmallSerial | Scenario::Append
+        );
+        for r in &rows {
+            let expect_blind = blind_scenario && r.client_leg == "plain";
+            assert_eq!(r.blind.is_some(), expect_blind, "{r:?}\n{table}");
+            if expect_blind {
+                assert!(r.blind.unwrap_or(0.0) > 0.0, "{r:?}");
+                assert_eq!(r.blind_rounds.len(), opts.rounds, "{r:?}");
+                assert!(
+                    r.blind_ratio.is_some()
+                        && r.proxied_vs_blind.is_some()
+                        && r.blind_cpu_us_per_unit.is_some()
+                        && r.gate_minus_blind_cpu_us_per_unit.is_some(),
+                    "{r:?}"
+                );
+                if matches!(scenario, Scenario::Small | Scenario::SmallSerial) {
+                    assert!(r.blind_p50_us.is_some(), "{r:?}");
+                }
+            }
         }
         for r in rows {
             // imapgate's CPU per unit of work, for every scenario.
@@ -159,6 +189,7 @@ fn load_harness_produces_figures_for_every_scenario() {
         table.contains("fetch-large") && table.contains("direct"),
         "{table}"
     );
+    assert!(table.contains("blind relay"), "{table}");
     let modes: Vec<_> = report
         .rows
         .iter()
@@ -222,6 +253,33 @@ fn ratelimit_scenario_compares_local_and_shared_buckets() {
         table.contains("ratelimit-shared over ratelimit-local"),
         "{table}"
     );
+}
+
+/// Not a test of its own: the blind relay process of the smoke run, started by the harness as
+/// `proxy --exact bench_smoke::blind_relay_child` with its parameters in the environment; it
+/// serves until the harness closes its stdin. Run with the rest, it returns at once.
+#[test]
+fn blind_relay_child() {
+    let Some(spec) = Spec::from_env() else {
+        return;
+    };
+    let spec = spec.unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = load::blind::serve(&spec) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn blind_relay_parameters_survive_the_environment() {
+    let spec = Spec {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        upstream: "127.0.0.1:10143".parse().expect("an address"),
+        buffer: 65536,
+        ready_file: PathBuf::from("/tmp/a dir/ready"),
+    };
+    let value = spec.to_env().into_string().expect("UTF-8");
+    assert_eq!(Spec::from_env_value(&value), Ok(spec));
+    assert!(Spec::from_env_value("127.0.0.1:0 127.0.0.1:1").is_err());
 }
 
 #[test]
