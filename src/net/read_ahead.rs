@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 
 /// Bytes read at once while data streams.
 const AHEAD: usize = 64 * 1024;
+/// A read ahead of at least this much says data still streams.
+const STILL_STREAMING: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct ReadAhead {
@@ -85,7 +87,10 @@ impl AsyncRead for ReadAhead {
             Poll::Ready(Ok(())) => {
                 let n = ahead.filled().len();
                 this.filled = n;
-                this.streaming = n == AHEAD;
+                // Kept while reads stay large: allocating and zeroing the buffer again for
+                // every read that found a little less than it could hold cost more than the
+                // read-ahead saved.
+                this.streaming = n >= STILL_STREAMING;
                 if n == 0 {
                     this.buf = Vec::new();
                     return Poll::Ready(Ok(()));
