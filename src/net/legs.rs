@@ -6,13 +6,13 @@
 //! stream has one rustls state for both directions, so its halves share it through tokio's
 //! `split`.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -114,50 +114,7 @@ impl LegWriter {
     }
 }
 
-impl AsyncWrite for LegWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LegWriter::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            LegWriter::Tls(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LegWriter::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            LegWriter::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            LegWriter::Tcp(w) => w.is_write_vectored(),
-            LegWriter::Tls(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LegWriter::Tcp(w) => Pin::new(w).poll_flush(cx),
-            LegWriter::Tls(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LegWriter::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            LegWriter::Tls(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
+forward_async_write_to_variants!(LegWriter: LegWriter::Tcp, LegWriter::Tls);
 
 /// A TLS leg with its acknowledgement switch: reading goes through rustls, so the switch is
 /// applied below tokio's split, where the TCP socket is still in reach.
@@ -186,32 +143,4 @@ impl AsyncRead for TlsLeg {
     }
 }
 
-impl AsyncWrite for TlsLeg {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
+forward_async_write_to_field!(TlsLeg: stream);

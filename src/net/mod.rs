@@ -12,6 +12,9 @@
 //! an upstream open and greeted ahead of the logins that take them; [`http`] serves the
 //! operators' endpoints (metrics and health, admin).
 
+#[macro_use]
+mod forward;
+
 pub mod certs;
 pub mod health;
 pub mod http;
