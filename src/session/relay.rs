@@ -373,7 +373,7 @@ impl Driver {
             while let Some(control) = self.conv.take_control() {
                 match control {
                     Control::StartTls => {
-                        flush_all(&mut cw, &mut self.conv.to_client, &mut passthrough)
+                        flush_client(&mut cw, &mut self.conv.to_client, &mut passthrough)
                             .await
                             .map_err(SessionError::Client)?;
                         let stream = legs::unsplit(cr, cw).map_err(SessionError::Client)?;
@@ -390,7 +390,7 @@ impl Driver {
                             self.finish();
                             return Ok(());
                         };
-                        flush_all(uw, &mut self.conv.to_upstream, &mut Passthrough::default())
+                        flush_all(uw, &mut self.conv.to_upstream)
                             .await
                             .map_err(SessionError::UpstreamIo)?;
                         let _ = uw.shutdown().await;
@@ -399,7 +399,7 @@ impl Driver {
                         if flush {
                             let _ = timeout(
                                 CLOSE_FLUSH,
-                                flush_all(&mut cw, &mut self.conv.to_client, &mut passthrough),
+                                flush_client(&mut cw, &mut self.conv.to_client, &mut passthrough),
                             )
                             .await;
                         }
@@ -908,10 +908,7 @@ async fn upstream_in(
 /// Writes to the client leg: first what the pipe holds, then the queue.
 async fn client_out(w: &mut LegWriter, outbox: &Outbox, passthrough: &Passthrough) -> Written {
     if passthrough.held() > 0 {
-        return Written::Spliced(match w.tcp() {
-            Some(tcp) => passthrough.drain(tcp).await,
-            None => Err(io::Error::other("a pipe to a TLS leg")),
-        });
+        return Written::Spliced(drain_pipe(w, passthrough).await);
     }
     write_or_flush(w, outbox).await
 }
@@ -949,19 +946,29 @@ async fn write_or_flush(w: &mut LegWriter, outbox: &Outbox) -> Written {
     }
 }
 
-/// Writes everything: what the pipe holds first, then the queue.
-async fn flush_all(
+/// Moves what the pipe holds into the client's socket (some of it).
+async fn drain_pipe(w: &LegWriter, passthrough: &Passthrough) -> io::Result<usize> {
+    match w.tcp() {
+        Some(tcp) => passthrough.drain(tcp).await,
+        None => Err(io::Error::other("a pipe to a TLS leg")),
+    }
+}
+
+/// Writes everything to the client: what the pipe holds first, then the queue.
+async fn flush_client(
     w: &mut LegWriter,
     outbox: &mut Outbox,
     passthrough: &mut Passthrough,
 ) -> io::Result<()> {
     while passthrough.held() > 0 {
-        let Some(tcp) = w.tcp() else {
-            return Err(io::Error::other("a pipe to a TLS leg"));
-        };
-        let n = passthrough.drain(tcp).await?;
+        let n = drain_pipe(w, passthrough).await?;
         passthrough.drained(n);
     }
+    flush_all(w, outbox).await
+}
+
+/// Writes everything queued.
+async fn flush_all(w: &mut LegWriter, outbox: &mut Outbox) -> io::Result<()> {
     while !outbox.is_empty() {
         let n = write_some(w, outbox).await?;
         outbox.consume(n);
