@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--rounds 3] [--duration 3] [--scenarios fetch-large,small,...]
-//!     [--client plain|tls|both] [--policies none|shipped|both] [--upstream plain|tls|both]
+//!     [--client plain|tls|both] [--policies none|shipped|both|hooks|all] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
 //!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
 //!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0] [--json]
@@ -65,6 +65,10 @@ enum Which {
     None,
     Shipped,
     Both,
+    /// The shipped policies' hooks with nothing in them (what entering Lua costs).
+    Hooks,
+    /// none, hooks and shipped.
+    All,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -134,7 +138,8 @@ struct Cli {
     /// Seconds to keep the idle connections open after the memory reading (to profile).
     #[arg(long, default_value_t = 0.0)]
     idle_hold: f64,
-    /// Policy variants of imapgate: no policies, the three shipped ones, or both.
+    /// Policy variants of imapgate: no policies, the three shipped ones, both, their hooks
+    /// with nothing in them (`hooks`), or all three.
     #[arg(long, value_enum, default_value = "both")]
     policies: Which,
     /// A TOML file with [[policy]] tables (absolute script paths) instead of the shipped three.
@@ -274,6 +279,8 @@ fn options(cli: &Cli) -> Result<Options, String> {
         Which::None => vec![Policies::None],
         Which::Shipped => vec![Policies::Shipped],
         Which::Both => vec![Policies::None, Policies::Shipped],
+        Which::Hooks => vec![Policies::Hooks],
+        Which::All => vec![Policies::None, Policies::Hooks, Policies::Shipped],
     };
     o.upstreams = match (cli.tls_upstream, cli.upstream) {
         (true, _) | (false, UpstreamArg::Tls) => vec![Upstream::Tls],

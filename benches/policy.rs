@@ -2,6 +2,9 @@
 //! three shipped policies, timing a hooked command against an unhooked one.
 //!
 //! `cargo bench --bench policy`
+//!
+//! A second group runs the namespace policy's hooks in a bare VM, with and without the
+//! instruction-count hook of the time budget (`-- namespace_hooks_in_bare_lua`).
 
 use std::path::PathBuf;
 
@@ -67,8 +70,14 @@ fn conversation(policies: Policies) -> Conversation {
 
 /// One command and its tagged completion, so that nothing piles up between iterations.
 fn one(conv: &mut Conversation, line: &[u8]) {
+    one_answered(conv, line, b"")
+}
+
+/// One command, the untagged data `answer` and its tagged completion.
+fn one_answered(conv: &mut Conversation, line: &[u8], answer: &[u8]) {
     conv.client_buffer().extend_from_slice(line);
     conv.client_input();
+    conv.upstream_buffer().extend_from_slice(answer);
     conv.upstream_buffer().extend_from_slice(b"t OK done\r\n");
     conv.upstream_input();
     conv.to_upstream.drain_to_vec();
@@ -93,8 +102,78 @@ fn bench(c: &mut Criterion) {
         "SELECT, shipped policies (hooked: namespace rewrite)",
         |b| b.iter(|| one(&mut shipped_conv, b"t SELECT INBOX.Archive.2024\r\n")),
     );
+    g.bench_function(
+        "STATUS, shipped policies (hooked: namespace command and response)",
+        |b| {
+            b.iter(|| {
+                one_answered(
+                    &mut shipped_conv,
+                    b"t STATUS INBOX.Archive (MESSAGES UNSEEN UIDNEXT)\r\n",
+                    b"* STATUS Archive (MESSAGES 3 UNSEEN 0 UIDNEXT 4)\r\n",
+                )
+            })
+        },
+    );
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The namespace policy's two hooks for one STATUS (the command's name to the upstream form,
+/// the response's back), called in a bare Lua 5.4 VM: what the policy's own code costs, and
+/// what the instruction-count hook that enforces the time budget adds to it.
+fn namespace_in_bare_lua(c: &mut Criterion) {
+    use mlua::{Function, HookTriggers, Lua, Table, VmState};
+    let mut g = c.benchmark_group("namespace_hooks_in_bare_lua");
+    let lua = Lua::new();
+    lua.load(
+        "imap = { options = {}, list_match = function() return false end,
+                  reject = function(v) return v end, drop = function() return {} end }",
+    )
+    .exec()
+    .expect("imap stub");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies/namespace.lua");
+    let source = std::fs::read_to_string(path).expect("namespace.lua");
+    let policy: Table = lua.load(&source).eval().expect("namespace.lua loads");
+    let on_command: Function = policy.get("on_command").expect("on_command");
+    let on_response: Function = policy.get("on_response").expect("on_response");
+    let ctx = lua.create_table().expect("ctx");
+    let status = |hooks: bool| -> Function {
+        let run = if hooks {
+            "on_command(ctx, cmd) on_response(ctx, resp)"
+        } else {
+            ""
+        };
+        lua.load(format!(
+            "return function(on_command, on_response, ctx)
+               local cmd = {{ tag = 't', name = 'STATUS', mailboxes = {{ 'INBOX.Archive' }}, roles = {{ 'mailbox' }} }}
+               local resp = {{ kind = 'STATUS', mailboxes = {{ 'Archive' }}, roles = {{ 'mailbox' }} }}
+               {run}
+               return cmd.mailboxes[1], resp.mailboxes[1]
+             end"
+        ))
+        .eval()
+        .expect("driver")
+    };
+    let (both, tables) = (status(true), status(false));
+    let names: (String, String) = both
+        .call((&on_command, &on_response, &ctx))
+        .expect("hooks run");
+    assert_eq!(names, ("Archive".into(), "INBOX.Archive".into()));
+    let args = (&on_command, &on_response, &ctx);
+    g.bench_function("cmd and resp tables only", |b| {
+        b.iter(|| tables.call::<()>(args).expect("runs"))
+    });
+    g.bench_function("both hooks, no count hook", |b| {
+        b.iter(|| both.call::<()>(args).expect("runs"))
+    });
+    lua.set_hook(HookTriggers::new().every_nth_instruction(1000), |_, _| {
+        Ok(VmState::Continue)
+    })
+    .expect("count hook");
+    g.bench_function("both hooks, count hook as imapgate sets it", |b| {
+        b.iter(|| both.call::<()>(args).expect("runs"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, namespace_in_bare_lua);
 criterion_main!(benches);

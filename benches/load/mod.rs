@@ -20,6 +20,7 @@
 //! before it parses anything.
 #![allow(dead_code)]
 
+pub mod bare_hooks;
 pub mod blind;
 pub mod client;
 pub mod env;
@@ -115,6 +116,8 @@ impl ClientLeg {
 pub enum Policies {
     None,
     Shipped,
+    /// The shipped policies' hooks with nothing in them ([`bare_hooks`]).
+    Hooks,
     /// A small `on_login` policy splitting the users over the two routed upstreams (routed
     /// imapgate only).
     OnLogin,
@@ -133,6 +136,7 @@ impl Policies {
         match self {
             Policies::None => "none",
             Policies::Shipped => "shipped",
+            Policies::Hooks => "hooks",
             Policies::OnLogin => "on_login",
             Policies::RateLimitLocal => "ratelimit-local",
             Policies::RateLimitLocalState => "ratelimit-local+state",
@@ -810,6 +814,7 @@ async fn run_on(
                 Policies::RateLimitLocal
                 | Policies::RateLimitLocalState
                 | Policies::RateLimitShared => continue,
+                Policies::Hooks => Some(bare_hooks::policy_toml(scratch.path())?),
                 Policies::Shipped => match shipped_policy_toml(opts) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -845,6 +850,7 @@ async fn run_on(
                         ))
                     }
                     Policies::Shipped => Some(shipped_policy_toml(opts)?),
+                    Policies::Hooks => Some(bare_hooks::policy_toml(scratch.path())?),
                     Policies::None => None,
                     Policies::RateLimitLocal
                     | Policies::RateLimitLocalState
@@ -1154,7 +1160,9 @@ async fn run_scenario(
             let redis_cpu0 = redis_pid.map(env::CpuStamp::read);
             let t0 = Instant::now();
             let archive = match path {
-                Path_::Proxied(i, _) if variants[i].policies == Policies::Shipped => {
+                Path_::Proxied(i, _)
+                    if matches!(variants[i].policies, Policies::Shipped | Policies::Hooks) =>
+                {
                     opts.policy_archive.as_str()
                 }
                 _ => "Archive",

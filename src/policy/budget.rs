@@ -66,7 +66,18 @@ impl Budget {
 
     /// A fresh budget for a call starting now.
     fn fresh(&self, instructions: u64, time: Duration, may_wait: bool) -> Saved {
-        let now = self.base.elapsed();
+        self.fresh_from(Instant::now(), instructions, time, may_wait)
+    }
+
+    /// A fresh budget for a call that started at `started`.
+    fn fresh_from(
+        &self,
+        started: Instant,
+        instructions: u64,
+        time: Duration,
+        may_wait: bool,
+    ) -> Saved {
+        let now = started.saturating_duration_since(self.base);
         Saved {
             remaining: i64::try_from(instructions).unwrap_or(i64::MAX),
             deadline_ns: self.nanos(now + time),
@@ -167,9 +178,15 @@ pub(super) fn install(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
     )
 }
 
-/// Arms the count hook at its normal rate for a new call (that runs without waiting).
-pub(super) fn arm(lua: &Lua, budget: &Arc<Budget>, instructions: u64, time: Duration) {
-    let mut fresh = budget.fresh(instructions, time, false);
+/// Arms the count hook at its normal rate for a new call (that runs without waiting), which
+/// started at `started`.
+pub(super) fn arm(
+    lua: &Lua,
+    budget: &Arc<Budget>,
+    started: Instant,
+    (instructions, time): (u64, Duration),
+) {
+    let mut fresh = budget.fresh_from(started, instructions, time, false);
     budget.restore(&mut fresh);
     rearm(lua, budget);
 }
@@ -247,12 +264,31 @@ impl<F: Future, Fin: FnOnce(F::Output) -> R + Unpin, R> Future for OnVm<'_, F, F
 /// Exclusive use of a VM (its budget is per VM). When another session's call holds it, the
 /// wait (and this call) happen off the runtime's worker threads.
 pub(super) fn take_turn(turn: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    lock(turn, || ()).0
+}
+
+/// [`take_turn`] for a call that asked at `asked`, and when it got the VM: the budget of a
+/// call counts from then, not from the wait for another session's call.
+pub(super) fn take_turn_at(
+    turn: &Mutex<()>,
+    asked: Instant,
+) -> (std::sync::MutexGuard<'_, ()>, Instant) {
+    let (turn, waited) = lock(turn, Instant::now);
+    (turn, waited.unwrap_or(asked))
+}
+
+/// The VM's lock, and `after_wait()` if the call had to wait for it.
+fn lock<T>(
+    turn: &Mutex<()>,
+    after_wait: impl FnOnce() -> T,
+) -> (std::sync::MutexGuard<'_, ()>, Option<T>) {
     use std::sync::TryLockError;
     match turn.try_lock() {
-        Ok(turn) => turn,
-        Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(TryLockError::WouldBlock) => {
-            super::detach::off_workers(|| turn.lock().unwrap_or_else(|p| p.into_inner()))
-        }
+        Ok(turn) => (turn, None),
+        Err(TryLockError::Poisoned(p)) => (p.into_inner(), None),
+        Err(TryLockError::WouldBlock) => super::detach::off_workers(|| {
+            let turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+            (turn, Some(after_wait()))
+        }),
     }
 }

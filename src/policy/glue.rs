@@ -2,12 +2,18 @@
 //! wait ([`Glue`] for commands, logins and completions), the trusted shims that build `cmd`
 //! and `resp` inside Lua, and the conversions of names, flags, namespaces and verdicts.
 
-use mlua::{Function, Lua, MultiValue, Table, Value};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
-use super::lua::{PolicyMeta, Vm};
-use super::views::{CommandView, Completed, LoginView, Namespace, NamespaceEntry, is_list_flag};
+use mlua::{Function, Lua, LuaString, MultiValue, Table, Value};
+
+use super::lua::{PolicyMeta, Vm, all_command_labels};
+use super::views::{
+    CommandView, Completed, LoginView, Namespace, NamespaceEntry, ROLES, is_list_flag, role_name,
+};
 use super::waiting::Glue;
 use super::{Hook, Verdict, api};
+use crate::imap::response::Status;
 
 impl Glue for CommandView {
     const HOOK: Hook = Hook::Command;
@@ -20,13 +26,11 @@ impl Glue for CommandView {
         command.is_none_or(|name| meta.commands.as_ref().is_none_or(|c| c.contains(name)))
     }
 
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+    fn prepare<'v>(&self, vm: &'v Vm) -> mlua::Result<(Option<&'v Function>, MultiValue)> {
         let lua = &vm.lua;
-        let mut args = MultiValue::with_capacity(7 + 2 * self.mailboxes.len());
-        args.push_back(Value::Function(f.clone()));
-        args.push_back(Value::Table(ctx));
+        let mut args = MultiValue::with_capacity(5 + 2 * self.mailboxes.len());
         args.push_back(Value::String(lua.create_string(&self.tag)?));
-        args.push_back(Value::String(lua.create_string(self.name)?));
+        args.push_back(vm.names.get(lua, self.name)?);
         args.push_back(Value::Integer(
             i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
         ));
@@ -34,8 +38,8 @@ impl Glue for CommandView {
             Some(u) => Value::String(lua.create_string(u)?),
             None => Value::Nil,
         });
-        push_slots(lua, &mut args, &self.mailboxes)?;
-        Ok((vm.command_shim.clone(), args))
+        push_slots(vm, &mut args, &self.mailboxes)?;
+        Ok((Some(&vm.command_shim), args))
     }
 
     fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
@@ -56,7 +60,7 @@ impl Glue for LoginView {
         true
     }
 
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+    fn prepare<'v>(&self, vm: &'v Vm) -> mlua::Result<(Option<&'v Function>, MultiValue)> {
         let t = vm.lua.create_table()?;
         t.raw_set("user", self.user.as_deref())?;
         t.raw_set("mechanism", self.mechanism.as_str())?;
@@ -64,10 +68,7 @@ impl Glue for LoginView {
             "delayed_ms",
             i64::try_from(self.delayed_ms).unwrap_or(i64::MAX),
         )?;
-        Ok((
-            f.clone(),
-            MultiValue::from_iter([Value::Table(ctx), Value::Table(t)]),
-        ))
+        Ok((None, MultiValue::from_iter([Value::Table(t)])))
     }
 
     fn finish(&mut self, mut ret: MultiValue) -> mlua::Result<Verdict> {
@@ -87,19 +88,15 @@ impl Glue for Completed {
         command.is_none_or(|name| filter.is_none_or(|c| c.contains(name)))
     }
 
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)> {
+    fn prepare<'v>(&self, vm: &'v Vm) -> mlua::Result<(Option<&'v Function>, MultiValue)> {
         let lua = &vm.lua;
         let cmd = lua.create_table()?;
         cmd.raw_set("tag", self.tag.as_str())?;
-        cmd.raw_set("name", self.name)?;
+        cmd.raw_set("name", vm.names.get(lua, self.name)?)?;
         cmd.raw_set("code", self.code.as_deref())?;
         Ok((
-            f.clone(),
-            MultiValue::from_iter([
-                Value::Table(ctx),
-                Value::Table(cmd),
-                Value::String(lua.create_string(self.status.as_str())?),
-            ]),
+            None,
+            MultiValue::from_iter([Value::Table(cmd), vm.names.get(lua, self.status.as_str())?]),
         ))
     }
 
@@ -109,41 +106,145 @@ impl Glue for Completed {
 }
 
 /// Glue that builds the `cmd`/`resp` tables inside Lua (much cheaper than field by field from
-/// Rust) and returns the names the hook may have changed. Trusted code, outside the sandbox.
+/// Rust) and returns, per mailbox name, `false` when the hook left it as it was or what it is
+/// now (so an unchanged name costs no string on the way back). Trusted code, outside the
+/// sandbox.
 pub(super) const SHIMS: &str = r#"
-local unpack = table.unpack
+local unpack, type, error = table.unpack, type, error
+local function must_be_string(name, i)
+  if type(name) ~= "string" then
+    error("mailboxes[" .. i .. "] must stay a string, not " .. type(name), 0)
+  end
+  return name
+end
 local function split(n, ...)
   local mailboxes, roles = { ... }, {}
   for i = 1, n do roles[i] = mailboxes[n + i]; mailboxes[n + i] = nil end
   return mailboxes, roles
 end
+local function changed(now, n, ...)
+  local out = { ... }
+  for i = 1, n do
+    local name = now[i]
+    if name == out[i] then out[i] = false else out[i] = must_be_string(name, i) end
+  end
+  return unpack(out, 1, n)
+end
+-- One mailbox (most hooked messages) and none are straight-line: no varargs tables.
 local function command(f, ctx, tag, name, delayed_ms, user, n, ...)
+  if n == 1 then
+    local was, role = ...
+    local cmd = { tag = tag, name = name, mailboxes = { was }, roles = { role }, delayed_ms = delayed_ms, user = user }
+    local verdict = f(ctx, cmd)
+    local now = cmd.mailboxes[1]
+    if now == was then return verdict, false end
+    return verdict, must_be_string(now, 1)
+  end
+  if n == 0 then
+    return (f(ctx, { tag = tag, name = name, mailboxes = {}, roles = {}, delayed_ms = delayed_ms, user = user }))
+  end
   local mailboxes, roles = split(n, ...)
   local cmd = { tag = tag, name = name, mailboxes = mailboxes, roles = roles, delayed_ms = delayed_ms, user = user }
   local verdict = f(ctx, cmd)
-  return verdict, unpack(cmd.mailboxes, 1, n)
+  return verdict, changed(cmd.mailboxes, n, ...)
 end
 local function response(f, ctx, kind, delimiter, namespace, flags, n, ...)
+  if n == 1 then
+    local was, role = ...
+    local resp = { kind = kind, mailboxes = { was }, roles = { role }, delimiter = delimiter, namespace = namespace, flags = flags }
+    local verdict = f(ctx, resp)
+    local now = resp.mailboxes[1]
+    if now == was then now = false else now = must_be_string(now, 1) end
+    return verdict, resp.delimiter, resp.namespace, resp.flags, now
+  end
   local mailboxes, roles = split(n, ...)
   local resp = { kind = kind, mailboxes = mailboxes, roles = roles, delimiter = delimiter, namespace = namespace, flags = flags }
   local verdict = f(ctx, resp)
-  return verdict, resp.delimiter, resp.namespace, resp.flags, unpack(resp.mailboxes, 1, n)
+  return verdict, resp.delimiter, resp.namespace, resp.flags, changed(resp.mailboxes, n, ...)
 end
 return command, response
 "#;
 
+/// Strings hooks are given over and over (command labels, response kinds, mailbox roles,
+/// statuses), made once per VM: a string made from Rust costs a protected call while the VM
+/// has a memory limit, one kept here only a reference.
+pub(super) struct Names(HashMap<&'static str, LuaString, BuildHasherDefault<Fnv>>);
+
+/// FNV-1a: the names are a few short fixed strings, hashed on every hook call; SipHash's
+/// resistance to chosen keys buys nothing here and costs more than the lookup.
+#[derive(Default)]
+pub(super) struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+impl Names {
+    pub(super) fn new(lua: &Lua) -> mlua::Result<Names> {
+        let mut names = HashMap::default();
+        let roles = ROLES.map(role_name);
+        let statuses = [Status::Ok, Status::No, Status::Bad].map(Status::as_str);
+        let kinds = api::RESPONSE_KINDS.iter().map(|k| k.as_str());
+        for name in all_command_labels()
+            .into_iter()
+            .chain(kinds)
+            .chain(roles)
+            .chain(statuses)
+        {
+            names.insert(name, lua.create_string(name)?);
+        }
+        Ok(Names(names))
+    }
+
+    /// `name` as a Lua string (kept, or made now if it is not one of the kept ones).
+    pub(super) fn get(&self, lua: &Lua, name: &'static str) -> mlua::Result<Value> {
+        match self.0.get(name) {
+            Some(s) => Ok(Value::String(s.clone())),
+            None => lua.create_string(name).map(Value::String),
+        }
+    }
+}
+
+/// Calls hook `f` with `ctx` and the arguments [`Glue::prepare`] made: through the shim, if
+/// it gave one.
+pub(super) fn invoke(
+    shim: Option<&Function>,
+    f: &Function,
+    ctx: &Table,
+    rest: &MultiValue,
+) -> mlua::Result<MultiValue> {
+    match shim {
+        Some(shim) => shim.call((f, ctx, rest)),
+        None => f.call((ctx, rest)),
+    }
+}
+
 /// `n, names..., roles...` as the shims take them.
 pub(super) fn push_slots(
-    lua: &Lua,
+    vm: &Vm,
     args: &mut MultiValue,
     slots: &[super::MailboxSlot],
 ) -> mlua::Result<()> {
     args.push_back(Value::Integer(i64::try_from(slots.len()).unwrap_or(0)));
     for slot in slots {
-        args.push_back(Value::String(lua.create_string(&slot.name)?));
+        args.push_back(Value::String(vm.lua.create_string(&slot.name)?));
     }
     for slot in slots {
-        args.push_back(Value::String(lua.create_string(slot.role_str())?));
+        args.push_back(vm.names.get(&vm.lua, slot.role_str())?);
     }
     Ok(())
 }
@@ -154,6 +255,8 @@ pub(super) fn read_back_names(
 ) -> mlua::Result<()> {
     for (i, (value, slot)) in values.into_iter().zip(slots.iter_mut()).enumerate() {
         match value {
+            // The shim's "left as it was".
+            Value::Boolean(false) => {}
             Value::String(s) => {
                 let s = s.to_str()?;
                 if *s != *slot.name {

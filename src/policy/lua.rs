@@ -20,8 +20,8 @@ use super::api::{self, HostShared};
 use super::budget::{self, Budget};
 use super::contract::contract;
 use super::glue::{
-    SHIMS, namespace_from_lua, namespace_to_lua, push_slots, read_back_flags, read_back_names,
-    verdict_of,
+    Names, SHIMS, invoke, namespace_from_lua, namespace_to_lua, push_slots, read_back_flags,
+    read_back_names, verdict_of,
 };
 use super::sandbox::Sandbox;
 use super::userdata::{VarsHandle, peer_ip};
@@ -80,14 +80,16 @@ pub(super) struct Vm {
     pub(super) policies: Vec<VmPolicy>,
     pub(super) command_shim: Function,
     response_shim: Function,
+    pub(super) names: Names,
     /// `__newindex` of every ctx proxy: ctx is read-only to policies.
     readonly: Function,
 }
 
 impl Vm {
-    /// Exclusive use of the VM for one call that runs without waiting.
-    fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
-        budget::take_turn(&self.turn)
+    /// Exclusive use of the VM for one call that runs without waiting, asked for at `asked`;
+    /// and when the call got it.
+    fn take_turn(&self, asked: Instant) -> (std::sync::MutexGuard<'_, ()>, Instant) {
+        budget::take_turn_at(&self.turn, asked)
     }
 }
 
@@ -284,13 +286,31 @@ impl PolicySet {
         ctx: &mut ConnCtx,
         policy: usize,
     ) -> mlua::Result<Table> {
-        if let Some(c) = &ctx.lua
-            && c.set == self.generation
-            && c.version == ctx.version
-            && let Some(proxy) = c.proxies.get(policy)
-        {
-            return Ok(proxy.clone());
+        self.ctx_proxy(vm, ctx, policy).cloned()
+    }
+
+    /// [`PolicySet::ctx_table`], borrowed from the connection.
+    fn ctx_proxy<'c>(
+        &self,
+        vm: &Vm,
+        ctx: &'c mut ConnCtx,
+        policy: usize,
+    ) -> mlua::Result<&'c Table> {
+        let fresh = ctx
+            .lua
+            .as_ref()
+            .is_some_and(|c| c.set == self.generation && c.version == ctx.version);
+        if !fresh {
+            self.refresh_ctx(vm, ctx)?;
         }
+        ctx.lua
+            .as_ref()
+            .and_then(|c| c.proxies.get(policy))
+            .ok_or_else(|| mlua::Error::RuntimeError("no such policy".into()))
+    }
+
+    /// Builds the connection's ctx tables, or brings them up to date with its info.
+    fn refresh_ctx(&self, vm: &Vm, ctx: &mut ConnCtx) -> mlua::Result<()> {
         let (proxies, real) = match ctx.lua.take() {
             Some(c) if c.set == self.generation => (c.proxies, c.real),
             _ => {
@@ -319,17 +339,13 @@ impl PolicySet {
         real.raw_set("user", info.user.as_deref())?;
         real.raw_set("state", info.state)?;
         real.raw_set("selected", info.selected.as_deref())?;
-        let proxy = proxies
-            .get(policy)
-            .cloned()
-            .ok_or_else(|| mlua::Error::RuntimeError("no such policy".into()))?;
         ctx.lua = Some(LuaCtx {
             set: self.generation,
             version: ctx.version,
             proxies,
             real,
         });
-        Ok(proxy)
+        Ok(())
     }
 
     /// Runs one hook of one policy and records the decision. `Ok` carries a verdict the hook
@@ -341,14 +357,14 @@ impl PolicySet {
         policy: usize,
         hook: Hook,
         command: Option<&'static str>,
-        run: &mut dyn FnMut(&Vm, &Function, Table) -> mlua::Result<Verdict>,
+        run: &mut dyn FnMut(&Vm, &Function, &Table) -> mlua::Result<Verdict>,
     ) -> Option<Result<Verdict, Failure>> {
         let vm = self.vm(ctx)?;
         let f = vm.policies.get(policy)?.hooks[hook_index(hook)].as_ref()?;
         let started = Instant::now();
-        let turn = vm.take_turn();
-        budget::arm(&vm.lua, &vm.budget, self.instructions, self.time);
-        let result = self.ctx_table(vm, ctx, policy).and_then(|c| run(vm, f, c));
+        let (turn, running) = vm.take_turn(started);
+        budget::arm(&vm.lua, &vm.budget, running, (self.instructions, self.time));
+        let result = self.ctx_proxy(vm, ctx, policy).and_then(|c| run(vm, f, c));
         let state = vm.budget.take_state_failure();
         drop(turn);
         let call = Call {
@@ -439,7 +455,7 @@ impl PolicySet {
         hook: Hook,
         command: Option<&'static str>,
         wants: impl Fn(&PolicyMeta) -> bool,
-        run: &mut dyn FnMut(&Vm, &Function, Table) -> mlua::Result<Verdict>,
+        run: &mut dyn FnMut(&Vm, &Function, &Table) -> mlua::Result<Verdict>,
     ) -> Verdict {
         if !self.has_hook(hook) {
             return Verdict::Pass;
@@ -505,8 +521,8 @@ impl PolicySet {
             command,
             |m| G::wants(m, command),
             &mut |vm, f, c| {
-                let (func, args) = glue.prepare(vm, f, c)?;
-                glue.finish(func.call::<MultiValue>(args)?)
+                let (shim, rest) = glue.prepare(vm)?;
+                glue.finish(invoke(shim, f, c, &rest)?)
             },
         )
     }
@@ -525,10 +541,8 @@ impl PolicySet {
             |m| m.responses.as_ref().is_none_or(|r| r.contains(kind)),
             &mut |vm, f, c| {
                 let lua = &vm.lua;
-                let mut args = MultiValue::with_capacity(7 + 2 * resp.mailboxes.len());
-                args.push_back(Value::Function(f.clone()));
-                args.push_back(Value::Table(c));
-                args.push_back(Value::String(lua.create_string(resp.kind)?));
+                let mut args = MultiValue::with_capacity(5 + 2 * resp.mailboxes.len());
+                args.push_back(vm.names.get(lua, resp.kind)?);
                 args.push_back(match &resp.delimiter {
                     Some(d) => Value::String(lua.create_string(d)?),
                     None => Value::Nil,
@@ -542,8 +556,8 @@ impl PolicySet {
                 } else {
                     Value::Nil
                 });
-                push_slots(lua, &mut args, &resp.mailboxes)?;
-                let mut ret = vm.response_shim.call::<MultiValue>(args)?;
+                push_slots(vm, &mut args, &resp.mailboxes)?;
+                let mut ret = invoke(Some(&vm.response_shim), f, c, &args)?;
                 let verdict = ret.pop_front().unwrap_or(Value::Nil);
                 resp.delimiter = match ret.pop_front().unwrap_or(Value::Nil) {
                     Value::Nil => None,
@@ -703,8 +717,11 @@ fn load_vm(
         budget::arm(
             &lua,
             &budget,
-            cfg.instructions,
-            Duration::from_millis(cfg.time_ms.max(1000)),
+            Instant::now(),
+            (
+                cfg.instructions,
+                Duration::from_millis(cfg.time_ms.max(1000)),
+            ),
         );
         let value: mlua::Result<Value> = lua
             .load(source.as_str())
@@ -731,6 +748,13 @@ fn load_vm(
         .set_name("=imapgate")
         .eval()
         .map_err(|e| PolicyError::Lua(e.to_string()))?;
+    let names = Names::new(&lua).map_err(|e| PolicyError::Lua(e.to_string()))?;
+    // Most of what a hook call allocates (its cmd or resp table, the strings of a rewrite)
+    // is garbage when the call returns: the generational collector frees it young, without
+    // the incremental collector's marking and sweeping of everything the policies keep.
+    lua.gc_set_mode(mlua::state::GcMode::Generational(
+        mlua::state::GcGenParams::default(),
+    ));
     let readonly = lua
         .create_function(|_, ()| -> mlua::Result<()> {
             Err(mlua::Error::RuntimeError(
@@ -746,6 +770,7 @@ fn load_vm(
             policies,
             command_shim,
             response_shim,
+            names,
             readonly,
         },
         metas,

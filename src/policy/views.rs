@@ -31,14 +31,27 @@ impl MailboxSlot {
     }
 
     pub fn role_str(&self) -> &'static str {
-        match self.role {
-            MailboxRole::Mailbox => "mailbox",
-            MailboxRole::Reference => "reference",
-            MailboxRole::Pattern => "pattern",
-            MailboxRole::Url => "url",
-        }
+        role_name(self.role)
     }
 }
+
+/// `cmd.roles[i]`: what the mailbox argument is to its command.
+pub(crate) fn role_name(role: MailboxRole) -> &'static str {
+    match role {
+        MailboxRole::Mailbox => "mailbox",
+        MailboxRole::Reference => "reference",
+        MailboxRole::Pattern => "pattern",
+        MailboxRole::Url => "url",
+    }
+}
+
+/// Every role [`role_name`] names.
+pub(crate) const ROLES: [MailboxRole; 4] = [
+    MailboxRole::Mailbox,
+    MailboxRole::Reference,
+    MailboxRole::Pattern,
+    MailboxRole::Url,
+];
 
 /// `cmd` in `on_command`.
 #[derive(Clone, Debug, PartialEq, Eq)]

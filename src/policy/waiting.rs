@@ -28,8 +28,9 @@ pub(super) trait Glue {
     fn command(&self) -> Option<&'static str>;
     /// Whether a policy's filters want this message.
     fn wants(meta: &PolicyMeta, command: Option<&'static str>) -> bool;
-    /// The Lua function to call for hook function `f` with `ctx`, and its arguments.
-    fn prepare(&self, vm: &Vm, f: &Function, ctx: Table) -> mlua::Result<(Function, MultiValue)>;
+    /// The arguments of the hook after `ctx`, and the shim to call the hook through if it
+    /// has one (see [`super::glue::invoke`]).
+    fn prepare<'v>(&self, vm: &'v Vm) -> mlua::Result<(Option<&'v Function>, MultiValue)>;
     /// Reads the call's results back into the view; the verdict.
     fn finish(&mut self, ret: MultiValue) -> mlua::Result<Verdict>;
 }
@@ -210,14 +211,18 @@ impl PolicySet {
             };
             let prepared = table
                 .map_err(mlua::Error::RuntimeError)
-                .and_then(|ctx| view.prepare(vm, &f, ctx));
+                .and_then(|ctx| Ok((ctx, view.prepare(vm)?)));
             let (result, state) = match prepared {
                 Err(e) => (Err(e), None),
-                Ok((func, args)) => {
+                Ok((ctx, (shim, rest))) => {
+                    let running = match shim {
+                        Some(shim) => shim.call_async::<MultiValue>((&f, &ctx, &rest)),
+                        None => f.call_async::<MultiValue>((&ctx, &rest)),
+                    };
                     let view = &mut *view;
                     super::budget::OnVm::new(
                         (&vm.turn, &vm.lua, &vm.budget),
-                        func.call_async::<MultiValue>(args),
+                        running,
                         move |ret: mlua::Result<MultiValue>| ret.and_then(|r| view.finish(r)),
                         (self.instructions, self.time),
                     )

@@ -314,6 +314,93 @@ fn mailbox_rewrites_are_encoded_by_rust() {
 }
 
 #[test]
+fn a_mailbox_name_a_hook_takes_away_fails_closed() {
+    // Only a string is a name: false, nil, a number or a table in its place is a failed
+    // hook (answered as one), never "left as it was".
+    for replacement in ["false", "nil", "42", "{}"] {
+        let s = Scripts::new();
+        let path = s.write(
+            "unname.lua",
+            &format!(
+                "return {{ commands = {{ 'SELECT', 'RENAME' }}, on_command = function(ctx, cmd)
+                   cmd.mailboxes[#cmd.mailboxes] = {replacement}
+                 end }}"
+            ),
+        );
+        let mut conv = conversation(load(&[config(&path)]).expect("loads"));
+        for (line, tag) in [("a1 SELECT x\r\n", "a1"), ("a2 RENAME a b\r\n", "a2")] {
+            let (up, down) = send(&mut conv, line);
+            assert_eq!(up, "", "{replacement}: {line}");
+            assert_eq!(
+                down,
+                format!("{tag} NO [UNAVAILABLE] Policy check failed, try again later\r\n"),
+                "{replacement}: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_listed_name_a_response_hook_takes_away_fails_closed() {
+    let script = r#"return { responses = { "LIST" }, on_response = function(ctx, resp)
+      resp.mailboxes[1] = false
+    end }"#;
+    let (_s, closed) = engine(&[("p.lua", script)], OnError::Closed);
+    let mut ctx = alice();
+    let mut entry = list_entry("Private/Secret", &[]);
+    assert_eq!(
+        closed.current().on_response(&mut ctx, &mut entry),
+        unavailable()
+    );
+    let seen = decisions(&mut ctx);
+    assert_eq!((seen[0].0, seen[0].1), ("on_response", "error"));
+    assert!(
+        seen[0]
+            .2
+            .as_deref()
+            .is_some_and(|e| e.contains("mailboxes[1] must stay a string, not boolean")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_hook_may_replace_the_list_of_names() {
+    let s = Scripts::new();
+    let path = s.write(
+        "replace.lua",
+        r#"return { commands = { 'SELECT', 'RENAME' }, on_command = function(ctx, cmd)
+             local names = {}
+             for i, name in ipairs(cmd.mailboxes) do names[i] = "Jail/" .. name end
+             cmd.mailboxes = names
+           end }"#,
+    );
+    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
+    assert_eq!(send(&mut conv, "a1 SELECT x\r\n").0, "a1 SELECT Jail/x\r\n");
+    answer(&mut conv, "a1 OK selected\r\n");
+    assert_eq!(
+        send(&mut conv, "a2 RENAME a b\r\n").0,
+        "a2 RENAME Jail/a Jail/b\r\n"
+    );
+}
+
+#[test]
+fn names_a_hook_leaves_alone_keep_their_bytes() {
+    let s = Scripts::new();
+    let path = s.write(
+        "second.lua",
+        r#"return { commands = { 'RENAME' }, on_command = function(ctx, cmd)
+             cmd.mailboxes[1] = "" .. cmd.mailboxes[1] -- the same name, a new string
+             cmd.mailboxes[2] = "New/" .. cmd.mailboxes[2]
+           end }"#,
+    );
+    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
+    assert_eq!(
+        send(&mut conv, "a1 RENAME \"Old\" b\r\n").0,
+        "a1 RENAME \"Old\" New/b\r\n"
+    );
+}
+
+#[test]
 fn reload_swaps_policies_for_live_connections_and_keeps_vars() {
     let s = Scripts::new();
     let path = s.write(
