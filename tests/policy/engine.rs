@@ -213,8 +213,7 @@ fn infinite_loop_is_stopped_and_the_command_fails_closed() {
 
 #[test]
 fn pcall_cannot_swallow_the_budget() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "sneaky.lua",
         r#"return { commands = { 'SELECT' }, on_command = function()
              while true do
@@ -223,7 +222,6 @@ fn pcall_cannot_swallow_the_budget() {
              end
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     let (up, down) = send(&mut conv, "a1 SELECT INBOX\r\n");
     assert_eq!(up, "");
     assert!(down.starts_with("a1 NO [UNAVAILABLE]"), "{down}");
@@ -231,15 +229,13 @@ fn pcall_cannot_swallow_the_budget() {
 
 #[test]
 fn memory_bomb_is_stopped() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "bomb.lua",
         r#"return { commands = { 'SELECT' }, on_command = function()
              local t = {}
              for i = 1, 1e9 do t[i] = string.rep("x", 1024 * 1024) .. i end
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     let (up, down) = send(&mut conv, "a1 SELECT INBOX\r\n");
     assert_eq!(up, "");
     assert!(down.starts_with("a1 NO [UNAVAILABLE]"), "{down}");
@@ -268,14 +264,12 @@ fn fail_open_lets_the_command_through() {
 
 #[test]
 fn verdict_text_cannot_smuggle_a_line() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "smuggle.lua",
         r#"return { commands = { 'SELECT' }, on_command = function()
              return imap.reject{ code = "X", text = "no\r\n* OK injected" }
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     let (_, down) = send(&mut conv, "a1 SELECT INBOX\r\n");
     assert_eq!(
         down,
@@ -285,14 +279,12 @@ fn verdict_text_cannot_smuggle_a_line() {
 
 #[test]
 fn mailbox_rewrites_are_encoded_by_rust() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "rename.lua",
         r#"return { commands = { 'SELECT', 'RENAME' }, on_command = function(ctx, cmd)
              for i, name in ipairs(cmd.mailboxes) do cmd.mailboxes[i] = "Entwürfe \"" .. name .. "\"" end
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     assert_eq!(
         send(&mut conv, "a1 SELECT  x\r\n").0,
         "a1 SELECT  \"Entw&APw-rfe \\\"x\\\"\"\r\n"
@@ -318,8 +310,7 @@ fn a_mailbox_name_a_hook_takes_away_fails_closed() {
     // Only a string is a name: false, nil, a number or a table in its place is a failed
     // hook (answered as one), never "left as it was".
     for replacement in ["false", "nil", "42", "{}"] {
-        let s = Scripts::new();
-        let path = s.write(
+        let (_s, mut conv) = scripted(
             "unname.lua",
             &format!(
                 "return {{ commands = {{ 'SELECT', 'RENAME' }}, on_command = function(ctx, cmd)
@@ -327,7 +318,6 @@ fn a_mailbox_name_a_hook_takes_away_fails_closed() {
                  end }}"
             ),
         );
-        let mut conv = conversation(load(&[config(&path)]).expect("loads"));
         for (line, tag) in [("a1 SELECT x\r\n", "a1"), ("a2 RENAME a b\r\n", "a2")] {
             let (up, down) = send(&mut conv, line);
             assert_eq!(up, "", "{replacement}: {line}");
@@ -365,8 +355,7 @@ fn a_listed_name_a_response_hook_takes_away_fails_closed() {
 
 #[test]
 fn a_hook_may_replace_the_list_of_names() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "replace.lua",
         r#"return { commands = { 'SELECT', 'RENAME' }, on_command = function(ctx, cmd)
              local names = {}
@@ -374,7 +363,6 @@ fn a_hook_may_replace_the_list_of_names() {
              cmd.mailboxes = names
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     assert_eq!(send(&mut conv, "a1 SELECT x\r\n").0, "a1 SELECT Jail/x\r\n");
     answer(&mut conv, "a1 OK selected\r\n");
     assert_eq!(
@@ -385,15 +373,13 @@ fn a_hook_may_replace_the_list_of_names() {
 
 #[test]
 fn names_a_hook_leaves_alone_keep_their_bytes() {
-    let s = Scripts::new();
-    let path = s.write(
+    let (_s, mut conv) = scripted(
         "second.lua",
         r#"return { commands = { 'RENAME' }, on_command = function(ctx, cmd)
              cmd.mailboxes[1] = "" .. cmd.mailboxes[1] -- the same name, a new string
              cmd.mailboxes[2] = "New/" .. cmd.mailboxes[2]
            end }"#,
     );
-    let mut conv = conversation(load(&[config(&path)]).expect("loads"));
     assert_eq!(
         send(&mut conv, "a1 RENAME \"Old\" b\r\n").0,
         "a1 RENAME \"Old\" New/b\r\n"
@@ -488,6 +474,14 @@ fn engine(scripts: &[(&str, &str)], on_error: OnError) -> (Scripts, Policies) {
         .collect();
     let policies = load(&configs).expect("policies load");
     (s, policies)
+}
+
+/// A conversation with one policy, written from `source` (keep the Scripts while it runs).
+fn scripted(name: &str, source: &str) -> (Scripts, Conversation) {
+    let s = Scripts::new();
+    let path = s.write(name, source);
+    let conv = conversation(load(&[config(&path)]).expect("loads"));
+    (s, conv)
 }
 
 fn alice() -> ConnCtx {
