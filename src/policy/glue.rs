@@ -172,8 +172,13 @@ pub(super) struct Names(HashMap<&'static str, LuaString, BuildHasherDefault<Fnv>
 
 /// FNV-1a: the names are a few short fixed strings, hashed on every hook call; SipHash's
 /// resistance to chosen keys buys nothing here and costs more than the lookup.
-#[derive(Default)]
 pub(super) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
 
 impl Hasher for Fnv {
     fn finish(&self) -> u64 {
@@ -181,15 +186,9 @@ impl Hasher for Fnv {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
         for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
-        self.0 = h;
     }
 }
 
