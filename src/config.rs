@@ -98,6 +98,10 @@ pub struct ListenerConfig {
     /// anyone else could claim any client address. Required then, and only then.
     #[serde(default)]
     pub proxy_from: Vec<Network>,
+    /// Other imapgate processes may listen on the same address (`SO_REUSEPORT`; each must
+    /// set it): the kernel spreads new connections over them.
+    #[serde(default)]
+    pub reuse_port: bool,
     /// `[[listener.certificate]]` tables: certificates chosen by the server name the client
     /// asks for (SNI). `cert`/`key` (or the generated certificate) serve every other client.
     #[serde(rename = "certificate", default)]
@@ -128,6 +132,7 @@ impl ListenerConfig {
             key: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            reuse_port: false,
             certificates: Vec::new(),
         }
     }

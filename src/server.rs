@@ -258,13 +258,13 @@ impl Server {
         let mut accept_loops = JoinSet::new();
         let mut addrs = Vec::new();
         for (l, acceptor) in config.listeners.iter().zip(acceptors) {
-            let socket = TcpListener::bind(l.bind)
-                .await
-                .map_err(|source| ServerError::Bind {
+            let socket = crate::net::listen::bind(l.bind, l.reuse_port).map_err(|source| {
+                ServerError::Bind {
                     name: l.name.clone(),
                     bind: l.bind,
                     source,
-                })?;
+                }
+            })?;
             let local = socket.local_addr().unwrap_or(l.bind);
             tracing::info!(listener = %l.name, addr = %local, tls = ?l.tls, "listening");
             addrs.push((l.name.clone(), local));

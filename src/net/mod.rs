@@ -10,7 +10,8 @@
 //! policies and `/healthz` read; [`proxy_protocol`] reads and writes the PROXY protocol header
 //! that carries a client's real address through load balancers; [`warm`] keeps connections to
 //! an upstream open and greeted ahead of the logins that take them; [`http`] serves the
-//! operators' endpoints (metrics and health, admin).
+//! operators' endpoints (metrics and health, admin); [`listen`] binds a client listener,
+//! shared with other imapgate processes when asked.
 
 #[macro_use]
 mod forward;
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod health;
 pub mod http;
 pub mod legs;
+pub mod listen;
 pub mod proxy_protocol;
 pub mod read_ahead;
 #[cfg(target_os = "linux")]

@@ -325,3 +325,53 @@ fn a_stale_ready_file_is_replaced() {
     let _ = child.wait();
     assert!(!text.contains("127.0.0.1:1\""), "{text}");
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition (0 when absent).
+fn sample(exposition: &str, name_and_labels: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn two_processes_share_one_port_with_reuse_port() {
+    let dc = Dovecot::shared();
+    let gate = |bind: &str| {
+        format!(
+            "[[listener]]\nname = \"plain\"\nbind = \"{bind}\"\ntls = \"none\"\nreuse_port = true\n\
+             [upstream]\naddress = \"{}\"\n\
+             [metrics]\nbind = \"127.0.0.1:0\"\n",
+            dc.addr()
+        )
+    };
+    let first = ProxyProcess::start(&gate("127.0.0.1:0"), "info");
+    let port = first.addr("plain");
+    let second = ProxyProcess::start(&gate(&port.to_string()), "info");
+    assert_eq!(second.addr("plain"), port);
+    // The kernel spreads connections by their addresses: of 40, each process gets some
+    // (all 40 on one would happen about once in 2^39).
+    let (user, pass) = dc.fresh_user();
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let mut c = Client::connect(port).await;
+        assert!(c.read_greeting().await.starts_with("* OK"));
+        c.login(&user, &pass).await;
+        clients.push(c);
+    }
+    let mut served = Vec::new();
+    for gate in [&first, &second] {
+        let (status, body) =
+            http_get_within(gate.metrics_addr(), "/metrics", Duration::from_secs(10)).await;
+        assert_eq!(status, 200);
+        served.push(sample(
+            &body,
+            "imapgate_connections_active{listener=\"plain\"}",
+        ));
+    }
+    assert_eq!(served.iter().sum::<f64>(), 40.0, "{served:?}");
+    assert!(served.iter().all(|&n| n > 0.0), "{served:?}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.ok(&format!("a{i} NOOP")).await;
+    }
+}
