@@ -5,7 +5,8 @@
 //!     [--client plain|tls|both] [--policies none|shipped|both|hooks|all] [--upstream plain|tls|both]
 //!     [--tls-upstream] [--login-clients 4] [--routed none|on-login|both|off]
 //!     [--routed-warm 4] [--idle-connections 1000] [--idle-cpu-seconds 10]
-//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0] [--json]
+//!     [--idle-notify-sample 50] [--idle-hibernate 1] [--idle-keepalive 0]
+//!     [--idle-instances 1] [--json]
 //!     [--imapgate PATH] [--no-blind] [--blind-buffer-kib 64]
 //! ```
 //!
@@ -135,6 +136,10 @@ struct Cli {
     /// Rounds of the idle scenario (it is slow to set up).
     #[arg(long, default_value_t = 1)]
     idle_rounds: usize,
+    /// imapgate processes sharing the idle scenario's listeners (`reuse_port`): for more
+    /// sessions than one process may hold open files. Memory and CPU are their sums.
+    #[arg(long, default_value_t = 1)]
+    idle_instances: usize,
     /// Seconds to keep the idle connections open after the memory reading (to profile).
     #[arg(long, default_value_t = 0.0)]
     idle_hold: f64,
@@ -226,6 +231,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
         duration: Duration::from_secs_f64(cli.duration.clamp(0.1, 600.0)),
         idle_connections: cli.idle_connections.max(1),
         idle_rounds: cli.idle_rounds.max(1),
+        idle_instances: cli.idle_instances.clamp(1, 64),
         idle_hold: Duration::from_secs_f64(cli.idle_hold.clamp(0.0, 3600.0)),
         idle_cpu_window: Duration::from_secs_f64(cli.idle_cpu_seconds.clamp(0.1, 3600.0)),
         idle_notify_sample: cli.idle_notify_sample,

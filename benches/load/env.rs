@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -118,7 +118,7 @@ pub fn start_dovecot(
 /// client socket in the harness, two sockets in imapgate, and in Dovecot a socket plus, when
 /// hibernated, an inotify instance of the mail user): one line per shortfall, with the fix.
 /// `nofile` is the open-file limit the harness got (its children inherit it).
-pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String> {
+pub fn machine_needs(idle: usize, instances: usize, nofile: u64, hibernation: bool) -> Vec<String> {
     let mut out = Vec::new();
     if idle == 0 {
         return out;
@@ -131,7 +131,7 @@ pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String>
             .parse()
             .ok()
     };
-    let fds = nofile_wanted(idle);
+    let fds = nofile_wanted(idle, instances);
     if nofile < fds {
         let nr_open = read("/proc/sys/fs/nr_open").unwrap_or(0);
         out.push(format!(
@@ -201,8 +201,18 @@ pub fn machine_needs(idle: usize, nofile: u64, hibernation: bool) -> Vec<String>
 
 /// File descriptors a run with `idle` idle connections needs in each process (imapgate: two
 /// sockets per connection; Dovecot's imap-login and imap-hibernate: two per connection too).
-pub fn nofile_wanted(idle: usize) -> u64 {
-    (2 * idle + 4096) as u64
+pub fn nofile_wanted(idle: usize, instances: usize) -> u64 {
+    // The harness holds one socket per idle client; each imapgate two per session it got.
+    gate_fds(idle, instances).max(idle as u64 + 64) + 4032
+}
+
+/// The open files each of `instances` imapgate processes sharing `idle` sessions needs: two
+/// sockets per session and a few of its own, with room for the kernel's uneven spreading of
+/// connections over processes sharing a port (by a hash of their addresses).
+pub fn gate_fds(idle: usize, instances: usize) -> u64 {
+    let instances = instances.max(1);
+    let share = idle.div_ceil(instances) + if instances > 1 { idle / 20 } else { 0 };
+    2 * share as u64 + 64
 }
 
 /// Dovecot's processes and their memory, at one moment.
@@ -294,10 +304,11 @@ impl Mode {
 /// The names of the routed upstreams, in config order (the first is the default route).
 pub const ROUTED_UPSTREAMS: [&str; 2] = ["mail1", "mail2"];
 
-/// The imapgate binary as a child process, with an implicit-TLS listener and a plaintext one.
+/// The imapgate binary as a child process, with an implicit-TLS listener and a plaintext one;
+/// or several such processes sharing both listeners (`reuse_port`).
 pub struct Gate {
-    child: Child,
-    watchdog: Option<(Child, ChildStdin)>,
+    /// Each process, with the watchdog that kills it if the harness dies.
+    children: Vec<(Child, Option<(Child, ChildStdin)>)>,
     /// The implicit-TLS listener.
     pub addr: SocketAddr,
     /// The plaintext listener (`tls = "none"`).
@@ -309,7 +320,7 @@ pub struct Gate {
 impl Gate {
     /// Writes a config (listener `imaps` with Dovecot's test certificate, listener `imap`
     /// without TLS, upstream `dc` over `upstream` as `mode` says, then `policies` verbatim)
-    /// and starts `binary run --config` on it.
+    /// and starts `binary run --config` on it, in `instances` processes sharing the listeners.
     pub fn start(
         binary: &Path,
         dc: &Dovecot,
@@ -317,10 +328,18 @@ impl Gate {
         mode: Mode,
         policies: Option<&str>,
         max_connections: usize,
+        instances: usize,
     ) -> Result<Gate, String> {
         let mut last = String::new();
         for _attempt in 0..3 {
-            match Gate::try_start(binary, dc, upstream, mode, policies, max_connections) {
+            let started = Gate::try_start(
+                binary,
+                dc,
+                (upstream, mode, policies),
+                max_connections,
+                instances.max(1),
+            );
+            match started {
                 Ok(g) => return Ok(g),
                 Err(e) if e.contains("Address already in use") => last = e,
                 Err(e) => return Err(e),
@@ -332,10 +351,9 @@ impl Gate {
     fn try_start(
         binary: &Path,
         dc: &Dovecot,
-        upstream: Upstream,
-        mode: Mode,
-        policies: Option<&str>,
+        (upstream, mode, policies): (Upstream, Mode, Option<&str>),
         max_connections: usize,
+        instances: usize,
     ) -> Result<Gate, String> {
         let dir = crate::support::temp_dir();
         let (port, plain_port) = free_ports()?;
@@ -368,10 +386,15 @@ impl Gate {
                 t
             }
         };
+        let shared = if instances > 1 {
+            "reuse_port = true\n"
+        } else {
+            ""
+        };
         let mut config = format!(
             "[[listener]]\nname = \"imaps\"\nbind = \"{addr}\"\ntls = \"implicit\"\n\
-             cert = {cert}\nkey = {key}\n\n\
-             [[listener]]\nname = \"imap\"\nbind = \"{plain_addr}\"\ntls = \"none\"\n\n\
+             cert = {cert}\nkey = {key}\n{shared}\n\
+             [[listener]]\nname = \"imap\"\nbind = \"{plain_addr}\"\ntls = \"none\"\n{shared}\n\
              {upstreams}\
              [limits]\nmax_connections = {max_connections}\n\n\
              [log]\nlevel = \"warn\"\n",
@@ -386,45 +409,54 @@ impl Gate {
         let config_path = dir.path().join("imapgate.toml");
         fs::write(&config_path, &config)
             .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        // One log for all processes: each line is written whole (O_APPEND).
         let log = dir.path().join("imapgate.log");
-        let log_file =
-            fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| format!("dup log fd: {e}"))?;
-        let child = Command::new(binary)
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-        let watchdog = spawn_watchdog(child.id()).ok();
         let mut gate = Gate {
-            child,
-            watchdog,
+            children: Vec::new(),
             addr,
             plain_addr,
             log,
             _dir: dir,
         };
-        gate.wait_listening()?;
+        for i in 0..instances {
+            let log_file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&gate.log)
+                .map_err(|e| format!("open {}: {e}", gate.log.display()))?;
+            let log_err = log_file
+                .try_clone()
+                .map_err(|e| format!("dup log fd: {e}"))?;
+            let ready = gate._dir.path().join(format!("ready-{i}.json"));
+            let child = Command::new(binary)
+                .args(["run", "--config"])
+                .arg(&config_path)
+                .arg("--ready-file")
+                .arg(&ready)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_err)
+                .spawn()
+                .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+            let watchdog = spawn_watchdog(child.id()).ok();
+            gate.children.push((child, watchdog));
+            gate.wait_ready(i, &ready)?;
+        }
         Ok(gate)
     }
 
-    fn wait_listening(&mut self) -> Result<(), String> {
+    /// Waits for process `i` to write its ready file (it then listens on both addresses).
+    fn wait_ready(&mut self, i: usize, ready: &Path) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(Ok(Some(status))) = self.children.get_mut(i).map(|c| c.0.try_wait()) {
                 return Err(format!(
                     "imapgate exited at start ({status}); its log:\n{}",
                     self.log_text()
                 ));
             }
-            let up = |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200));
-            if up(&self.addr).is_ok() && up(&self.plain_addr).is_ok() {
+            if ready.is_file() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -436,8 +468,14 @@ impl Gate {
         ))
     }
 
+    /// The first process's PID (the only one unless several share the listeners).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.children.first().map_or(0, |c| c.0.id())
+    }
+
+    /// Every process's PID.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.0.id()).collect()
     }
 
     pub fn log_text(&self) -> String {
@@ -457,24 +495,30 @@ impl Gate {
             .collect()
     }
 
+    /// Resident memory of all the processes.
     pub fn rss_kib(&self) -> u64 {
-        proc_status_kib(self.pid(), "VmRSS:")
+        self.pids()
+            .into_iter()
+            .map(|pid| proc_status_kib(pid, "VmRSS:"))
+            .sum()
     }
 
-    /// The CPU time used so far (compare two with [`CpuStamp::since`]).
+    /// The CPU time all the processes used so far (compare two with [`CpuStamp::since`]).
     pub fn cpu(&self) -> CpuStamp {
-        CpuStamp::read(self.pid())
+        CpuStamp::read_all(&self.pids())
     }
 }
 
 impl Drop for Gate {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some((mut w, stdin)) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-            drop(stdin);
+        for (mut child, watchdog) in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some((mut w, stdin)) = watchdog {
+                let _ = w.kill();
+                let _ = w.wait();
+                drop(stdin);
+            }
         }
     }
 }
@@ -533,6 +577,22 @@ pub struct CpuStamp {
 }
 
 impl CpuStamp {
+    /// The processes' CPU time together (thread IDs are unique across processes).
+    pub fn read_all(pids: &[u32]) -> CpuStamp {
+        let mut all = CpuStamp {
+            ticks: Duration::ZERO,
+            system_ticks: Duration::ZERO,
+            threads: BTreeMap::new(),
+        };
+        for &pid in pids {
+            let one = CpuStamp::read(pid);
+            all.ticks += one.ticks;
+            all.system_ticks += one.system_ticks;
+            all.threads.extend(one.threads);
+        }
+        all
+    }
+
     pub fn read(pid: u32) -> CpuStamp {
         let mut threads = BTreeMap::new();
         if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {

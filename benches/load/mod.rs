@@ -179,6 +179,8 @@ pub struct Options {
     pub client_legs: Vec<ClientLeg>,
     pub idle_connections: usize,
     pub idle_rounds: usize,
+    /// imapgate processes sharing the idle scenario's listeners (`reuse_port`).
+    pub idle_instances: usize,
     /// How long the idle connections stay open after the memory reading (for an external
     /// profiler to take its own snapshot).
     pub idle_hold: Duration,
@@ -242,6 +244,7 @@ impl Default for Options {
             client_legs: vec![ClientLeg::Tls, ClientLeg::Plain],
             idle_connections: 1000,
             idle_rounds: 1,
+            idle_instances: 1,
             idle_hold: Duration::ZERO,
             idle_cpu_window: Duration::from_secs(10),
             idle_notify_sample: 50,
@@ -682,7 +685,7 @@ pub async fn run_keeping_dovecot(
         0
     };
     let mut notes = Vec::new();
-    let want_fds = env::nofile_wanted(idle_n);
+    let want_fds = env::nofile_wanted(idle_n, opts.idle_instances);
     let nofile = match env::raise_nofile(want_fds) {
         Ok(n) => n,
         Err(e) => {
@@ -690,7 +693,12 @@ pub async fn run_keeping_dovecot(
             0
         }
     };
-    for need in env::machine_needs(idle_n, nofile, opts.idle_hibernation.is_some()) {
+    for need in env::machine_needs(
+        idle_n,
+        opts.idle_instances,
+        nofile,
+        opts.idle_hibernation.is_some(),
+    ) {
         if opts.progress {
             eprintln!("load: this machine: {need}");
         }
@@ -699,15 +707,17 @@ pub async fn run_keeping_dovecot(
     // imapgate holds two sockets per session and a few of its own: rather than fail at the
     // last few hundred connections (it answers "* BYE [UNAVAILABLE]" when it cannot open the
     // upstream one), say at once what fits.
-    let gate_fds = 2 * idle_n as u64 + 64;
+    let gate_fds = env::gate_fds(idle_n, opts.idle_instances);
     if nofile > 0 && nofile < gate_fds {
         return (
             Err(format!(
-                "{idle_n} idle connections need {gate_fds} open files in imapgate, and the \
-                 limit here is {nofile} (a hard limit this process cannot raise: it lacks \
-                 CAP_SYS_RESOURCE, or is not root). At most {} connections fit; for {idle_n}, \
-                 start the harness with a hard limit of at least {want_fds} (`ulimit -Hn \
-                 {want_fds}` as root, or the service manager's LimitNOFILE).",
+                "{idle_n} idle connections need {gate_fds} open files in each of {} imapgate \
+                 process(es), and the limit here is {nofile} (a hard limit this process cannot \
+                 raise: it lacks CAP_SYS_RESOURCE, or is not root). At most {} connections fit \
+                 per process; for {idle_n}, start the harness with a hard limit of at least \
+                 {want_fds} (`ulimit -Hn {want_fds}` as root, or the service manager's \
+                 LimitNOFILE), or spread them over more processes (`--idle-instances`).",
+                opts.idle_instances,
                 (nofile - 64) / 2
             )),
             None,
@@ -778,6 +788,13 @@ async fn run_on(
         notes,
         runs: 0,
     };
+    if idle_n > 0 && opts.idle_instances > 1 {
+        ctx.notes.push(format!(
+            "idle: {} imapgate processes share each listener (reuse_port); its memory and CPU \
+             figures are their sums",
+            opts.idle_instances
+        ));
+    }
     let needs_seed = opts.scenarios.iter().any(|s| {
         matches!(
             s,
@@ -919,6 +936,7 @@ async fn run_on(
             v.mode,
             v.policy_toml.as_deref(),
             max_conns,
+            1,
         ) {
             Ok(g) => {
                 v.gate = Some(g);
@@ -1120,6 +1138,7 @@ async fn run_scenario(
                             v.mode,
                             v.policy_toml.as_deref(),
                             (2 * opts.idle_connections + 1000).max(10_000),
+                            opts.idle_instances,
                         )?);
                     }
                     let g = variants[i].gate.as_ref().ok_or("imapgate not running")?;
@@ -1394,9 +1413,9 @@ async fn measure(
         Scenario::Idle => {
             if gate.is_some() && !opts.idle_hold.is_zero() {
                 ctx.progress(&format!(
-                    "idle: holding the connections {:?} after the reading (imapgate pid {})",
+                    "idle: holding the connections {:?} after the reading (imapgate pid {:?})",
                     opts.idle_hold,
-                    gate.map_or(0, Gate::pid)
+                    gate.map(Gate::pids).unwrap_or_default()
                 ));
             }
             let params = scenarios::IdleParams {
