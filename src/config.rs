@@ -99,7 +99,7 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub proxy_from: Vec<Network>,
     /// Other imapgate processes may listen on the same address (`SO_REUSEPORT`; each must
-    /// set it): the kernel spreads new connections over them.
+    /// set it, and run as the same user): Linux spreads new connections over them.
     #[serde(default)]
     pub reuse_port: bool,
     /// `[[listener.certificate]]` tables: certificates chosen by the server name the client
