@@ -1751,15 +1751,19 @@ fn fmt_opt(x: Option<f64>, prec: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.prec$}"))
 }
 
+/// `scenario [mode, policies P, upstream U, client C]`: which row a line of the report is about.
+fn row_label(r: &Row) -> String {
+    format!(
+        "{} [{}, policies {}, upstream {}, client {}]",
+        r.scenario, r.mode, r.policies, r.upstream, r.client_leg
+    )
+}
+
 /// One line per row, for progress output.
 pub fn summary(r: &Row) -> String {
     format!(
-        "{} [{}, policies {}, upstream {}, client {}]: direct {} / proxied {} {} (ratio {}){}",
-        r.scenario,
-        r.mode,
-        r.policies,
-        r.upstream,
-        r.client_leg,
+        "{}: direct {} / proxied {} {} (ratio {}){}",
+        row_label(r),
         fmt_opt(r.direct, 1),
         fmt_opt(r.proxied, 1),
         r.unit,
@@ -1916,14 +1920,10 @@ pub fn table(report: &Report) -> String {
             let unit = r.cpu_unit.unwrap_or("");
             let _ = writeln!(
                 out,
-                "{} [{}, policies {}, upstream {}, client {}]: blind relay {b:.1} {} = {} of \
+                "{}: blind relay {b:.1} {} = {} of \
                  direct (imapgate {} of the relay); CPU: relay {}, imapgate {}, imapgate beyond \
                  the relay {} µs{} (paired by round); kernel's share: relay {}, imapgate {}{}",
-                r.scenario,
-                r.mode,
-                r.policies,
-                r.upstream,
-                r.client_leg,
+                row_label(r),
                 r.unit,
                 fmt_opt(r.blind_ratio, 3),
                 fmt_opt(r.proxied_vs_blind, 3),
@@ -1991,12 +1991,8 @@ pub fn table(report: &Report) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{} [{}, policies {}, upstream {}, client {}]: p50 µs direct/proxied by {}: {}",
-                r.scenario,
-                r.mode,
-                r.policies,
-                r.upstream,
-                r.client_leg,
+                "{}: p50 µs direct/proxied by {}: {}",
+                row_label(r),
                 if r.scenario == Scenario::Login.name() {
                     "phase"
                 } else {
@@ -2012,12 +2008,8 @@ pub fn table(report: &Report) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{} [{}, policies {}, upstream {}, client {}]: p99 µs direct/proxied by command: {}",
-                r.scenario,
-                r.mode,
-                r.policies,
-                r.upstream,
-                r.client_leg,
+                "{}: p99 µs direct/proxied by command: {}",
+                row_label(r),
                 kinds.join(", ")
             );
         }
